@@ -1,0 +1,45 @@
+"""celery-rediskit: distributed concurrency control for Celery on Redis.
+
+The primitives here (mutex, semaphore, cache, lease renewal, wake-ups) know nothing of Celery;
+``celery_rediskit.integration`` composes them for Celery apps.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AcquireAborted,
+    CacheError,
+    ConfigurationError,
+    LeaseLost,
+    LockError,
+    LockTimeout,
+    RedisKitError,
+    SerializationError,
+)
+from .keys import KeySpace
+from .lease import Lease
+from .mutex import LockInfo, Mutex, MutexLease, MutexStorage, create_mutex
+from .mutex_memory import MemoryMutexStorage
+from .mutex_redis import RedisMutexStorage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcquireAborted",
+    "CacheError",
+    "ConfigurationError",
+    "KeySpace",
+    "Lease",
+    "LeaseLost",
+    "LockError",
+    "LockInfo",
+    "LockTimeout",
+    "MemoryMutexStorage",
+    "Mutex",
+    "MutexLease",
+    "MutexStorage",
+    "RedisKitError",
+    "RedisMutexStorage",
+    "SerializationError",
+    "create_mutex",
+]

@@ -1,0 +1,77 @@
+"""The key space: every key and channel the library uses lives under one configurable prefix.
+
+All keys of one lock or semaphore share the hash tag ``{name}`` so that a Lua script touching
+them all runs on one Redis Cluster node (scripts may only touch keys passed in KEYS, in one slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._validate import resource_key
+from .errors import ConfigurationError
+
+__all__ = ["KeySpace", "LockKeys", "SemaphoreKeys"]
+
+
+@dataclass(frozen=True)
+class LockKeys:
+    """The Redis keys of one mutex: owner (with the lease as its TTL), fencing counter, waiters."""
+
+    lock: str
+    fence: str
+    queue: str
+    waiters: str
+
+    def as_list(self) -> list[str]:
+        return [self.lock, self.fence, self.queue, self.waiters]
+
+
+@dataclass(frozen=True)
+class SemaphoreKeys:
+    """The Redis keys of one semaphore: holders (zset of lease ends), total, initial, waiters."""
+
+    holders: str
+    total: str
+    initial: str
+    queue: str
+    waiters: str
+
+    def as_list(self) -> list[str]:
+        return [self.holders, self.total, self.initial, self.queue, self.waiters]
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Names of keys and channels under ``prefix`` (default ``"rediskit"``)."""
+
+    prefix: str = "rediskit"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or not self.prefix:
+            raise ConfigurationError(f"prefix must be a non-empty string, got {self.prefix!r}")
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ConfigurationError(
+                f"prefix must not contain '{{' or '}}' (hash tags are added per resource), "
+                f"got {self.prefix!r}"
+            )
+
+    def lock(self, name: str) -> LockKeys:
+        base = f"{self.prefix}:lock:{{{resource_key(name)}}}"
+        return LockKeys(base, base + ":fence", base + ":queue", base + ":waiters")
+
+    def semaphore(self, name: str) -> SemaphoreKeys:
+        base = f"{self.prefix}:sem:{{{resource_key(name)}}}"
+        return SemaphoreKeys(
+            base + ":holders", base + ":total", base + ":initial", base + ":queue",
+            base + ":waiters",
+        )
+
+    @property
+    def wake_channel_prefix(self) -> str:
+        """Grants are published on ``<prefix>:wake:<process id>``: one channel per process."""
+        return f"{self.prefix}:wake:"
+
+    def lock_pattern(self) -> str:
+        """SCAN pattern matching the owner key of every lock under this prefix."""
+        return f"{self.prefix}:lock:{{*}}"

@@ -1,0 +1,57 @@
+-- Shared library: the FIFO queue of waiters of one lock or semaphore.
+-- Prepended by scripts.py to every script whose header says "-- needs: _waitqueue".
+--
+-- A queue is two keys with the resource's hash tag:
+--   queue   LIST of waiter ids, oldest first
+--   waiters HASH waiter id -> "<deadline ms (server clock)>:<lease ms it asked for>"
+-- A waiter id is "<process id>:<n>"; grants are published on <channel prefix><process id>
+-- as "<waiter id> <token>". A waiter refreshes its deadline each time it re-checks, so one
+-- that died drops out by itself once its deadline passes.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The first live waiter and the lease it asked for; dead ones met on the way are dropped.
+-- The returned waiter stays in the queue: wq_pop removes it once it is served.
+local function wq_head(queue, waiters, now)
+  while true do
+    local w = redis.call('LINDEX', queue, 0)
+    if not w then return nil, nil end
+    local v = redis.call('HGET', waiters, w)
+    if v then
+      local deadline, lease = string.match(v, '^(%d+):(%d+)$')
+      if tonumber(deadline) > now then return w, tonumber(lease) end
+    end
+    redis.call('LPOP', queue)
+    redis.call('HDEL', waiters, w)
+  end
+end
+
+local function wq_pop(queue, waiters, w)
+  redis.call('LPOP', queue)
+  redis.call('HDEL', waiters, w)
+end
+
+-- Add a waiter at the tail, or refresh its deadline if it is queued already.
+local function wq_join(queue, waiters, w, deadline, lease)
+  if redis.call('HSET', waiters, w, deadline .. ':' .. lease) == 1 then
+    redis.call('RPUSH', queue, w)
+  end
+end
+
+local function wq_leave(queue, waiters, w)
+  if redis.call('HDEL', waiters, w) == 1 then
+    redis.call('LREM', queue, 1, w)
+  end
+end
+
+-- Tell a waiter it was granted. Returns "<waiter> <token>" instead of publishing when the
+-- waiter lives in the calling process (local_proc), which then wakes it without a network hop.
+local function wq_notify(chan_prefix, local_proc, w, token)
+  local proc = string.match(w, '^[^:]+')
+  if proc == local_proc then return w .. ' ' .. token end
+  redis.call('PUBLISH', chan_prefix .. proc, w .. ' ' .. token)
+  return nil
+end

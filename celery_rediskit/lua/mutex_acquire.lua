@@ -1,0 +1,48 @@
+-- Acquire a mutex, or join its queue of waiters.
+-- needs: _waitqueue
+-- KEYS[1] lock     string: owner id, with the lease as its PX expiry
+-- KEYS[2] fence    counter: the fencing token, INCR on every grant, never expires
+-- KEYS[3] queue    list of waiter ids
+-- KEYS[4] waiters  hash waiter id -> "deadline:lease"
+-- ARGV[1] owner id ("<process id>:<n>")
+-- ARGV[2] lease, ms
+-- ARGV[3] "1" to join the queue when not granted, "0" to just try
+-- ARGV[4] grace, ms: how long past the holder's lease a queued waiter stays live unrefreshed
+-- ARGV[5] wake channel prefix
+-- Returns: token >= 1 when the caller holds the lock (newly, or granted earlier by a release);
+--          otherwise -1 - (holder's remaining lease in ms), i.e. <= -1, so the caller can bound
+--          its wait; 0 when the holder has no expiry.
+local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local owner, lease = ARGV[1], tonumber(ARGV[2])
+
+local holder = redis.call('GET', lock)
+if holder == owner then
+  return tonumber(redis.call('GET', fence))
+end
+local now = nil
+if not holder then
+  if redis.call('LLEN', queue) == 0 then
+    redis.call('SET', lock, owner, 'PX', lease)
+    return redis.call('INCR', fence)
+  end
+  -- Free, but others queue (e.g. the holder's lease just ended): serve the queue first.
+  now = now_ms()
+  local head, head_lease = wq_head(queue, waiters, now)
+  if head == nil or head == owner then
+    if head then wq_pop(queue, waiters, head) end
+    redis.call('SET', lock, owner, 'PX', lease)
+    return redis.call('INCR', fence)
+  end
+  wq_pop(queue, waiters, head)
+  redis.call('SET', lock, head, 'PX', head_lease)
+  -- No local shortcut here: the caller is a waiter itself, so always publish.
+  wq_notify(ARGV[5], '', head, redis.call('INCR', fence))
+end
+
+local pttl = redis.call('PTTL', lock)
+if ARGV[3] == '1' then
+  now = now or now_ms()
+  wq_join(queue, waiters, owner, now + math.max(pttl, 0) + tonumber(ARGV[4]), lease)
+end
+if pttl < 0 then return 0 end
+return -1 - pttl

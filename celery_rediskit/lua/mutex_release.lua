@@ -1,0 +1,32 @@
+-- Release a mutex (owner-checked) and hand it straight to the first live waiter.
+-- needs: _waitqueue
+-- KEYS[1] lock, KEYS[2] fence, KEYS[3] queue, KEYS[4] waiters (as in mutex_acquire.lua)
+-- ARGV[1] owner id; ignored when ARGV[4] is "1"
+-- ARGV[2] wake channel prefix
+-- ARGV[3] the calling process's id (a waiter of this process is woken locally)
+-- ARGV[4] "1" to force: release whoever holds it (admin), "0" to check the owner
+-- Returns: 0 when the caller did not hold the lock (nothing changes but leaving the queue);
+--          1 when released and nobody waits; 2 when handed to a waiter of another process;
+--          "<waiter> <token>" when handed to a waiter of the calling process.
+local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local owner = ARGV[1]
+
+local holder = redis.call('GET', lock)
+if ARGV[4] ~= '1' then
+  wq_leave(queue, waiters, owner)
+  if holder ~= owner then return 0 end
+elseif not holder then
+  return 0
+end
+if redis.call('LLEN', queue) > 0 then
+  local w, lease = wq_head(queue, waiters, now_ms())
+  if w then
+    wq_pop(queue, waiters, w)
+    redis.call('SET', lock, w, 'PX', lease)
+    local handed = wq_notify(ARGV[2], ARGV[3], w, redis.call('INCR', fence))
+    if handed then return handed end
+    return 2
+  end
+end
+redis.call('DEL', lock)
+return 1

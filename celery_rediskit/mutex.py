@@ -1,0 +1,202 @@
+"""The distributed mutex: ``create_mutex`` / ``Mutex`` over a ``MutexStorage``.
+
+CommandKit's mutex API in Python, with leases that renew, fencing tokens, owner-checked release
+and waiters woken on release. The storage decides where locks live: ``MemoryMutexStorage`` for
+one process, ``RedisMutexStorage`` for many hosts.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+from ._validate import optional_seconds, positive_seconds, resource_key
+from .lease import Lease, LostCallback
+from .wakeup import new_owner_id
+
+__all__ = ["LockInfo", "Mutex", "MutexLease", "MutexStorage", "create_mutex"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A snapshot of one lock.
+
+    ``ttl`` is the holder's remaining lease in seconds (0.0 when free); ``holder`` the owner id
+    (``"<host>/<pid>/<random>:<n>"``) or None; ``fencing_token`` the token of the latest grant
+    of this key (kept after release), or None if it was never granted.
+    """
+
+    key: str
+    locked: bool
+    ttl: float
+    holder: str | None
+    fencing_token: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MutexLease(Lease):
+    """A held mutex. ``fencing_token`` rises with every grant of the key: pass it to the
+    resource you protect so it can refuse writes from a holder whose lease ran out."""
+
+    kind = "lock"
+
+
+class MutexStorage(ABC):
+    """Where locks live. Times are seconds; every method takes the lock's ``key``."""
+
+    @abstractmethod
+    def acquire(
+        self,
+        key: str,
+        owner: str,
+        lease: float,
+        timeout: float | None,
+        abort: threading.Event | None = None,
+    ) -> int:
+        """Block until ``owner`` holds ``key`` for ``lease`` seconds; return the fencing token.
+
+        Raises ``LockTimeout`` after ``timeout`` seconds (None: no limit) and
+        ``AcquireAborted`` when ``abort`` is set while waiting.
+        """
+
+    @abstractmethod
+    def release(self, key: str, owner: str) -> bool:
+        """Release if ``owner`` holds ``key``; False (and nothing changes) otherwise."""
+
+    @abstractmethod
+    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
+        """Extend ``owner``'s lease: by ``seconds`` (``add``) or to ``seconds``. Owner-checked."""
+
+    @abstractmethod
+    def holder_ttl(self, key: str, owner: str) -> float:
+        """Remaining lease of ``owner`` on ``key`` in seconds; 0.0 if it does not hold it."""
+
+    @abstractmethod
+    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
+        """Renew each lease to its full length in one call; True where still held."""
+
+    @abstractmethod
+    def get_lock_info(self, key: str) -> LockInfo:
+        """A snapshot of ``key``: locked, remaining lease, holder, last fencing token."""
+
+    def is_locked(self, key: str) -> bool:
+        """True when someone holds ``key`` now."""
+        return self.get_lock_info(key).locked
+
+    @abstractmethod
+    def extend_lock(self, key: str, seconds: float) -> bool:
+        """Admin: add ``seconds`` to the current holder's lease, whoever it is."""
+
+    @abstractmethod
+    def force_release(self, key: str) -> bool:
+        """Admin: release ``key`` whoever holds it (the next waiter gets it). True if held."""
+
+
+class Mutex:
+    """A mutex over ``storage``: ``with_lock``, ``lock`` (context manager) and ``acquire``.
+
+    ``timeout`` (seconds, None for no limit) bounds each wait; ``lease`` (seconds) is how long
+    a grant lives without renewal: with ``auto_renew`` (the default) the process's renewer
+    keeps it alive until release, so a crashed holder frees the lock within one lease.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = 30.0,
+        lease: float = 30.0,
+        storage: MutexStorage | None = None,
+        on_lost: LostCallback | None = None,
+    ) -> None:
+        self.timeout = optional_seconds("timeout", timeout)
+        self.lease = positive_seconds("lease", lease)
+        if storage is None:
+            from .mutex_memory import MemoryMutexStorage
+
+            storage = MemoryMutexStorage()
+        self.storage = storage
+        self.on_lost = on_lost
+
+    def acquire(
+        self,
+        key: str,
+        *,
+        timeout: float | None = _UNSET,
+        abort: threading.Event | None = None,
+        lease: float | None = None,
+        auto_renew: bool = True,
+    ) -> MutexLease:
+        """Acquire ``key`` and return the lease; the caller must ``release()`` it."""
+        key = resource_key(key)
+        wait = self.timeout if timeout is _UNSET else optional_seconds("timeout", timeout)
+        seconds = self.lease if lease is None else positive_seconds("lease", lease)
+        owner = new_owner_id()
+        token = self.storage.acquire(key, owner, seconds, wait, abort)
+        held = MutexLease(
+            self.storage, key, owner, seconds, fencing_token=token, on_lost=self.on_lost
+        )
+        if auto_renew:
+            held.start_renewal()
+        return held
+
+    @contextmanager
+    def lock(
+        self,
+        key: str,
+        *,
+        timeout: float | None = _UNSET,
+        abort: threading.Event | None = None,
+        lease: float | None = None,
+        auto_renew: bool = True,
+    ) -> Iterator[MutexLease]:
+        """``with mutex.lock(key) as lease:`` holds ``key`` for the block."""
+        held = self.acquire(key, timeout=timeout, abort=abort, lease=lease, auto_renew=auto_renew)
+        try:
+            yield held
+        finally:
+            held.release()
+
+    def with_lock(
+        self,
+        key: str,
+        fn: Callable[P, R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Run ``fn(*args, **kwargs)`` holding ``key``; return its result.
+
+        Per-call ``timeout`` and ``abort`` may be passed as ``timeout=`` / ``abort=``; they are
+        taken by the mutex, not given to ``fn`` (wrap ``fn`` in ``functools.partial`` if it
+        needs arguments of those names).
+        """
+        timeout = kwargs.pop("timeout", _UNSET)
+        abort = kwargs.pop("abort", None)
+        with self.lock(key, timeout=timeout, abort=abort):  # type: ignore[arg-type]
+            return fn(*args, **kwargs)
+
+    def is_locked(self, key: str) -> bool:
+        return self.storage.is_locked(resource_key(key))
+
+    def get_lock_info(self, key: str) -> LockInfo:
+        return self.storage.get_lock_info(resource_key(key))
+
+
+def create_mutex(
+    *,
+    timeout: float | None = 30.0,
+    lease: float = 30.0,
+    storage: MutexStorage | None = None,
+    on_lost: LostCallback | None = None,
+) -> Mutex:
+    """Create a :class:`Mutex` (CommandKit's ``createMutex``). Times are seconds."""
+    return Mutex(timeout=timeout, lease=lease, storage=storage, on_lost=on_lost)

@@ -1,0 +1,181 @@
+"""``RedisMutexStorage``: locks in Redis, one Lua script (one round trip) per operation.
+
+Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the owner id with
+the lease as PX expiry (the server's clock), ``...:fence`` the fencing counter (INCR per grant,
+never expires), ``...:queue`` / ``...:waiters`` the FIFO of waiters. Release hands the lock
+straight to the first live waiter, so nobody can jump the queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from ._validate import positive_seconds, resource_key, to_ms
+from .keys import KeySpace, LockKeys
+from .lease import Lease
+from .mutex import LockInfo, MutexStorage
+from .scripts import load_script
+from .waiting import wait_for_grant
+from .wakeup import drop_slot, hub_for, process_id, register_slot, wake_local
+
+__all__ = ["RedisMutexStorage", "renew_in_batches"]
+
+WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait
+_KEY_CACHE_SIZE = 4096
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def renew_in_batches(client: Any, leases: Sequence[Lease], items: list[tuple[str, str]]) -> list[bool]:
+    """Renew ``leases`` with one ``renew_batch`` script call; ``items`` gives (key, kind).
+
+    On a Redis Cluster client, leases are grouped by hash slot (one call per slot), because
+    a script may only touch keys of one slot.
+    """
+    script = load_script("renew_batch")
+    groups: dict[Any, list[int]] = {}
+    slot_of = getattr(client, "keyslot", None)
+    for i, (key, _kind) in enumerate(items):
+        groups.setdefault(slot_of(key) if slot_of else 0, []).append(i)
+    results = [False] * len(leases)
+    for indexes in groups.values():
+        keys = [items[i][0] for i in indexes]
+        args: list[Any] = []
+        for i in indexes:
+            args += [items[i][1], leases[i].owner, to_ms(leases[i].lease_seconds)]
+        for i, ok in zip(indexes, script.run(client, keys, args), strict=True):
+            results[i] = bool(ok)
+    return results
+
+
+class RedisMutexStorage(MutexStorage):
+    """Mutex storage on a redis-py client (``redis.Redis`` or ``redis.RedisCluster``).
+
+    ``prefix`` (default ``"rediskit"``) starts every key and channel this storage uses.
+    """
+
+    def __init__(self, client: Any, prefix: str = "rediskit") -> None:
+        self.client = client
+        self.keys = KeySpace(prefix)
+        self._channel_prefix = self.keys.wake_channel_prefix
+        self._acquire = load_script("mutex_acquire")
+        self._release = load_script("mutex_release")
+        self._cancel = load_script("mutex_cancel")
+        self._extend = load_script("mutex_extend")
+        self._info = load_script("mutex_info")
+        self._key_cache: dict[str, list[str]] = {}
+
+    def _lock_keys(self, key: str) -> LockKeys:
+        return self.keys.lock(key)
+
+    def _key_list(self, key: str) -> list[str]:
+        # Hot path: key names are built once per lock name (bounded cache).
+        keys = self._key_cache.get(key)
+        if keys is None:
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            keys = self._key_cache[key] = self.keys.lock(key).as_list()
+        return keys
+
+    def acquire(
+        self,
+        key: str,
+        owner: str,
+        lease: float,
+        timeout: float | None,
+        abort: threading.Event | None = None,
+    ) -> int:
+        keys = self._key_list(key)
+        lease_ms = to_ms(lease)
+        client, sha, chan_prefix = self.client, self._acquire.sha, self._channel_prefix
+        hub = hub_for(client)
+        channel = chan_prefix + process_id()
+        # Once this process listens for grants, the first attempt already joins the queue
+        # (a slot must exist before the script runs, or an instant grant could be missed).
+        slot = register_slot(owner) if hub.ready(channel) else None
+        try:
+            first = int(client.execute_command(
+                "EVALSHA", sha, 4, *keys, owner, lease_ms, "1" if slot else "0",
+                WAITER_GRACE_MS, chan_prefix,
+            ))
+        except NoScriptError:
+            first = int(self._acquire.run(
+                client, keys, [owner, lease_ms, "1" if slot else "0", WAITER_GRACE_MS, chan_prefix]
+            ))
+        if first >= 1:
+            if slot is not None:
+                drop_slot(owner)
+            return first
+        if slot is None:
+            hub.ensure(channel)  # first contention in this process: subscribe, then queue
+
+        def attempt(join: bool) -> int:
+            args = [owner, lease_ms, "1" if join else "0", WAITER_GRACE_MS, chan_prefix]
+            return int(self._acquire.run(client, keys, args))
+
+        def cancel(keep: bool) -> int:
+            token = int(self._cancel.run(client, keys, [owner]))
+            if token >= 1 and not keep:
+                self.release(key, owner)
+                return 0
+            return token
+
+        return wait_for_grant(
+            kind="lock", key=key, owner=owner, attempt=attempt, cancel=cancel,
+            timeout=timeout, abort=abort, slot=slot, first=first if slot else None,
+        )
+
+    def _run_release(self, key: str, owner: str, force: bool) -> bool:
+        keys = self._key_list(key)
+        args = [owner, self._channel_prefix, process_id(), "1" if force else "0"]
+        result = self._release.run(self.client, keys, args)
+        if isinstance(result, (bytes, str)):
+            wake_local(result)  # the next owner waits in this process
+            return True
+        return bool(result)
+
+    def release(self, key: str, owner: str) -> bool:
+        return self._run_release(key, owner, force=False)
+
+    def force_release(self, key: str) -> bool:
+        return self._run_release(resource_key(key), "", force=True)
+
+    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
+        keys = [self._lock_keys(key).lock]
+        args = [owner, to_ms(seconds), "add" if add else "set"]
+        return bool(self._extend.run(self.client, keys, args))
+
+    def extend_lock(self, key: str, seconds: float) -> bool:
+        seconds = positive_seconds("seconds", seconds)
+        return self.extend(resource_key(key), "", seconds, add=True)
+
+    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
+        items = [(self._lock_keys(lease.key).lock, "m") for lease in leases]
+        return renew_in_batches(self.client, leases, items)
+
+    def get_lock_info(self, key: str) -> LockInfo:
+        keys = self._lock_keys(resource_key(key))
+        holder, pttl, fence = self._info.run(self.client, [keys.lock, keys.fence], [])
+        holder_id = _text(holder) if holder else None
+        return LockInfo(
+            key=key,
+            locked=holder_id is not None,
+            ttl=max(0, int(pttl)) / 1000 if holder_id is not None else 0.0,
+            holder=holder_id,
+            fencing_token=int(fence) if fence else None,
+        )
+
+    def is_locked(self, key: str) -> bool:
+        return bool(self.client.exists(self._lock_keys(resource_key(key)).lock))
+
+    def holder_ttl(self, key: str, owner: str) -> float:
+        info = self.get_lock_info(key)
+        return info.ttl if info.holder == owner else 0.0

@@ -1,0 +1,52 @@
+"""Loads the Lua scripts from ``lua/*.lua`` and runs them by EVALSHA.
+
+A script whose header has ``-- needs: NAME`` gets ``lua/NAME.lua`` prepended, so shared Lua
+(the waiter queue) is written once. Calls go through ``execute_command("EVALSHA", ...)``
+directly: the ``Script`` object of redis-py adds microseconds per call on the hot path.
+When the server has forgotten a script (restart, SCRIPT FLUSH), it is loaded again and re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+__all__ = ["LuaScript", "load_script"]
+
+_NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
+
+
+class LuaScript:
+    """One Lua script: its source and SHA1; ``run`` calls it with EVALSHA on any client."""
+
+    __slots__ = ("name", "source", "sha")
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def run(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run on ``client`` (a redis-py client or cluster client) with ``keys`` and ``args``."""
+        try:
+            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(self.source)  # on a cluster client: every primary
+            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+
+
+@cache
+def load_script(name: str) -> LuaScript:
+    """The script ``lua/<name>.lua`` with its ``-- needs:`` libraries prepended (cached)."""
+    body = _read(name)
+    libs = [_read(lib) for lib in _NEEDS.findall(body)]
+    return LuaScript(name, "\n".join([*libs, body]))

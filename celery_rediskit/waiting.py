@@ -1,0 +1,98 @@
+"""The wait loop shared by the Redis mutex and semaphore: queue in Redis, sleep until woken.
+
+A caller's first attempt already joins the queue (once its process is subscribed to its wake
+channel), so a contended acquisition costs this attempt, and the release that hands it over.
+Each sleep is bounded by the holder's remaining lease and by the caller's deadline: a lost
+wake-up or a crashed holder costs at most one bounded wait before the caller asks again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from threading import Event
+
+from .errors import AcquireAborted, LockTimeout
+from .wakeup import WaitSlot, drop_slot, register_slot
+
+__all__ = ["wait_for_grant"]
+
+ABORT_CHECK = 0.02  # seconds: how often a wait looks at the caller's abort event
+_MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
+
+
+def wait_for_grant(
+    *,
+    kind: str,
+    key: str,
+    owner: str,
+    attempt: Callable[[bool], int],
+    cancel: Callable[[bool], int],
+    timeout: float | None,
+    abort: Event | None,
+    slot: WaitSlot | None = None,
+    first: int | None = None,
+) -> int:
+    """Acquire by calling ``attempt(join_queue)`` until it returns a token (>= 1).
+
+    ``attempt`` returns a token, or ``-1 - bound_ms`` (the holder's remaining lease) when not
+    granted, or 0 when there is no bound. ``cancel(keep)`` leaves the queue; with ``keep``
+    it returns a token if a grant raced the give-up (then the caller keeps it).
+    ``slot`` and ``first`` carry a first attempt the caller already made (joined to the queue
+    when ``slot`` is given), so the uncontended path stays in the caller.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if slot is None:
+        slot = register_slot(owner)
+        first = None
+    try:
+        result = attempt(True) if first is None else first
+        if result >= 1:
+            return result
+        while True:
+            if result >= 1:
+                return result
+            if slot.token is not None:
+                return slot.token
+            bound = None if result == 0 else (-1 - result) / 1000 + _MARGIN
+            wait = _min(bound, None if deadline is None else deadline - time.monotonic())
+            if wait is not None and wait <= 0:
+                return _give_up(kind, key, timeout, cancel)
+            if _sleep(slot, wait, abort):
+                _abandon(cancel)
+                raise AcquireAborted(f"waiting for {kind} {key!r} was aborted", key)
+            if slot.token is not None:
+                return slot.token
+            result = attempt(True)  # bound reached or woken without a grant: ask again
+    finally:
+        drop_slot(owner)
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+def _sleep(slot: WaitSlot, wait: float | None, abort: Event | None) -> bool:
+    """Wait on the slot; True if ``abort`` was set (checked every ABORT_CHECK seconds)."""
+    if abort is None:
+        slot.wait(wait)
+        return False
+    end = None if wait is None else time.monotonic() + wait
+    while not abort.is_set():
+        left = ABORT_CHECK if end is None else min(ABORT_CHECK, end - time.monotonic())
+        if left <= 0 or slot.wait(left):
+            return abort.is_set()
+    return True
+
+
+def _give_up(kind: str, key: str, timeout: float | None, cancel: Callable[[bool], int]) -> int:
+    token = cancel(True)
+    if token >= 1:
+        return token  # granted in the same instant: keep it rather than waste the handoff
+    raise LockTimeout(f"could not acquire {kind} {key!r} within {timeout} s", key)
+
+
+def _abandon(cancel: Callable[[bool], int]) -> None:
+    cancel(False)
