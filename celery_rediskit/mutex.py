@@ -64,7 +64,8 @@ class MutexStorage(ABC):
     ) -> int:
         """Block until ``owner`` holds ``key`` for ``lease`` seconds; return the fencing token.
 
-        Raises ``LockTimeout`` after ``timeout`` seconds (None: no limit) and
+        Raises ``LockTimeout`` after ``timeout`` seconds (None: no limit; 0: try once without
+        queueing) and
         ``AcquireAborted`` when ``abort`` is set while waiting.
         """
 
@@ -134,10 +135,20 @@ class Mutex:
         abort: threading.Event | None = None,
         lease: float | None = None,
         auto_renew: bool = True,
+        blocking: bool = True,
     ) -> MutexLease:
-        """Acquire ``key`` and return the lease; the caller must ``release()`` it."""
+        """Acquire ``key`` and return the lease; the caller must ``release()`` it.
+
+        With ``blocking=False`` it tries once, without queueing, and raises ``LockTimeout``
+        at once if the lock is held.
+        """
         key = resource_key(key)
-        wait = self.timeout if timeout is _UNSET else optional_seconds("timeout", timeout)
+        if not blocking:
+            wait: float | None = 0.0
+        elif timeout is _UNSET:
+            wait = self.timeout
+        else:
+            wait = optional_seconds("timeout", timeout)
         seconds = self.lease if lease is None else positive_seconds("lease", lease)
         owner = new_owner_id()
         token = self.storage.acquire(key, owner, seconds, wait, abort)

@@ -15,6 +15,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from ._validate import positive_seconds, resource_key, to_ms
+from .errors import LockTimeout
 from .keys import KeySpace, LockKeys
 from .lease import Lease
 from .mutex import LockInfo, MutexStorage
@@ -100,7 +101,7 @@ class RedisMutexStorage(MutexStorage):
         channel = chan_prefix + process_id()
         # Once this process listens for grants, the first attempt already joins the queue
         # (a slot must exist before the script runs, or an instant grant could be missed).
-        slot = register_slot(owner) if hub.ready(channel) else None
+        slot = register_slot(owner) if timeout != 0 and hub.ready(channel) else None
         try:
             first = int(client.execute_command(
                 "EVALSHA", sha, 4, *keys, owner, lease_ms, "1" if slot else "0",
@@ -114,6 +115,8 @@ class RedisMutexStorage(MutexStorage):
             if slot is not None:
                 drop_slot(owner)
             return first
+        if timeout == 0:
+            raise LockTimeout(f"lock {key!r} is held", key)
         if slot is None:
             hub.ensure(channel)  # first contention in this process: subscribe, then queue
 
