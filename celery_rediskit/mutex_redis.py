@@ -12,18 +12,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from ._validate import positive_seconds, resource_key, to_ms
-from .errors import LockTimeout
 from .keys import KeySpace, LockKeys
 from .lease import Lease
 from .mutex import LockInfo, MutexStorage
+from .redis_renewal import renew_in_batches
 from .scripts import load_script
-from .waiting import wait_for_grant
-from .wakeup import drop_slot, hub_for, process_id, register_slot, wake_local
+from .waiting import acquire_queued
+from .wakeup import process_id, wake_local
 
-__all__ = ["RedisMutexStorage", "renew_in_batches"]
+__all__ = ["RedisMutexStorage"]
 
 WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait
 _KEY_CACHE_SIZE = 4096
@@ -33,28 +31,6 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def renew_in_batches(client: Any, leases: Sequence[Lease], items: list[tuple[str, str]]) -> list[bool]:
-    """Renew ``leases`` with one ``renew_batch`` script call; ``items`` gives (key, kind).
-
-    On a Redis Cluster client, leases are grouped by hash slot (one call per slot), because
-    a script may only touch keys of one slot.
-    """
-    script = load_script("renew_batch")
-    groups: dict[Any, list[int]] = {}
-    slot_of = getattr(client, "keyslot", None)
-    for i, (key, _kind) in enumerate(items):
-        groups.setdefault(slot_of(key) if slot_of else 0, []).append(i)
-    results = [False] * len(leases)
-    for indexes in groups.values():
-        keys = [items[i][0] for i in indexes]
-        args: list[Any] = []
-        for i in indexes:
-            args += [items[i][1], leases[i].owner, to_ms(leases[i].lease_seconds)]
-        for i, ok in zip(indexes, script.run(client, keys, args), strict=True):
-            results[i] = bool(ok)
-    return results
 
 
 class RedisMutexStorage(MutexStorage):
@@ -96,44 +72,22 @@ class RedisMutexStorage(MutexStorage):
     ) -> int:
         keys = self._key_list(key)
         lease_ms = to_ms(lease)
-        client, sha, chan_prefix = self.client, self._acquire.sha, self._channel_prefix
-        hub = hub_for(client)
-        channel = chan_prefix + process_id()
-        # Once this process listens for grants, the first attempt already joins the queue
-        # (a slot must exist before the script runs, or an instant grant could be missed).
-        slot = register_slot(owner) if timeout != 0 and hub.ready(channel) else None
-        try:
-            first = int(client.execute_command(
-                "EVALSHA", sha, 4, *keys, owner, lease_ms, "1" if slot else "0",
-                WAITER_GRACE_MS, chan_prefix,
-            ))
-        except NoScriptError:
-            first = int(self._acquire.run(
-                client, keys, [owner, lease_ms, "1" if slot else "0", WAITER_GRACE_MS, chan_prefix]
-            ))
-        if first >= 1:
-            if slot is not None:
-                drop_slot(owner)
-            return first
-        if timeout == 0:
-            raise LockTimeout(f"lock {key!r} is held", key)
-        if slot is None:
-            hub.ensure(channel)  # first contention in this process: subscribe, then queue
+        chan_prefix = self._channel_prefix
 
-        def attempt(join: bool) -> int:
-            args = [owner, lease_ms, "1" if join else "0", WAITER_GRACE_MS, chan_prefix]
-            return int(self._acquire.run(client, keys, args))
+        def args(join: bool) -> list[Any]:
+            return [owner, lease_ms, "1" if join else "0", WAITER_GRACE_MS, chan_prefix]
 
         def cancel(keep: bool) -> int:
-            token = int(self._cancel.run(client, keys, [owner]))
+            token = int(self._cancel.run(self.client, keys, [owner]))
             if token >= 1 and not keep:
                 self.release(key, owner)
                 return 0
             return token
 
-        return wait_for_grant(
-            kind="lock", key=key, owner=owner, attempt=attempt, cancel=cancel,
-            timeout=timeout, abort=abort, slot=slot, first=first if slot else None,
+        return acquire_queued(
+            kind="lock", key=key, owner=owner, client=self.client, script=self._acquire,
+            keys=keys, args=args, cancel=cancel, channel_prefix=chan_prefix,
+            timeout=timeout, abort=abort,
         )
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["RenewableLease", "RenewalTarget", "Renewer", "renewer"]
 
@@ -29,7 +29,7 @@ _IDLE_TICK = 10.0  # seconds between ticks when nothing is registered
 class RenewalTarget(Protocol):
     """A storage that renews many of its leases in one call (one round trip for Redis)."""
 
-    def renew_leases(self, leases: Sequence[RenewableLease]) -> list[bool]:
+    def renew_leases(self, leases: Sequence[Any]) -> list[bool]:
         """Renew each lease to its full ``lease_seconds``; True where it is still held."""
         ...
 
@@ -40,8 +40,10 @@ class RenewableLease(Protocol):
     key: str
     owner: str
     lease_seconds: float
-    renewal_target: RenewalTarget
     last_renewed: float  # time.monotonic() of the last grant or successful renewal
+
+    @property
+    def renewal_target(self) -> RenewalTarget: ...
 
     def _mark_lost(self, reason: str) -> None: ...
 

@@ -11,14 +11,64 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from threading import Event
+from typing import Any
 
 from .errors import AcquireAborted, LockTimeout
-from .wakeup import WaitSlot, drop_slot, register_slot
+from .scripts import LuaScript
+from .wakeup import WaitSlot, drop_slot, hub_for, process_id, register_slot
 
-__all__ = ["wait_for_grant"]
+__all__ = ["acquire_queued", "wait_for_grant"]
 
 ABORT_CHECK = 0.02  # seconds: how often a wait looks at the caller's abort event
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
+
+
+def acquire_queued(
+    *,
+    kind: str,
+    key: str,
+    owner: str,
+    client: Any,
+    script: LuaScript,
+    keys: list[str],
+    args: Callable[[bool], list[Any]],
+    cancel: Callable[[bool], int],
+    channel_prefix: str,
+    timeout: float | None,
+    abort: Event | None,
+) -> int:
+    """Run an acquire ``script`` (``args(join_queue)`` builds its ARGV) until granted.
+
+    The script returns a token (>= 1) when granted, else ``-1 - bound_ms``. ``timeout`` 0
+    means one attempt without queueing (``LockTimeout`` if not granted).
+    """
+    hub = hub_for(client)
+    channel = channel_prefix + process_id()
+    # Once this process listens for grants, the first attempt already joins the queue (the
+    # slot must exist before the script runs, or an instant grant could be missed).
+    slot = register_slot(owner) if timeout != 0 and hub.ready(channel) else None
+    try:
+        first = int(script.run(client, keys, args(slot is not None)))
+    except BaseException:
+        if slot is not None:
+            drop_slot(owner)
+        raise
+    if first >= 1:
+        if slot is not None:
+            drop_slot(owner)
+        return first
+    if timeout == 0:
+        raise LockTimeout(f"{kind} {key!r} is not available", key)
+    if slot is None:
+        hub.ensure(channel)  # first contention in this process: subscribe, then queue
+
+    def attempt(join: bool) -> int:
+        return int(script.run(client, keys, args(join)))
+
+    return wait_for_grant(
+        kind=kind, key=key, owner=owner, attempt=attempt, cancel=cancel,
+        timeout=timeout, abort=abort, slot=slot, first=first if slot else None,
+    )
 
 
 def wait_for_grant(
@@ -36,7 +86,7 @@ def wait_for_grant(
     """Acquire by calling ``attempt(join_queue)`` until it returns a token (>= 1).
 
     ``attempt`` returns a token, or ``-1 - bound_ms`` (the holder's remaining lease) when not
-    granted, or 0 when there is no bound. ``cancel(keep)`` leaves the queue; with ``keep``
+    granted. ``cancel(keep)`` leaves the queue; with ``keep``
     it returns a token if a grant raced the give-up (then the caller keeps it).
     ``slot`` and ``first`` carry a first attempt the caller already made (joined to the queue
     when ``slot`` is given), so the uncontended path stays in the caller.
@@ -54,7 +104,7 @@ def wait_for_grant(
                 return result
             if slot.token is not None:
                 return slot.token
-            bound = None if result == 0 else (-1 - result) / 1000 + _MARGIN
+            bound = (-1 - result) / 1000 + _MARGIN
             wait = _min(bound, None if deadline is None else deadline - time.monotonic())
             if wait is not None and wait <= 0:
                 return _give_up(kind, key, timeout, cancel)

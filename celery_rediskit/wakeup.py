@@ -13,6 +13,7 @@ the waiter asks Redis again.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import itertools
 import logging
 import os
@@ -90,10 +91,8 @@ class WaitSlot:
 
     def poke(self) -> None:
         """Wake the waiter without a grant, so it asks Redis again."""
-        try:
+        with contextlib.suppress(RuntimeError):  # woken already
             self._signal.release()
-        except RuntimeError:
-            pass  # woken already
 
     def wait(self, timeout: float | None) -> bool:
         """Sleep until woken or ``timeout`` seconds pass (None: no limit); True if woken."""

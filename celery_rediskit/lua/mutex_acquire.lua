@@ -11,7 +11,7 @@
 -- ARGV[5] wake channel prefix
 -- Returns: token >= 1 when the caller holds the lock (newly, or granted earlier by a release);
 --          otherwise -1 - (holder's remaining lease in ms), i.e. <= -1, so the caller can bound
---          its wait; 0 when the holder has no expiry.
+--          its wait (half the grace when the holder has no expiry).
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, lease = ARGV[1], tonumber(ARGV[2])
 
@@ -40,9 +40,9 @@ if not holder then
 end
 
 local pttl = redis.call('PTTL', lock)
+if pttl < 0 then pttl = math.floor(tonumber(ARGV[4]) / 2) end  -- no expiry (set by hand)
 if ARGV[3] == '1' then
   now = now or now_ms()
-  wq_join(queue, waiters, owner, now + math.max(pttl, 0) + tonumber(ARGV[4]), lease)
+  wq_join(queue, waiters, owner, now + pttl + tonumber(ARGV[4]), lease)
 end
-if pttl < 0 then return 0 end
 return -1 - pttl
