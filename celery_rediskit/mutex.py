@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from ._validate import optional_seconds, positive_seconds, resource_key
+from ._validate import resource_key
+from .granting import Granter
 from .lease import Lease, LostCallback
-from .wakeup import new_owner_id
 
 __all__ = ["LockInfo", "Mutex", "MutexLease", "MutexStorage", "create_mutex"]
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-_UNSET: Any = object()
-
 
 @dataclass(frozen=True)
 class LockInfo:
@@ -102,13 +95,15 @@ class MutexStorage(ABC):
         """Admin: release ``key`` whoever holds it (the next waiter gets it). True if held."""
 
 
-class Mutex:
+class Mutex(Granter[MutexLease]):
     """A mutex over ``storage``: ``with_lock``, ``lock`` (context manager) and ``acquire``.
 
     ``timeout`` (seconds, None for no limit) bounds each wait; ``lease`` (seconds) is how long
     a grant lives without renewal: with ``auto_renew`` (the default) the process's renewer
     keeps it alive until release, so a crashed holder frees the lock within one lease.
     """
+
+    lease_class = MutexLease
 
     def __init__(
         self,
@@ -118,82 +113,24 @@ class Mutex:
         storage: MutexStorage | None = None,
         on_lost: LostCallback | None = None,
     ) -> None:
-        self.timeout = optional_seconds("timeout", timeout)
-        self.lease = positive_seconds("lease", lease)
+        super().__init__(timeout=timeout, lease=lease, on_lost=on_lost)
         if storage is None:
             from .mutex_memory import MemoryMutexStorage
 
             storage = MemoryMutexStorage()
         self.storage = storage
-        self.on_lost = on_lost
 
-    def acquire(
-        self,
-        key: str,
-        *,
-        timeout: float | None = _UNSET,
-        abort: threading.Event | None = None,
-        lease: float | None = None,
-        auto_renew: bool = True,
-        blocking: bool = True,
-    ) -> MutexLease:
-        """Acquire ``key`` and return the lease; the caller must ``release()`` it.
+    def _grant(
+        self, key: str, owner: str, lease: float, timeout: float | None,
+        abort: threading.Event | None,
+    ) -> tuple[MutexStorage, int]:
+        return self.storage, self.storage.acquire(key, owner, lease, timeout, abort)
 
-        With ``blocking=False`` it tries once, without queueing, and raises ``LockTimeout``
-        at once if the lock is held.
-        """
-        key = resource_key(key)
-        if not blocking:
-            wait: float | None = 0.0
-        elif timeout is _UNSET:
-            wait = self.timeout
-        else:
-            wait = optional_seconds("timeout", timeout)
-        seconds = self.lease if lease is None else positive_seconds("lease", lease)
-        owner = new_owner_id()
-        token = self.storage.acquire(key, owner, seconds, wait, abort)
-        held = MutexLease(
-            self.storage, key, owner, seconds, fencing_token=token, on_lost=self.on_lost
-        )
-        if auto_renew:
-            held.start_renewal()
-        return held
+    lock = Granter.hold
+    """``with mutex.lock(key) as lease:`` holds ``key`` for the block (see ``acquire``)."""
 
-    @contextmanager
-    def lock(
-        self,
-        key: str,
-        *,
-        timeout: float | None = _UNSET,
-        abort: threading.Event | None = None,
-        lease: float | None = None,
-        auto_renew: bool = True,
-    ) -> Iterator[MutexLease]:
-        """``with mutex.lock(key) as lease:`` holds ``key`` for the block."""
-        held = self.acquire(key, timeout=timeout, abort=abort, lease=lease, auto_renew=auto_renew)
-        try:
-            yield held
-        finally:
-            held.release()
-
-    def with_lock(
-        self,
-        key: str,
-        fn: Callable[P, R],
-        /,
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> R:
-        """Run ``fn(*args, **kwargs)`` holding ``key``; return its result.
-
-        Per-call ``timeout`` and ``abort`` may be passed as ``timeout=`` / ``abort=``; they are
-        taken by the mutex, not given to ``fn`` (wrap ``fn`` in ``functools.partial`` if it
-        needs arguments of those names).
-        """
-        timeout = kwargs.pop("timeout", _UNSET)
-        abort = kwargs.pop("abort", None)
-        with self.lock(key, timeout=timeout, abort=abort):  # type: ignore[arg-type]
-            return fn(*args, **kwargs)
+    with_lock = Granter.run_holding
+    """``mutex.with_lock(key, fn, *args, **kwargs)`` runs ``fn`` holding ``key``."""
 
     def is_locked(self, key: str) -> bool:
         return self.storage.is_locked(resource_key(key))

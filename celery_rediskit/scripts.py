@@ -1,9 +1,10 @@
 """Loads the Lua scripts from ``lua/*.lua`` and runs them by EVALSHA.
 
-A script whose header has ``-- needs: NAME`` gets ``lua/NAME.lua`` prepended, so shared Lua
-(the waiter queue) is written once. Calls go through ``execute_command("EVALSHA", ...)``
-directly: the ``Script`` object of redis-py adds microseconds per call on the hot path.
-When the server has forgotten a script (restart, SCRIPT FLUSH), it is loaded again and re-run.
+A script whose header has ``-- needs: NAME`` gets ``lua/NAME.lua`` (and what that needs)
+prepended, so shared Lua (the waiter queue, the semaphore state) is written once. Calls go
+through ``execute_command("EVALSHA", ...)`` directly: the ``Script`` object of redis-py adds
+microseconds per call on the hot path. When the server has forgotten a script (restart,
+SCRIPT FLUSH), it is loaded again and re-run.
 """
 
 from __future__ import annotations
@@ -44,9 +45,18 @@ def _read(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
 
+def _with_libraries(name: str, seen: list[str]) -> None:
+    # Depth-first: a library's own needs come before it; each file appears once.
+    for lib in _NEEDS.findall(_read(name)):
+        if lib not in seen:
+            _with_libraries(lib, seen)
+    if name not in seen:
+        seen.append(name)
+
+
 @cache
 def load_script(name: str) -> LuaScript:
     """The script ``lua/<name>.lua`` with its ``-- needs:`` libraries prepended (cached)."""
-    body = _read(name)
-    libs = [_read(lib) for lib in _NEEDS.findall(body)]
-    return LuaScript(name, "\n".join([*libs, body]))
+    order: list[str] = []
+    _with_libraries(name, order)
+    return LuaScript(name, "\n".join(_read(part) for part in order))

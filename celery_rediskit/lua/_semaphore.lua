@@ -1,0 +1,29 @@
+-- Shared library: the state of one semaphore. Prepended after _waitqueue by scripts.py.
+-- needs: _waitqueue
+-- Keys (all with the semaphore's hash tag):
+--   holders ZSET owner id -> lease end, ms on the server's clock
+--   total   string: the number of permits now
+--   initial string: the number of permits it was initialised with (for reset)
+--   queue / waiters: the FIFO of waiters (see _waitqueue.lua)
+
+-- Drop holders whose lease ended; they give their permits back.
+local function sem_reap(holders, now)
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+end
+
+-- Hand free permits to live waiters, oldest first. Returns the waiters of the calling process
+-- (to wake locally), as a list of "<waiter> 1" strings; others are told by PUBLISH.
+local function sem_serve(holders, total, queue, waiters, now, chan_prefix, local_proc)
+  local locals = {}
+  local free = (tonumber(redis.call('GET', total)) or 0) - redis.call('ZCARD', holders)
+  while free > 0 do
+    local w, lease = wq_head(queue, waiters, now)
+    if not w then break end
+    wq_pop(queue, waiters, w)
+    redis.call('ZADD', holders, now + lease, w)
+    free = free - 1
+    local msg = wq_notify(chan_prefix, local_proc, w, 1)
+    if msg then locals[#locals + 1] = msg end
+  end
+  return locals
+end

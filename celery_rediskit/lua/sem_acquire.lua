@@ -1,0 +1,41 @@
+-- Take a permit of a semaphore, or join its queue of waiters.
+-- needs: _semaphore
+-- KEYS[1] holders, KEYS[2] total, KEYS[3] initial, KEYS[4] queue, KEYS[5] waiters
+--         (see _semaphore.lua)
+-- ARGV[1] owner id ("<process id>:<n>")
+-- ARGV[2] lease, ms
+-- ARGV[3] "1" to join the queue when not granted, "0" to just try
+-- ARGV[4] grace, ms: how long past its bounded wait a queued waiter stays live unrefreshed
+-- ARGV[5] wake channel prefix
+-- ARGV[6] permits to initialise with when the semaphore does not exist yet
+-- Returns 1 when the caller holds a permit (newly, or granted earlier by a release);
+--         otherwise -1 - (ms until the nearest holder's lease ends; half the grace when no
+--         holder bounds the wait), so the caller can bound its wait.
+local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local now = now_ms()
+
+if redis.call('SET', total, ARGV[6], 'NX') then
+  redis.call('SET', initial, ARGV[6])
+end
+sem_reap(holders, now)
+if redis.call('ZSCORE', holders, owner) then return 1 end
+
+-- Free permits go to the queue first (also after a holder's lease ended), then to the caller.
+if redis.call('LLEN', queue) > 0 then
+  sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
+  if redis.call('ZSCORE', holders, owner) then return 1 end
+end
+if redis.call('LLEN', queue) == 0 and
+    redis.call('ZCARD', holders) < tonumber(redis.call('GET', total)) then
+  redis.call('ZADD', holders, now + lease, owner)
+  return 1
+end
+
+local bound = math.floor(grace / 2)
+local nearest = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
+if nearest[2] then bound = math.max(0, tonumber(nearest[2]) - now) end
+if ARGV[3] == '1' then
+  wq_join(queue, waiters, owner, now + bound + grace, lease)
+end
+return -1 - bound
