@@ -21,6 +21,9 @@ from .lease import Lease
 from .mutex import LockInfo, Mutex, MutexLease, MutexStorage, create_mutex
 from .mutex_memory import MemoryMutexStorage
 from .mutex_redis import RedisMutexStorage
+from .semaphore import Permit, Semaphore, SemaphoreInfo, SemaphoreStorage, create_semaphore
+from .semaphore_memory import MemorySemaphoreStorage
+from .semaphore_redis import RedisSemaphoreStorage
 
 __version__ = "0.1.0"
 
@@ -35,11 +38,18 @@ __all__ = [
     "LockInfo",
     "LockTimeout",
     "MemoryMutexStorage",
+    "MemorySemaphoreStorage",
     "Mutex",
     "MutexLease",
     "MutexStorage",
+    "Permit",
     "RedisKitError",
     "RedisMutexStorage",
+    "RedisSemaphoreStorage",
+    "Semaphore",
+    "SemaphoreInfo",
+    "SemaphoreStorage",
     "SerializationError",
     "create_mutex",
+    "create_semaphore",
 ]

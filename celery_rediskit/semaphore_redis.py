@@ -1,0 +1,146 @@
+"""``RedisSemaphoreStorage``: semaphores in Redis, one Lua script per operation.
+
+Keys of semaphore ``K`` (all with hash tag ``{K}``): ``<prefix>:sem:{K}:holders`` is a sorted
+set of owner ids scored by their lease end on the server's clock, ``...:total`` and
+``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters. Every script
+first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ._validate import positive_int, resource_key, to_ms
+from .keys import KeySpace
+from .lease import Lease
+from .redis_renewal import renew_in_batches
+from .scripts import load_script
+from .semaphore import SemaphoreInfo, SemaphoreStorage
+from .waiting import acquire_queued
+from .wakeup import process_id, wake_local
+
+__all__ = ["RedisSemaphoreStorage"]
+
+WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisSemaphoreStorage(SemaphoreStorage):
+    """Semaphore storage on a redis-py client (``redis.Redis`` or ``redis.RedisCluster``).
+
+    ``prefix`` (default ``"rediskit"``) starts every key and channel this storage uses.
+    ``permits`` is the total used when an admin call meets a semaphore not yet initialised.
+    """
+
+    def __init__(self, client: Any, prefix: str = "rediskit", *, permits: int = 1) -> None:
+        self.client = client
+        self.keys = KeySpace(prefix)
+        self.default_permits = positive_int("permits", permits)
+        self._channel_prefix = self.keys.wake_channel_prefix
+        self._acquire = load_script("sem_acquire")
+        self._release = load_script("sem_release")
+        self._admin = load_script("sem_admin")
+        self._info = load_script("sem_info")
+        self._extend = load_script("sem_extend")
+        self._key_cache: dict[str, list[str]] = {}
+
+    def _key_list(self, key: str) -> list[str]:
+        keys = self._key_cache.get(key)
+        if keys is None:
+            if len(self._key_cache) >= 4096:
+                self._key_cache.clear()
+            keys = self._key_cache[key] = self.keys.semaphore(key).as_list()
+        return keys
+
+    def acquire(
+        self,
+        key: str,
+        owner: str,
+        permits: int,
+        lease: float,
+        timeout: float | None,
+        abort: threading.Event | None = None,
+    ) -> int:
+        keys = self._key_list(key)
+        lease_ms = to_ms(lease)
+        chan_prefix = self._channel_prefix
+
+        def args(join: bool) -> list[Any]:
+            return [owner, lease_ms, "1" if join else "0", WAITER_GRACE_MS, chan_prefix, permits]
+
+        def cancel(keep: bool) -> int:
+            held = self._run_release(key, owner, keep=keep)
+            return 1 if keep and held == 2 else 0
+
+        return acquire_queued(
+            kind="permit", key=key, owner=owner, client=self.client, script=self._acquire,
+            keys=keys, args=args, cancel=cancel, channel_prefix=chan_prefix,
+            timeout=timeout, abort=abort,
+        )
+
+    def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
+        args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop"]
+        result = self._release.run(self.client, self._key_list(key), args)
+        if isinstance(result, list):
+            for message in result[1:]:
+                wake_local(message)  # waiters of this process that just got a permit
+            return int(result[0])
+        return int(result)
+
+    def release(self, key: str, owner: str) -> bool:
+        return self._run_release(key, owner) == 1
+
+    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
+        keys = [self._key_list(key)[0]]
+        args = [owner, to_ms(seconds), "add" if add else "set"]
+        return int(self._extend.run(self.client, keys, args)) > 0
+
+    def holder_ttl(self, key: str, owner: str) -> float:
+        return self.get_semaphore_info(key).holders.get(owner, 0.0)
+
+    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
+        items = [(self._key_list(lease.key)[0], "s") for lease in leases]
+        return renew_in_batches(self.client, leases, items)
+
+    def get_semaphore_info(self, key: str) -> SemaphoreInfo:
+        key = resource_key(key)
+        reply = self._info.run(self.client, self._key_list(key)[:3], [])
+        total, now = reply[0], int(reply[2])
+        holders = {
+            _text(reply[i]): max(0.0, (float(reply[i + 1]) - now) / 1000)
+            for i in range(3, len(reply), 2)
+        }
+        count = int(total) if total else 0
+        return SemaphoreInfo(
+            key=key,
+            total=count,
+            available=max(0, count - len(holders)),
+            acquired=len(holders),
+            initialized=bool(total),
+            holders=holders,
+        )
+
+    def _admin_op(self, key: str, op: str, n: int = 0) -> int:
+        keys = self._key_list(resource_key(key))
+        args = [op, n, self._channel_prefix, self.default_permits]
+        return int(self._admin.run(self.client, keys, args))
+
+    def initialize(self, key: str, permits: int) -> None:
+        self._admin_op(key, "init", positive_int("permits", permits))
+
+    def increase_permits(self, key: str, n: int) -> int:
+        return self._admin_op(key, "inc", positive_int("n", n))
+
+    def decrease_permits(self, key: str, n: int) -> int:
+        return self._admin_op(key, "dec", positive_int("n", n))
+
+    def reset(self, key: str) -> None:
+        self._admin_op(key, "reset")
+
+    def clear(self, key: str) -> None:
+        self._admin_op(key, "clear")
