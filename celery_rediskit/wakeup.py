@@ -126,7 +126,8 @@ class WakeupHub:
     """
 
     def __init__(self, client: Any) -> None:
-        self._client = client
+        # A weak reference: the listener thread must not keep a discarded client alive.
+        self._client = weakref.ref(client)
         self._pubsub: Any = None
         self._subscribed: set[str] = set()
         self._confirmed: dict[str, threading.Event] = {}
@@ -146,7 +147,10 @@ class WakeupHub:
             if confirmed is None:
                 confirmed = self._confirmed[channel] = threading.Event()
                 if self._pubsub is None:
-                    self._pubsub = self._client.pubsub()
+                    client = self._client()
+                    if client is None:
+                        raise redis.ConnectionError("the Redis client was discarded")
+                    self._pubsub = client.pubsub()
                 self._pubsub.subscribe(channel)
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -167,6 +171,9 @@ class WakeupHub:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 # redis-py reconnects and re-subscribes on the next read. Grants published
                 # meanwhile are lost; wake every local waiter so it asks Redis at once.
+                if self._client() is None:
+                    pubsub.close()  # the client is gone: nobody can wait on this hub any more
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning("rediskit wake-up connection lost (%s); reconnecting", exc)

@@ -1,0 +1,317 @@
+"""The cache provider interface, the in-memory default, and the process-wide provider.
+
+A provider stores values under string keys with an optional lifetime (seconds) and tags.
+Besides CommandKit's ``get``/``set``/``delete``/``exists``/``expire``/``clear`` it offers
+``revalidate_tag`` and the single-flight protocol used by memoised functions:
+``claim(key)`` returns a hit, or makes the caller the one who computes (then ``fill`` or
+``abandon``), or tells it to compute without the cache (``bypass``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Final
+
+from .._validate import positive_int, resource_key
+from ..errors import CacheError, ConfigurationError
+from .durations import optional_duration
+
+__all__ = [
+    "MISSING",
+    "CacheProvider",
+    "CacheUnavailable",
+    "Claim",
+    "MemoryCacheProvider",
+    "get_cache_provider",
+    "set_cache_provider",
+]
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final[Any] = _Missing()
+"""Pass as ``get(key, MISSING)`` to tell a miss from a cached ``None``."""
+
+
+class CacheUnavailable(CacheError):
+    """The cache's backend (Redis) is unreachable; callers should carry on without it."""
+
+
+def check_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    """Validate tags: non-empty strings without braces, newlines or ``\\x1f``."""
+    if isinstance(tags, str):
+        tags = (tags,)
+    out: list[str] = []
+    for tag in tags:
+        if (
+            not isinstance(tag, str) or not tag
+            or any(c in tag for c in "{}\n\x1f")
+        ):
+            raise ConfigurationError(
+                f"a cache tag must be a non-empty string without '{{', '}}', newlines or "
+                f"\\x1f, got {tag!r}"
+            )
+        if tag not in out:
+            out.append(tag)
+    return tuple(out)
+
+
+class Claim:
+    """The answer of :meth:`CacheProvider.claim`.
+
+    ``state`` is ``"hit"`` (``value`` holds the cached value), ``"owner"`` (the caller computes,
+    then calls ``fill`` or ``abandon`` exactly once) or ``"bypass"`` (compute without the
+    cache's coordination: the wait ran out or the backend is unavailable; ``store`` tells
+    whether storing the result is still worth trying).
+    """
+
+    __slots__ = ("key", "state", "value", "handle", "store")
+
+    def __init__(
+        self, key: str, state: str, value: Any = None, handle: Any = None, store: bool = True
+    ) -> None:
+        self.key = key
+        self.state = state
+        self.value = value
+        self.handle = handle
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"<Claim {self.key!r} {self.state}>"
+
+
+class _Flights:
+    """Per-process single-flight: one lock per key being computed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.keys: dict[str, list[Any]] = {}  # key -> [lock, users]
+
+    def enter(self, key: str) -> list[Any]:
+        with self.lock:
+            slot = self.keys.get(key)
+            if slot is None:
+                slot = self.keys[key] = [threading.Lock(), 0]
+            slot[1] += 1
+            return slot
+
+    def leave(self, key: str, slot: list[Any]) -> None:
+        with self.lock:
+            slot[1] -= 1
+            if slot[1] == 0 and self.keys.get(key) is slot:
+                del self.keys[key]
+
+
+class CacheProvider(ABC):
+    """Where cached values live. Keys are non-empty strings without braces; times in seconds.
+
+    ``ttl`` arguments take seconds (float) or a duration string (``"30s"``, ``"5m"``, ``"1h"``,
+    ``"2d"``); ``None`` means no expiry.
+    """
+
+    @abstractmethod
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default`` when absent or expired.
+
+        A stored ``None`` is returned as ``None``: pass ``default=MISSING`` to tell them apart.
+        """
+
+    @abstractmethod
+    def set(
+        self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
+    ) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (None: no expiry), with ``tags``."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it existed."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """True when ``key`` holds a live (unexpired) entry."""
+
+    @abstractmethod
+    def expire(self, key: str, ttl: float | str | None) -> bool:
+        """Set the remaining lifetime of ``key`` to ``ttl`` seconds (None: no expiry).
+
+        Returns False when ``key`` does not exist.
+        """
+
+    @abstractmethod
+    def clear(self) -> int:
+        """Remove every entry of this provider (and nothing else); return how many."""
+
+    @abstractmethod
+    def revalidate_tag(self, tag: str) -> int:
+        """Remove every entry carrying ``tag``; return how many were removed."""
+
+    # -- single flight: the default serialises computations within this process --------------
+
+    def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
+        """Look ``key`` up; on a miss, become its computer or wait (up to ``wait`` seconds)
+        for the one computing it. ``lease`` (seconds) bounds how long a crashed computer can
+        hold others back (the default implementation is per process and ignores it).
+        """
+        value = self.get(key, MISSING)
+        if value is not MISSING:
+            return Claim(key, "hit", value)
+        flights: _Flights = self.__dict__.setdefault("_rediskit_flights", _Flights())
+        slot = flights.enter(key)
+        if not slot[0].acquire(timeout=wait):
+            flights.leave(key, slot)
+            return Claim(key, "bypass")
+        value = self.get(key, MISSING)
+        if value is not MISSING:
+            slot[0].release()
+            flights.leave(key, slot)
+            return Claim(key, "hit", value)
+        return Claim(key, "owner", handle=(flights, slot))
+
+    def fill(
+        self, claim: Claim, value: Any, ttl: float | str | None, tags: Iterable[str] = ()
+    ) -> None:
+        """Store the computed ``value`` for an ``owner`` claim and let waiters see it."""
+        try:
+            self.set(claim.key, value, ttl, tags=tags)
+        finally:
+            self.abandon(claim)
+
+    def abandon(self, claim: Claim) -> None:
+        """Give up an ``owner`` claim without storing (the computation failed)."""
+        if claim.handle is not None:
+            flights, slot = claim.handle
+            claim.handle = None
+            slot[0].release()
+            flights.leave(claim.key, slot)
+
+
+class MemoryCacheProvider(CacheProvider):
+    """A cache in this process's memory: at most ``max_entries`` entries, least recently used
+    evicted first, lifetimes honoured (monotonic clock). Thread-safe. Values are kept as the
+    objects themselves (not copied): do not mutate what you get back.
+    """
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self.max_entries = positive_int("max_entries", max_entries)
+        self._lock = threading.Lock()
+        # key -> (value, expires_at monotonic or None, tags)
+        self._data: OrderedDict[str, tuple[Any, float | None, tuple[str, ...]]] = OrderedDict()
+        self._tags: dict[str, set[str]] = {}
+
+    def _drop(self, key: str) -> None:
+        _value, _expires, tags = self._data.pop(key)
+        for tag in tags:
+            keys = self._tags.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._tags[tag]
+
+    def _live(self, key: str) -> tuple[Any, float | None, tuple[str, ...]] | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[1] is not None and entry[1] <= time.monotonic():
+            self._drop(key)
+            return None
+        return entry
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            entry = self._live(resource_key(key))
+            if entry is None:
+                return default
+            self._data.move_to_end(key)
+            return entry[0]
+
+    def set(
+        self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
+    ) -> None:
+        key = resource_key(key)
+        seconds = optional_duration(ttl)
+        tag_list = check_tags(tags)
+        expires = None if seconds is None else time.monotonic() + seconds
+        with self._lock:
+            if key in self._data:
+                self._drop(key)
+            self._data[key] = (value, expires, tag_list)
+            for tag in tag_list:
+                self._tags.setdefault(tag, set()).add(key)
+            while len(self._data) > self.max_entries:
+                self._drop(next(iter(self._data)))
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            if self._live(resource_key(key)) is None:
+                return False
+            self._drop(key)
+            return True
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return self._live(resource_key(key)) is not None
+
+    def expire(self, key: str, ttl: float | str | None) -> bool:
+        seconds = optional_duration(ttl)
+        with self._lock:
+            entry = self._live(resource_key(key))
+            if entry is None:
+                return False
+            expires = None if seconds is None else time.monotonic() + seconds
+            self._data[key] = (entry[0], expires, entry[2])
+            return True
+
+    def clear(self) -> int:
+        with self._lock:
+            count = len(self._data)
+            self._data.clear()
+            self._tags.clear()
+            return count
+
+    def revalidate_tag(self, tag: str) -> int:
+        (tag,) = check_tags((tag,))
+        with self._lock:
+            keys = list(self._tags.get(tag, ()))
+            for key in keys:
+                self._drop(key)
+            return len(keys)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+_provider: CacheProvider | None = None
+_provider_lock = threading.Lock()
+
+
+def set_cache_provider(provider: CacheProvider) -> None:
+    """Make ``provider`` the process-wide cache of memoised functions without their own."""
+    if not isinstance(provider, CacheProvider):
+        raise ConfigurationError(f"expected a CacheProvider, got {provider!r}")
+    global _provider
+    _provider = provider
+
+
+def get_cache_provider() -> CacheProvider:
+    """The process-wide provider; a :class:`MemoryCacheProvider` until one is set."""
+    global _provider
+    provider = _provider
+    if provider is None:
+        with _provider_lock:
+            if _provider is None:
+                _provider = MemoryCacheProvider()
+            provider = _provider
+    return provider

@@ -1,0 +1,308 @@
+"""Task options of the integration: parsed and checked once, when the task is defined.
+
+``parse_policy(options, fun, bound)`` turns the raw options (``singleton``, ``singleton_key``,
+``singleton_scope``, ``on_locked``, ``concurrency_limit``, ``on_limited``, ``limit_timeout``,
+``cache_ttl``, ``cache_key``, ``cache_tags``) into a :class:`TaskPolicy`, or raises
+``ConfigurationError`` naming the option and the accepted form.
+
+Keys are computed from the *bound* arguments (defaults applied), canonicalised so that the
+caller's values and the worker's JSON-decoded values give the same key: tuples and lists are
+the same, UUIDs and datetimes are their text, dict keys are sorted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import hashlib
+import inspect
+import json
+import re
+import string
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "OPTION_NAMES",
+    "LimitSpec",
+    "TaskPolicy",
+    "canonical",
+    "digest",
+    "parse_duration",
+    "parse_policy",
+]
+
+OPTION_NAMES = (
+    "singleton", "singleton_key", "singleton_scope", "on_locked",
+    "concurrency_limit", "on_limited", "limit_timeout",
+    "cache_ttl", "cache_key", "cache_tags",
+)
+SCOPES = ("running", "queued")
+ON_LOCKED = ("retry", "skip", "raise")
+ON_LIMITED = ("retry", "wait")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def canonical(value: Any) -> Any:
+    """``value`` as plain JSON data that is the same before and after a trip through a broker."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        items = [canonical(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    raise ConfigurationError(
+        f"cannot build a key from a value of type {type(value).__name__} (its text may "
+        f"differ between processes): pass singleton_key= / cache_key= naming other "
+        f"arguments, or a callable returning plain data"
+    )
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of ``canonical(value)``."""
+    text = json.dumps(canonical(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """``text`` usable inside a lock key: braces (the Cluster hash tag) become parentheses."""
+    return text.replace("{", "(").replace("}", ")") or "_"
+
+
+def parse_duration(name: str, value: Any) -> float:
+    """Seconds from a number or a text like ``"300"``, ``"5m"``, ``"2h"``, ``"1d"``."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, (int, float)) and value > 0 and value == value:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m and float(m.group(1)) > 0:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ConfigurationError(
+        f"{name} must be a positive number of seconds or a text like '30s', '5m', '2h', '1d', "
+        f"got {value!r}"
+    )
+
+
+def _template_fields(option: str, template: str) -> tuple[str, ...]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigurationError(f"{option}: bad template {template!r}: {exc}") from None
+    names = []
+    for _text, field, _spec, _conv in parsed:
+        if field is None:
+            continue
+        base = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if not base or base.isdigit():
+            raise ConfigurationError(
+                f"{option}: template {template!r} must name arguments, like '{{tenant_id}}'"
+            )
+        names.append(base)
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """One ``concurrency_limit`` entry: semaphore name (maybe a template) and permits."""
+
+    template: str
+    permits: int
+    fields: tuple[str, ...]
+
+    def name(self, arguments: Mapping[str, Any]) -> str:
+        if not self.fields:
+            return self.template
+        return safe_name(self.template.format_map(arguments))
+
+
+def _parse_limit(value: Any) -> LimitSpec:
+    form = "'name:permits' with permits an integer >= 1, e.g. 'db:5' or 'tenant:{tenant_id}:2'"
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigurationError(f"concurrency_limit must be {form}, got {value!r}")
+    name, _, permits_text = value.rpartition(":")
+    if not name or not permits_text.strip().isdigit() or int(permits_text) < 1:
+        raise ConfigurationError(f"concurrency_limit must be {form}, got {value!r}")
+    return LimitSpec(name, int(permits_text), _template_fields("concurrency_limit", name))
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """What the integration does around one task. ``active`` is False for a plain task."""
+
+    singleton: bool = False
+    singleton_key: tuple[str, ...] | Callable[..., Any] | None = None
+    scope: str = "running"
+    on_locked: str = "retry"
+    limits: tuple[LimitSpec, ...] = ()
+    on_limited: str = "retry"
+    limit_timeout: float | None = None
+    cache_ttl: float | None = None
+    cache_key: tuple[str, ...] | Callable[..., Any] | None = None
+    cache_tags: tuple[str, ...] = ()
+    signature: inspect.Signature | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.singleton or bool(self.limits) or self.cache_ttl is not None
+
+    def bind(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults applied."""
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        if self.signature is None:
+            return {"args": list(args), "kwargs": kwargs}
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def _key_data(self, spec: Any, arguments: Mapping[str, Any], args: Sequence[Any],
+                  kwargs: Mapping[str, Any]) -> Any:
+        if spec is None:
+            return arguments
+        if callable(spec):
+            return spec(*args, **kwargs)
+        return [arguments.get(name) for name in spec]
+
+    def singleton_name(self, task_name: str, arguments: Mapping[str, Any],
+                       args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        data = self._key_data(self.singleton_key, arguments, args, kwargs)
+        return f"singleton:{safe_name(task_name)}:{digest(data)}"
+
+    def cache_data(self, arguments: Mapping[str, Any], args: Sequence[Any],
+                   kwargs: Mapping[str, Any]) -> Any:
+        return canonical(self._key_data(self.cache_key, arguments, args, kwargs))
+
+    def limit_names(self, arguments: Mapping[str, Any]) -> list[tuple[str, int]]:
+        """(semaphore name, permits) of every limit, sorted by name: the order of acquisition,
+        the same in every process, so combined limits cannot deadlock."""
+        return sorted({(spec.name(arguments), spec.permits) for spec in self.limits})
+
+    def tags(self, arguments: Mapping[str, Any]) -> list[str]:
+        return [safe_name(t.format_map(arguments)) for t in self.cache_tags]
+
+
+def _key_spec(option: str, value: Any) -> tuple[str, ...] | Callable[..., Any] | None:
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigurationError(
+        f"{option} must be a tuple of argument names, e.g. ('user_id',), or a callable taking "
+        f"the task's arguments, got {value!r}"
+    )
+
+
+def _choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigurationError(
+            f"{option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+    return str(value)
+
+
+def task_signature(fun: Callable[..., Any] | None, bound: bool) -> inspect.Signature | None:
+    """The signature of the task body as callers see it (without ``self`` for bound tasks)."""
+    if fun is None:
+        return None
+    try:
+        sig = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    if bound and params:
+        params = params[1:]
+    return sig.replace(parameters=params)
+
+
+def _check_names(option: str, names: Sequence[str], sig: inspect.Signature | None,
+                 accepted: str) -> None:
+    if sig is None:
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for name in names:
+        if name not in params:
+            raise ConfigurationError(
+                f"{option} names argument {name!r}, which the task does not take "
+                f"(its arguments: {', '.join(params) or 'none'}); {accepted}"
+            )
+
+
+def parse_policy(options: Mapping[str, Any], fun: Callable[..., Any] | None,
+                 bound: bool) -> TaskPolicy:
+    """Check ``options`` against the task body ``fun`` and build the task's policy."""
+    sig = task_signature(fun, bound)
+    singleton = options.get("singleton", False)
+    if not isinstance(singleton, bool):
+        raise ConfigurationError(f"singleton must be True or False, got {singleton!r}")
+    skey = _key_spec("singleton_key", options.get("singleton_key"))
+    if isinstance(skey, tuple):
+        _check_names("singleton_key", skey, sig, "use a tuple of argument names")
+    scope = _choice("singleton_scope", options.get("singleton_scope", "running"), SCOPES)
+    on_locked = _choice("on_locked", options.get("on_locked", "retry"), ON_LOCKED)
+
+    raw = options.get("concurrency_limit")
+    if raw is None:
+        specs: tuple[LimitSpec, ...] = ()
+    elif isinstance(raw, str):
+        specs = (_parse_limit(raw),)
+    elif isinstance(raw, (list, tuple)) and raw:
+        specs = tuple(_parse_limit(v) for v in raw)
+    else:
+        raise ConfigurationError(
+            f"concurrency_limit must be 'name:permits' (e.g. 'db:5') or a list of them, "
+            f"got {raw!r}"
+        )
+    for spec in specs:
+        _check_names("concurrency_limit", spec.fields, sig,
+                     "a template may only name the task's arguments, e.g. 'tenant:{tenant_id}:2'")
+    on_limited = _choice("on_limited", options.get("on_limited", "retry"), ON_LIMITED)
+    lt = options.get("limit_timeout")
+    limit_timeout = None if lt is None else parse_duration("limit_timeout", lt)
+
+    ttl = options.get("cache_ttl")
+    cache_ttl = None if ttl is None else parse_duration("cache_ttl", ttl)
+    ckey = _key_spec("cache_key", options.get("cache_key"))
+    if isinstance(ckey, tuple):
+        _check_names("cache_key", ckey, sig, "use a tuple of argument names")
+    raw_tags = options.get("cache_tags") or ()
+    if isinstance(raw_tags, str):
+        raw_tags = (raw_tags,)
+    if not isinstance(raw_tags, (list, tuple)) or not all(isinstance(t, str) for t in raw_tags):
+        raise ConfigurationError(
+            f"cache_tags must be a list of texts (templates like 'user:{{user_id}}' allowed), "
+            f"got {raw_tags!r}"
+        )
+    for tag in raw_tags:
+        _check_names("cache_tags", _template_fields("cache_tags", tag), sig,
+                     "a tag template may only name the task's arguments")
+    if (ckey is not None or raw_tags) and cache_ttl is None:
+        raise ConfigurationError("cache_key and cache_tags need cache_ttl (e.g. cache_ttl='5m')")
+    return TaskPolicy(
+        singleton=singleton, singleton_key=skey, scope=scope, on_locked=on_locked,
+        limits=specs, on_limited=on_limited, limit_timeout=limit_timeout,
+        cache_ttl=cache_ttl, cache_key=ckey, cache_tags=tuple(raw_tags), signature=sig,
+    )

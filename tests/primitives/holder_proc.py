@@ -1,0 +1,65 @@
+"""A child process for the primitives' tests: it holds a lock or permit, or contends for one.
+
+    python holder_proc.py hold KIND URL PREFIX KEY LEASE PERMITS
+        acquires, prints "HELD <token>", then obeys stdin lines: "release" (prints
+        "RELEASED <True|False> lost=<True|False>"), "exit".
+    python holder_proc.py contend KIND URL PREFIX KEY PERMITS ROUNDS
+        acquires ROUNDS times; inside each hold it INCRs a Redis counter and records the
+        value it saw (the number of holders at once) and the fencing token; prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import redis
+
+from celery_rediskit import (
+    RedisMutexStorage,
+    RedisSemaphoreStorage,
+    create_mutex,
+    create_semaphore,
+)
+
+
+def make(kind: str, url: str, prefix: str, lease: float, permits: int):  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(url)
+    if kind == "mutex":
+        return client, create_mutex(timeout=30, lease=lease, storage=RedisMutexStorage(client, prefix))
+    return client, create_semaphore(
+        permits=permits, timeout=30, lease=lease, storage=RedisSemaphoreStorage(client, prefix)
+    )
+
+
+def hold(kind: str, url: str, prefix: str, key: str, lease: str, permits: str) -> None:
+    _, granter = make(kind, url, prefix, float(lease), int(permits))
+    held = granter.acquire(key)
+    print(f"HELD {held.fencing_token}", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "release":
+            ok = held.release()
+            print(f"RELEASED {ok} lost={held.lost}", flush=True)
+        elif command == "exit":
+            return
+
+
+def contend(kind: str, url: str, prefix: str, key: str, permits: str, rounds: str) -> None:
+    client, granter = make(kind, url, prefix, 10.0, int(permits))
+    counter = f"{prefix}:test:inside"
+    seen, tokens, waits = [], [], []
+    for _ in range(int(rounds)):
+        started = time.monotonic()
+        with granter.hold(key) as held:
+            waits.append(time.monotonic() - started)
+            seen.append(int(client.incr(counter)))
+            tokens.append(held.fencing_token)
+            time.sleep(0.001)  # the work being protected
+            client.decr(counter)
+    print(json.dumps({"seen": seen, "tokens": tokens, "waits": waits}), flush=True)
+
+
+if __name__ == "__main__":
+    {"hold": hold, "contend": contend}[sys.argv[1]](*sys.argv[2:])
