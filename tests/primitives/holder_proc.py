@@ -27,7 +27,8 @@ from celery_rediskit import (
 def make(kind: str, url: str, prefix: str, lease: float, permits: int):  # type: ignore[no-untyped-def]
     client = redis.Redis.from_url(url)
     if kind == "mutex":
-        return client, create_mutex(timeout=30, lease=lease, storage=RedisMutexStorage(client, prefix))
+        storage = RedisMutexStorage(client, prefix)
+        return client, create_mutex(timeout=30, lease=lease, storage=storage)
     return client, create_semaphore(
         permits=permits, timeout=30, lease=lease, storage=RedisSemaphoreStorage(client, prefix)
     )

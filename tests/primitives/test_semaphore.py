@@ -1,0 +1,296 @@
+"""The semaphore against a real Redis (and the memory storage where the semantics are shared)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from conftest import run_contenders
+from redis.cluster import key_slot
+
+from celery_rediskit import (
+    AcquireAborted,
+    LockTimeout,
+    MemorySemaphoreStorage,
+    RedisSemaphoreStorage,
+    SemaphoreStorage,
+    create_semaphore,
+)
+from celery_rediskit.keys import KeySpace
+from celery_rediskit.renewal import renewer
+
+
+@pytest.fixture(params=["redis", "memory"])
+def storage(request: pytest.FixtureRequest, client: redis.Redis, prefix: str) -> SemaphoreStorage:
+    if request.param == "memory":
+        return MemorySemaphoreStorage()
+    return RedisSemaphoreStorage(client, prefix=prefix)
+
+
+@pytest.fixture
+def redis_storage(client: redis.Redis, prefix: str) -> RedisSemaphoreStorage:
+    return RedisSemaphoreStorage(client, prefix=prefix)
+
+
+def test_with_permit_and_permit_context_manager(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=2, timeout=5, lease=5, storage=storage)
+    assert sem.with_permit("db", lambda x: x * 2, 21) == 42
+    with sem.permit("db") as permit:
+        assert permit.key == "db" and not permit.lost
+        assert 4.0 < permit.ttl() <= 5.0
+        info = storage.get_semaphore_info("db")
+        assert (info.total, info.acquired, info.available) == (2, 1, 1)
+        assert permit.owner in info.holders
+    assert storage.get_available_permits("db") == 2
+    assert permit.ttl() == 0.0
+
+
+def test_first_use_initialises_with_the_semaphores_own_permits(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=7, storage=storage)
+    assert not storage.get_semaphore_info("api").initialized
+    with sem.permit("api"):
+        assert storage.get_total_permits("api") == 7
+        assert storage.get_available_permits("api") == 6
+
+
+def test_permits_run_out_then_timeout(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=2, timeout=0.3, storage=storage)
+    held = [sem.acquire("db"), sem.acquire("db")]
+    with pytest.raises(LockTimeout):
+        sem.acquire("db")
+    with pytest.raises(LockTimeout):
+        sem.acquire("db", blocking=False)
+    held[0].release()
+    sem.acquire("db", blocking=False).release()
+    held[1].release()
+
+
+def test_initialize_never_lets_more_holders_in_than_the_total(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=3, storage=storage)
+    held = [sem.acquire("db") for _ in range(3)]
+    storage.initialize("db", 2)
+    held.pop().release()
+    info = storage.get_semaphore_info("db")
+    assert (info.total, info.acquired, info.available) == (2, 2, 0)
+    with pytest.raises(LockTimeout):
+        sem.acquire("db", blocking=False)
+    held.pop().release()
+    sem.acquire("db", blocking=False).release()
+    held.pop().release()
+
+
+def test_release_is_owner_checked_and_idempotent(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=1, storage=storage)
+    permit = sem.acquire("db")
+    assert storage.release("db", "stranger:1") is False
+    assert storage.get_semaphore_info("db").acquired == 1
+    assert permit.release() is True
+    assert storage.release("db", permit.owner) is False
+    assert storage.get_semaphore_info("db").acquired == 0
+
+
+def test_decrease_increase_reset_and_clear(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=3, storage=storage)
+    permit = sem.acquire("db")
+    assert storage.decrease_permits("db", 2) == 1
+    assert storage.get_semaphore_info("db").available == 0
+    assert storage.decrease_permits("db", 5) == 0
+    info = storage.get_semaphore_info("db")
+    assert info.available == max(0, info.total - info.acquired) == 0
+    assert storage.increase_permits("db", 4) == 4
+    storage.reset("db")
+    info = storage.get_semaphore_info("db")
+    assert (info.total, info.acquired) == (3, 1), "reset keeps holders"
+    storage.clear("db")
+    assert not storage.get_semaphore_info("db").initialized
+    renewer().renew_now([permit])
+    assert permit.lost, "a cleared semaphore's holders find their permits lost"
+
+
+def test_increase_wakes_as_many_waiters_as_permits_at_once(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=1, timeout=10, storage=storage)
+    blocker = sem.acquire("db")
+    got = threading.Semaphore(0)
+    queued = threading.Barrier(4)
+    release = threading.Event()
+
+    def waiter() -> None:
+        queued.wait()
+        with sem.permit("db"):
+            got.release()
+            release.wait(10)
+
+    threads = [threading.Thread(target=waiter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    queued.wait()
+    time.sleep(0.1)  # let all three enter their wait: the wake-up is what is tested
+    started = time.monotonic()
+    storage.increase_permits("db", 3)
+    for _ in range(3):
+        assert got.acquire(timeout=2)
+    assert time.monotonic() - started < 0.5
+    release.set()
+    for t in threads:
+        t.join()
+    blocker.release()
+
+
+def test_abort_stops_the_wait_within_50ms(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=1, timeout=30, storage=storage)
+    abort = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def waiter() -> None:
+        try:
+            sem.acquire("db", abort=abort)
+        except AcquireAborted as exc:
+            outcome["error"], outcome["at"] = exc, time.monotonic()
+
+    with sem.permit("db"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.1)  # let the waiter get into its wait
+        set_at = time.monotonic()
+        abort.set()
+        thread.join(5)
+    assert isinstance(outcome["error"], AcquireAborted)
+    assert float(outcome["at"]) - set_at < 0.05  # type: ignore[arg-type]
+    assert storage.get_semaphore_info("db").acquired == 0
+
+
+def test_threads_never_exceed_the_total_and_are_served_fairly(storage: SemaphoreStorage) -> None:
+    sem = create_semaphore(permits=3, timeout=30, lease=10, storage=storage)
+    lock = threading.Lock()
+    inside = 0
+    most = 0
+    counts = [0] * 10
+
+    def worker(i: int) -> None:
+        nonlocal inside, most
+        for _ in range(20):
+            with sem.permit("db"):
+                with lock:
+                    inside += 1
+                    most = max(most, inside)
+                counts[i] += 1
+                time.sleep(0.0005)
+                with lock:
+                    inside -= 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 3
+    assert counts == [20] * 10
+
+
+def test_total_holds_under_processes_while_permits_change(
+    redis_storage: RedisSemaphoreStorage, redis_url: str, prefix: str
+) -> None:
+    """Processes race for 3 permits while the total drops to 1 and rises back, over and over."""
+    redis_storage.initialize("db", 3)
+    stop = threading.Event()
+    snapshots = []
+
+    def churn() -> None:
+        while not stop.is_set():
+            redis_storage.decrease_permits("db", 2)
+            snapshots.append(redis_storage.get_semaphore_info("db"))
+            redis_storage.increase_permits("db", 2)
+            snapshots.append(redis_storage.get_semaphore_info("db"))
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        outs = run_contenders(4, "semaphore", redis_url, prefix, "db", "3", "25")
+    finally:
+        stop.set()
+        churner.join()
+    seen = [s for out in outs for s in json.loads(out)["seen"]]
+    assert len(seen) == 100
+    assert max(seen) <= 3, "more holders than the largest total at once"
+    assert all(i.available == max(0, i.total - i.acquired) for i in snapshots)
+    assert redis_storage.get_semaphore_info("db").total == 3
+
+
+def test_sigkill_of_holder_returns_its_permit_within_lease_plus_1s(
+    redis_storage: RedisSemaphoreStorage, spawn_holder: type, redis_url: str, prefix: str
+) -> None:
+    lease = 1.5
+    holder = spawn_holder("semaphore", redis_url, prefix, "db", str(lease), "1")
+    sem = create_semaphore(permits=1, timeout=10, storage=redis_storage)
+    os.kill(holder.proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    with sem.permit("db"):
+        waited = time.monotonic() - killed_at
+    assert waited <= lease + 1.0
+
+
+def test_release_in_another_process_wakes_a_waiter_at_once(
+    redis_storage: RedisSemaphoreStorage, spawn_holder: type, redis_url: str, prefix: str
+) -> None:
+    holder = spawn_holder("semaphore", redis_url, prefix, "db", "30", "1")
+    sem = create_semaphore(permits=1, timeout=10, storage=redis_storage)
+    got: dict[str, float] = {}
+
+    def waiter() -> None:
+        with sem.permit("db"):
+            got["at"] = time.monotonic()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while not redis_storage.client.llen(redis_storage.keys.semaphore("db").queue):
+        time.sleep(0.005)  # wait until the waiter is queued in Redis
+    released_at = time.monotonic()
+    assert holder.command("release").startswith("RELEASED True")
+    thread.join(5)
+    assert got["at"] - released_at < 0.5
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: create_semaphore(permits=0), "permits"),
+        (lambda: create_semaphore(permits="5"), "permits"),  # type: ignore[arg-type]
+        (lambda: create_semaphore(permits=2.5), "permits"),  # type: ignore[arg-type]
+        (lambda: create_semaphore(permits=2, timeout=0), "timeout"),
+        (lambda: create_semaphore(permits=2, lease=-1), "lease"),
+        (lambda: create_semaphore(permits=2).acquire(""), "key"),
+        (lambda: MemorySemaphoreStorage().increase_permits("db", 0), "n"),
+        (lambda: MemorySemaphoreStorage().decrease_permits("db", "1"), "n"),  # type: ignore[arg-type]
+        (lambda: MemorySemaphoreStorage().initialize("db", 0), "permits"),
+    ],
+)
+def test_bad_input_gets_a_value_error_naming_the_argument(call, name: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_bad_admin_input_on_redis(redis_storage: RedisSemaphoreStorage) -> None:
+    with pytest.raises(ValueError, match="n"):
+        redis_storage.increase_permits("db", -2)
+    with pytest.raises(ValueError, match="key"):
+        redis_storage.get_semaphore_info("")
+
+
+def test_semaphore_keys_share_one_cluster_slot() -> None:
+    keys = KeySpace("rediskit").semaphore("tenant:42").as_list()
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_leases() -> Iterator[None]:
+    yield
+    for lease in renewer().held():
+        release = getattr(lease, "release", None)
+        if release:
+            release()
