@@ -1,0 +1,233 @@
+"""The mutex section: uncontended cycle, 8 threads and 4 processes on one lock.
+
+Contenders (the factories are importable so spawned processes can build them):
+
+- ``ours``: ``create_mutex(storage=RedisMutexStorage(client, prefix=...), lease=30)``,
+  ``mutex.acquire(key).release()`` with the default ``auto_renew=True``.
+- floor ``SET NX PX + DEL``: the least a lock can cost uncontended (two round trips, unsafe:
+  no owner check, no wake-up; when contended this floor would spin, so it is not used there).
+- floor ``BLPOP token``: a one-token list: BLPOP it, hold, LPUSH it back. Fair and wait-free
+  but unsafe (a crashed holder loses the token forever): the contended floor.
+- peers: redis-py ``client.lock(name)`` (sleeps 0.1 s between tries) and python-redis-lock
+  ``redis_lock.Lock(client, name)`` (BLPOP on a signal list). A new lock object per cycle, as
+  these are used (``with client.lock(name):``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .common import (
+    DETAIL_LEGEND,
+    BenchEnv,
+    CommandProfile,
+    SectionResult,
+    at_least,
+    at_most,
+    command_calls,
+    count_calls,
+    fmt_num,
+    info,
+    median,
+    rotated,
+)
+from .contention import DETAIL_HEADERS, Contender, Plan, Summary, detail_rows, run_interleaved
+
+LEASE = 30.0
+THREADS, PROCESSES, HOLD = 8, 4, 0.001
+WARMUP, WINDOW = 0.3, 2.0  # seconds per contended run (times BENCH_SCALE)
+UNCONTENDED_CYCLES = 2000  # per contender per round (not scaled: a round is ~0.2 s)
+UNCONTENDED_ROUNDS = 7
+
+OURS_PROFILE = CommandProfile(
+    client=frozenset({"evalsha", "eval", "script|load", "subscribe"}),
+    scripted=frozenset({"get", "set", "incr", "llen", "lindex", "hget", "hset", "hdel", "lpop",
+                        "rpush", "lrem", "publish", "pttl", "time", "del", "pexpire"}),
+)
+SETDEL_PROFILE = CommandProfile(client=frozenset({"set", "del"}))
+BLPOP_PROFILE = CommandProfile(client=frozenset({"blpop", "lpush"}))
+REDISPY_PROFILE = CommandProfile(
+    client=frozenset({"set", "evalsha", "script|load"}), scripted=frozenset({"get", "del"})
+)
+PRL_PROFILE = CommandProfile(
+    client=frozenset({"set", "blpop", "evalsha", "script|load"}),
+    scripted=frozenset({"get", "del", "lpush", "pexpire"}),
+)
+
+
+def _prefix_of(key: str) -> str:
+    return key.split(":", 1)[0]
+
+
+# --- contended factories: factory(client, key) -> acquire() -> release() ----------------------
+
+
+def ours(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
+    from celery_rediskit import RedisMutexStorage, create_mutex
+
+    mutex = create_mutex(storage=RedisMutexStorage(client, prefix=_prefix_of(key)), lease=LEASE)
+    name = key.split(":", 1)[1]
+
+    def acquire() -> Callable[[], Any]:
+        return mutex.acquire(name).release
+
+    return acquire
+
+
+def blpop_floor(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
+    def acquire() -> Callable[[], Any]:
+        token = client.blpop([key], 0)[1]
+        return lambda: client.lpush(key, token)
+
+    return acquire
+
+
+def fill_one_token(admin: Any, key: str) -> None:
+    admin.delete(key)
+    admin.lpush(key, "t")
+
+
+def redispy_lock(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
+    def acquire() -> Callable[[], Any]:
+        lock = client.lock(key)
+        lock.acquire()
+        return lock.release
+
+    return acquire
+
+
+def python_redis_lock(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
+    import redis_lock
+
+    def acquire() -> Callable[[], Any]:
+        lock = redis_lock.Lock(client, key)
+        lock.acquire()
+        return lock.release
+
+    return acquire
+
+
+CONTENDED = [
+    Contender("BLPOP token (floor)", "bench.mutex_bench:blpop_floor", BLPOP_PROFILE,
+              prepare="bench.mutex_bench:fill_one_token"),
+    Contender("ours", "bench.mutex_bench:ours", OURS_PROFILE),
+    Contender("redis-py Lock", "bench.mutex_bench:redispy_lock", REDISPY_PROFILE),
+    Contender("python-redis-lock", "bench.mutex_bench:python_redis_lock", PRL_PROFILE),
+]
+FLOOR, OURS, REDISPY, PRL = (c.label for c in CONTENDED)
+
+
+# --- uncontended: one thread, acquire + release in a loop -------------------------------------
+
+
+def _cycle_setdel(client: Any, key: str) -> Callable[[], None]:
+    def cycle() -> None:
+        client.set(key, "owner", nx=True, px=30000)
+        client.delete(key)
+
+    return cycle
+
+
+def _cycle_from(factory: Callable[[Any, str], Callable[[], Callable[[], Any]]]) -> Any:
+    def make(client: Any, key: str) -> Callable[[], None]:
+        acquire = factory(client, key)
+        return lambda: acquire()() and None
+
+    return make
+
+
+UNCONTENDED: list[tuple[str, Any, CommandProfile]] = [
+    ("SET NX PX + DEL (floor)", _cycle_setdel, SETDEL_PROFILE),
+    ("ours", _cycle_from(ours), OURS_PROFILE),
+    ("redis-py Lock", _cycle_from(redispy_lock), REDISPY_PROFILE),
+    ("python-redis-lock", _cycle_from(python_redis_lock), PRL_PROFILE),
+]
+
+
+def _uncontended(env: BenchEnv, log: Callable[[str], None]) -> dict[str, tuple[float, float]]:
+    """Median cycles/s and round trips per cycle of each contender, rounds interleaved."""
+    clients = {label: env.client() for label, _, _ in UNCONTENDED}
+    cycles = {label: make(clients[label], env.key("u", i)) for i, (label, make, _) in
+              enumerate(UNCONTENDED)}
+    for cycle in cycles.values():  # warm up: connections, script loading, renewer thread
+        for _ in range(200):
+            cycle()
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in UNCONTENDED}
+    trips: dict[str, list[float]] = {label: [] for label, _, _ in UNCONTENDED}
+    for rnd in range(UNCONTENDED_ROUNDS):
+        for label, _, profile in rotated(UNCONTENDED, rnd):
+            cycle = cycles[label]
+            before = command_calls(env.admin)
+            t0 = time.perf_counter()
+            for _ in range(UNCONTENDED_CYCLES):
+                cycle()
+            elapsed = time.perf_counter() - t0
+            after = command_calls(env.admin)
+            rates[label].append(UNCONTENDED_CYCLES / elapsed)
+            trips[label].append(count_calls(before, after, profile).round_trips
+                                / UNCONTENDED_CYCLES)
+        log(f"uncontended round {rnd + 1}/{UNCONTENDED_ROUNDS}: "
+            + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()))
+    return {label: (median(rates[label]), median(trips[label])) for label in rates}
+
+
+def _contended_targets(result: SectionResult, scope: str, runs: dict[str, Summary]) -> None:
+    ours_s, floor_s = runs[OURS], runs[FLOOR]
+    result.targets += [
+        at_least(f"{scope}: throughput vs floor", ours_s.rate, floor_s.rate, "BLPOP", 0.90),
+        at_most(f"{scope}: max wait", ours_s.wait_max * 1000, 30.0, "{:.1f} ms",
+                f"worst round {ours_s.wait_worst * 1000:.1f} ms"),
+        at_most(f"{scope}: fairness max/min", ours_s.fairness, 2.0, "{:.2f}",
+                f"BLPOP {fmt_num(floor_s.fairness)}"),
+        at_most(f"{scope}: round trips/grant", ours_s.trips, 3.0, "{:.2f}",
+                f"BLPOP {fmt_num(floor_s.trips)}"),
+        at_most(f"{scope}: overlapping holders", float(ours_s.overlaps), 0.0, "{:.0f}",
+                "all rounds"),
+    ]
+    for peer in (REDISPY, PRL):
+        p = runs[peer]
+        result.targets.append(info(f"{scope}: vs {peer}", ours_s.rate, p.rate, peer))
+    for s in runs.values():
+        if s.unexpected:
+            result.notes.append(f"{scope} {s.label}: unexpected commands counted as round trips: "
+                                + ", ".join(f"{k} x{v}" for k, v in sorted(s.unexpected.items())))
+        if s.hung:
+            result.notes.append(f"{scope} {s.label}: {s.hung} worker(s) never finished "
+                                f"(abandoned after the grace period)")
+
+
+def run(env: BenchEnv, log: Callable[[str], None] = print) -> SectionResult:
+    result = SectionResult("mutex", "Mutex")
+
+    unc = _uncontended(env, log)
+    result.tables.append((
+        f"uncontended acquire+release, 1 thread, median of {UNCONTENDED_ROUNDS} interleaved rounds",
+        ["contender", "cycles/s", "RT/cycle", "ours / it"],
+        [[label, f"{rate:,.0f}", fmt_num(rt), fmt_num(unc["ours"][0] / rate)]
+         for label, (rate, rt) in unc.items()],
+    ))
+    floor_label = UNCONTENDED[0][0]
+    result.targets += [
+        at_least("uncontended: vs SET NX PX + DEL", unc["ours"][0], unc[floor_label][0],
+                 "floor", 0.90),
+        at_least("uncontended: vs redis-py Lock", unc["ours"][0], unc["redis-py Lock"][0],
+                 "redis-py", 1.00, strict=True),
+        info("uncontended: vs python-redis-lock", unc["ours"][0], unc["python-redis-lock"][0],
+             "p-r-lock"),
+    ]
+
+    for scope, plan in (
+        (f"{THREADS} threads", Plan(THREADS, HOLD, WARMUP, WINDOW)),
+        (f"{PROCESSES} processes", Plan(PROCESSES, HOLD, WARMUP, WINDOW, processes=True)),
+    ):
+        runs = run_interleaved(env, scope.replace(" ", ""), CONTENDED, plan, progress=log)
+        result.tables.append((
+            f"{scope} on one lock, {HOLD * 1000:g} ms hold, {env.seconds(WINDOW):g} s window, "
+            f"median of {env.rounds} interleaved rounds",
+            DETAIL_HEADERS, detail_rows(runs),
+        ))
+        _contended_targets(result, scope, runs)
+    result.notes.append(DETAIL_LEGEND)
+    return result

@@ -1,0 +1,63 @@
+"""The registry of benchmark sections: ``python -m bench NAME`` runs one, no argument all.
+
+A section names the library API it measures (``requires``: ``"module:attribute"`` paths) and
+its runner (``"module:function"``, called as ``run(env, log)``, returning a
+:class:`~bench.common.SectionResult`). When a required attribute or the runner's module is not
+importable yet, the section is reported as "skipped: not available", never as a failure.
+
+To add a section: write ``bench/<name>_bench.py`` with ``run(env, log)`` (see
+``mutex_bench.py``; ``bench.contention`` runs N threads or processes against any contender)
+and append a :class:`Section` here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    runner: str
+    requires: tuple[str, ...] = ()
+
+    def missing(self) -> str | None:
+        """What is not importable (None when the section can run)."""
+        for path in (*self.requires, self.runner):
+            module, _, attr = path.partition(":")
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                return module
+            if attr and not hasattr(mod, attr):
+                return path
+        return None
+
+
+SECTIONS: list[Section] = [
+    Section(
+        "mutex", "Mutex: uncontended cycle; 8 threads and 4 processes on one lock",
+        runner="bench.mutex_bench:run",
+        requires=("celery_rediskit:create_mutex", "celery_rediskit:RedisMutexStorage"),
+    ),
+    Section(
+        "semaphore", "Semaphore: 16 threads, 4 permits, 1 ms work (vs 4-token BLPOP, "
+        "redis-semaphore)",
+        runner="bench.semaphore_bench:run",
+        requires=("celery_rediskit:create_semaphore", "celery_rediskit:RedisSemaphoreStorage"),
+    ),
+    Section(
+        "cache", "Cache: hit path vs raw GET",
+        runner="bench.cache_bench:run",
+        requires=("celery_rediskit:create_cache",),
+    ),
+]
+
+BY_NAME = {s.name: s for s in SECTIONS}
+
+
+def lookup(path: str) -> object:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
