@@ -39,6 +39,24 @@ class ClaimStore:
         pipe.expire(self.key(task_id), self.ttl)
         pipe.execute()
 
+    def record_many(self, task_id: str, records: list[tuple[str, str, str]]) -> None:
+        """Record several (kind, key, owner) of ``task_id`` in one round trip."""
+        name = self.key(task_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(name, mapping={f"{kind}|{key}": owner for kind, key, owner in records})
+        pipe.expire(name, self.ttl)
+        pipe.execute()
+
+    def replace(self, task_id: str, records: list[tuple[str, str, str]]) -> None:
+        """Make ``records`` the only claims of ``task_id`` (one round trip)."""
+        name = self.key(task_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(name)
+        if records:
+            pipe.hset(name, mapping={f"{kind}|{key}": owner for kind, key, owner in records})
+            pipe.expire(name, self.ttl)
+        pipe.execute()
+
     def forget(self, task_id: str, kind: str, key: str) -> None:
         self.client.hdel(self.key(task_id), f"{kind}|{key}")
 

@@ -26,7 +26,7 @@ from ..mutex import Mutex, create_mutex
 from ..mutex_redis import RedisMutexStorage
 from ..semaphore import Semaphore, create_semaphore
 from ..semaphore_redis import RedisSemaphoreStorage
-from .claims import ClaimStore
+from .claims import ClaimStore, Releaser
 from .options import parse_policy
 from .settings import Settings, read_settings
 from .signals import lease_lost
@@ -54,7 +54,9 @@ class Runtime:
         )
         self._semaphores: dict[int, Semaphore] = {}
         self.claims = ClaimStore(self.client, s.prefix, s.claims_ttl)
-        self.storages = {"m": self.mutex_storage, "s": self.semaphore_storage}
+        self.storages: dict[str, Releaser] = {
+            "m": self.mutex_storage, "s": self.semaphore_storage,
+        }
         # lease owner id -> (task, task id): who to tell when the renewer finds a lease lost
         self.owners: dict[str, tuple[Any, str]] = {}
 
@@ -74,6 +76,19 @@ class Runtime:
             getattr(task, "name", "?"), task_id, lease.kind, lease.key, reason,
         )
         lease_lost.send(sender=task, task_id=task_id, lease=lease, reason=reason)
+
+    # -- cached results (filled in when the cache provider lands) -----------------------
+    def cache_lookup(self, task: Any, policy: Any, arguments: Any, args: Any,
+                     kwargs: Any) -> tuple[bool, Any]:
+        return False, None
+
+    def cache_store(self, task: Any, policy: Any, arguments: Any, args: Any, kwargs: Any,
+                    value: Any) -> None:
+        return None
+
+    def cache_invalidate(self, task: Any, policy: Any, arguments: Any, args: Any,
+                         kwargs: Any) -> bool:
+        return False
 
     def release_task(self, task_id: str) -> int:
         """Release everything ``task_id`` holds, from any process (owner-checked)."""
@@ -107,7 +122,8 @@ class RedisKit:
         kit = getattr(app, _ATTR, None)
         if kit is None:
             kit = cls(app)
-        return kit  # type: ignore[no-any-return]
+        assert isinstance(kit, RedisKit)
+        return kit
 
     def runtime(self) -> Runtime:
         """This process's Redis objects (rebuilt after ``fork``)."""

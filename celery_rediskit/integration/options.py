@@ -202,15 +202,18 @@ class TaskPolicy:
 
 
 def _key_spec(option: str, value: Any) -> tuple[str, ...] | Callable[..., Any] | None:
-    if value is None or callable(value):
-        return value
+    if value is None:
+        return None
+    if callable(value):
+        fn: Callable[..., Any] = value
+        return fn
     if isinstance(value, str):
         value = (value,)
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ConfigurationError(
-        f"{option} must be a tuple of argument names, e.g. ('user_id',), or a callable taking "
-        f"the task's arguments, got {value!r}"
+        f"{option} must be a tuple of argument names, e.g. ('user_id',) (() for one key per "
+        f"task), or a callable taking the task's arguments, got {value!r}"
     )
 
 

@@ -1,0 +1,61 @@
+"""Fixtures for the Celery layer: apps on the private Redis and in-process workers.
+
+Every app gets its own queue and key prefix, so tests never consume each other's messages.
+Tasks are defined with ``shared=False``: Celery's default registers them process-wide by
+name, and two tests defining ``job`` would run each other's bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_rediskit.integration import RedisKit
+
+
+def make_app(redis_url: str, prefix: str, **settings: Any) -> Celery:
+    app = Celery(f"app-{prefix}", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=f"q-{prefix}",
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        result_expires=600,
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": 600},
+    )
+    settings.setdefault("retry_delay", 0.1)
+    RedisKit(app, prefix=prefix, **settings)
+    return app
+
+
+@pytest.fixture
+def app(redis_url: str, prefix: str) -> Iterator[Celery]:
+    a = make_app(redis_url, prefix)
+    yield a
+    a.close()
+
+
+WorkerFactory = Callable[..., AbstractContextManager[Any]]
+
+
+@pytest.fixture
+def worker() -> WorkerFactory:
+    """``with worker(app, pool="threads", concurrency=4):`` an in-process worker."""
+
+    def factory(a: Celery, pool: str = "threads", concurrency: int = 4) -> Any:
+        a.finalize()
+        return start_worker(
+            a, pool=pool, concurrency=concurrency, perform_ping_check=False,
+            loglevel=logging.WARNING, shutdown_timeout=10.0,
+            hostname=f"w-{uuid.uuid4().hex[:6]}@test",
+        )
+
+    return factory
