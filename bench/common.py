@@ -203,6 +203,10 @@ def fmt_ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
 
 
+def fmt_us(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e6:.0f} us"
+
+
 def fmt_num(value: float, digits: int = 2) -> str:
     if math.isnan(value):
         return "-"
@@ -213,7 +217,8 @@ def fmt_num(value: float, digits: int = 2) -> str:
 
 DETAIL_LEGEND = (
     "grants/s: grants in the window per second; wait: request to grant (p50; max = median over "
-    "rounds of each round's longest, worst max = longest of all rounds); max/min: per-worker "
+    "rounds of each round's longest, worst max = longest of all rounds); handoff: from the "
+    "holder's release call to the next holder's grant (p50, p90; mutex only); max/min: per-worker "
     "grant counts; RT/grant: round trips = commands the contender's clients sent (INFO "
     "commandstats delta over the window; an EVALSHA counts once, the commands it runs inside, "
     "PUBLISH included, are not counted; connection set-up and the bench's INFO are excluded); "

@@ -34,6 +34,7 @@ from .common import (
     count_calls,
     fmt_ms,
     fmt_num,
+    fmt_us,
     median,
     percentile,
     rotated,
@@ -69,6 +70,8 @@ class RunStats:
     wait_max: float
     fairness: float  # max / min per-worker grants (inf when a worker got none)
     trips_per_grant: float
+    handoff_p50: float  # from one holder's release call to the next holder's grant
+    handoff_p90: float
     overlaps: int  # grants that found ``capacity`` holders already
     hung: int  # workers that never finished (abandoned)
     unexpected: dict[str, int]
@@ -104,6 +107,13 @@ def _work(acquire: Acquire, hold: float, start: float, end: float) -> WorkResult
             count += 1
             waits.append(granted - asked)
     return count, waits, held
+
+
+def _handoffs(intervals: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    """Gaps from a release call to the next grant (mutex: capacity 1), within the window."""
+    ordered = sorted(intervals)
+    return [b[0] - a[1] for a, b in zip(ordered, ordered[1:], strict=False)
+            if start <= b[0] < end and b[0] >= a[1]]
 
 
 def _overlaps(intervals: list[tuple[float, float]], capacity: int) -> int:
@@ -214,6 +224,7 @@ def run_once(env: BenchEnv, contender: Contender, key: str, plan: Plan,
     waits = [w for r in results for w in r[1]]
     intervals = [iv for r in results for iv in r[2]]
     grants = sum(counts)
+    handoffs = _handoffs(intervals, start, end) if plan.capacity == 1 else []
     calls = count_calls(before, after, contender.profile)
     low = min(counts) if len(counts) == plan.workers else 0
     return RunStats(
@@ -223,6 +234,8 @@ def run_once(env: BenchEnv, contender: Contender, key: str, plan: Plan,
         wait_max=max(waits) if waits else math.nan,
         fairness=(max(counts) / low) if low else math.inf,
         trips_per_grant=calls.round_trips / grants if grants else math.nan,
+        handoff_p50=percentile(handoffs, 0.5),
+        handoff_p90=percentile(handoffs, 0.9),
         overlaps=_overlaps(intervals, plan.capacity),
         hung=hung,
         unexpected=calls.unexpected,
@@ -250,6 +263,14 @@ class Summary:
     @property
     def wait_worst(self) -> float:
         return max((r.wait_max for r in self.runs), default=math.nan)
+
+    @property
+    def handoff_p50(self) -> float:
+        return median(r.handoff_p50 for r in self.runs)
+
+    @property
+    def handoff_p90(self) -> float:
+        return median(r.handoff_p90 for r in self.runs)
 
     @property
     def fairness(self) -> float:
@@ -298,11 +319,12 @@ def detail_rows(summaries: dict[str, Summary]) -> list[list[str]]:
     for s in summaries.values():
         rows.append([
             s.label, f"{s.rate:,.0f}", fmt_ms(s.wait_p50), fmt_ms(s.wait_max), fmt_ms(s.wait_worst),
-            fmt_num(s.fairness), fmt_num(s.trips), str(s.overlaps),
-            str(s.hung),
+            fmt_us(s.handoff_p50), fmt_us(s.handoff_p90), fmt_num(s.fairness), fmt_num(s.trips),
+            str(s.overlaps), str(s.hung),
         ])
     return rows
 
 
-DETAIL_HEADERS = ["contender", "grants/s", "wait p50", "max wait", "worst max", "max/min",
+DETAIL_HEADERS = ["contender", "grants/s", "wait p50", "max wait", "worst max", "handoff p50",
+                  "p90", "max/min",
                   "RT/grant", "overlaps", "hung"]
