@@ -76,7 +76,7 @@ class CommandProfile:
     """
 
     client: frozenset[str]
-    scripted: frozenset[str] = frozenset()
+    scripted: frozenset[str] | None = frozenset()  # None: every command not in ``client``
 
 
 @dataclass
@@ -97,7 +97,7 @@ def count_calls(
             continue
         if name in profile.client:
             trips += delta
-        elif name in profile.scripted:
+        elif profile.scripted is None or name in profile.scripted:
             scripted += delta
         else:
             trips += delta

@@ -30,14 +30,24 @@ import redis
 from .common import (
     BenchEnv,
     CommandProfile,
+    SectionResult,
+    at_least,
+    at_most,
     command_calls,
     count_calls,
     fmt_ms,
     fmt_num,
     fmt_us,
+    info,
     median,
     percentile,
     rotated,
+)
+
+# Our library's clients send only EVALSHA (EVAL / SCRIPT LOAD after a script flush, SUBSCRIBE
+# once per process): every other command counted on the server ran inside one of its scripts.
+OURS_PROFILE = CommandProfile(
+    client=frozenset({"evalsha", "eval", "script|load", "subscribe"}), scripted=None
 )
 
 Acquire = Callable[[], Callable[[], Any]]
@@ -314,17 +324,43 @@ def run_interleaved(env: BenchEnv, tag: str, contenders: list[Contender], plan: 
     return summaries
 
 
-def detail_rows(summaries: dict[str, Summary]) -> list[list[str]]:
+def detail_rows(summaries: dict[str, Summary]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a contended benchmark's detail table (handoff only for a mutex)."""
+    handoff = any(not math.isnan(s.handoff_p50) for s in summaries.values())
+    headers = ["contender", "grants/s", "wait p50", "max wait", "worst max"]
+    headers += ["handoff p50", "p90"] if handoff else []
+    headers += ["max/min", "RT/grant", "overlaps", "hung"]
     rows = []
     for s in summaries.values():
-        rows.append([
-            s.label, f"{s.rate:,.0f}", fmt_ms(s.wait_p50), fmt_ms(s.wait_max), fmt_ms(s.wait_worst),
-            fmt_us(s.handoff_p50), fmt_us(s.handoff_p90), fmt_num(s.fairness), fmt_num(s.trips),
-            str(s.overlaps), str(s.hung),
-        ])
-    return rows
+        row = [s.label, f"{s.rate:,.0f}", fmt_ms(s.wait_p50), fmt_ms(s.wait_max),
+               fmt_ms(s.wait_worst)]
+        row += [fmt_us(s.handoff_p50), fmt_us(s.handoff_p90)] if handoff else []
+        row += [fmt_num(s.fairness), fmt_num(s.trips), str(s.overlaps), str(s.hung)]
+        rows.append(row)
+    return headers, rows
 
 
-DETAIL_HEADERS = ["contender", "grants/s", "wait p50", "max wait", "worst max", "handoff p50",
-                  "p90", "max/min",
-                  "RT/grant", "overlaps", "hung"]
+def contended_targets(result: SectionResult, scope: str, runs: dict[str, Summary], ours: str,
+                      floor: str, floor_name: str, peers: tuple[str, ...]) -> None:
+    """The verdict lines shared by every contended benchmark, and notes on anomalies."""
+    ours_s, floor_s = runs[ours], runs[floor]
+    result.targets += [
+        at_least(f"{scope}: throughput vs floor", ours_s.rate, floor_s.rate, floor_name, 0.90),
+        at_most(f"{scope}: max wait", ours_s.wait_max * 1000, 30.0, "{:.1f} ms",
+                f"worst round {ours_s.wait_worst * 1000:.1f} ms"),
+        at_most(f"{scope}: fairness max/min", ours_s.fairness, 2.0, "{:.2f}",
+                f"{floor_name} {fmt_num(floor_s.fairness)}"),
+        at_most(f"{scope}: round trips/grant", ours_s.trips, 3.0, "{:.2f}",
+                f"{floor_name} {fmt_num(floor_s.trips)}"),
+        at_most(f"{scope}: overlapping holders", float(ours_s.overlaps), 0.0, "{:.0f}",
+                "all rounds"),
+    ]
+    for peer in peers:
+        result.targets.append(info(f"{scope}: vs {peer}", ours_s.rate, runs[peer].rate, peer))
+    for s in runs.values():
+        if s.unexpected:
+            result.notes.append(f"{scope} {s.label}: unexpected commands counted as round trips: "
+                                + ", ".join(f"{k} x{v}" for k, v in sorted(s.unexpected.items())))
+        if s.hung:
+            result.notes.append(f"{scope} {s.label}: {s.hung} worker(s) never finished "
+                                f"(abandoned after the grace period)")

@@ -25,7 +25,6 @@ from .common import (
     CommandProfile,
     SectionResult,
     at_least,
-    at_most,
     command_calls,
     count_calls,
     fmt_num,
@@ -33,7 +32,15 @@ from .common import (
     median,
     rotated,
 )
-from .contention import DETAIL_HEADERS, Contender, Plan, Summary, detail_rows, run_interleaved
+from .contention import (
+    OURS_PROFILE,
+    Contender,
+    Plan,
+    contended_targets,
+    detail_rows,
+    run_interleaved,
+)
+from .floors import BLPOP_PROFILE, SETDEL_PROFILE, set_del_cycle
 
 LEASE = 30.0
 THREADS, PROCESSES, HOLD = 8, 4, 0.001
@@ -41,13 +48,6 @@ WARMUP, WINDOW = 0.3, 2.0  # seconds per contended run (times BENCH_SCALE)
 UNCONTENDED_CYCLES = 2000  # per contender per round (not scaled: a round is ~0.2 s)
 UNCONTENDED_ROUNDS = 7
 
-OURS_PROFILE = CommandProfile(
-    client=frozenset({"evalsha", "eval", "script|load", "subscribe"}),
-    scripted=frozenset({"get", "set", "incr", "llen", "lindex", "hget", "hset", "hdel", "lpop",
-                        "rpush", "lrem", "publish", "pttl", "time", "del", "pexpire"}),
-)
-SETDEL_PROFILE = CommandProfile(client=frozenset({"set", "del"}))
-BLPOP_PROFILE = CommandProfile(client=frozenset({"blpop", "lpush"}))
 REDISPY_PROFILE = CommandProfile(
     client=frozenset({"set", "evalsha", "script|load"}), scripted=frozenset({"get", "del"})
 )
@@ -76,19 +76,6 @@ def ours(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
     return acquire
 
 
-def blpop_floor(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
-    def acquire() -> Callable[[], Any]:
-        token = client.blpop([key], 0)[1]
-        return lambda: client.lpush(key, token)
-
-    return acquire
-
-
-def fill_one_token(admin: Any, key: str) -> None:
-    admin.delete(key)
-    admin.lpush(key, "t")
-
-
 def redispy_lock(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
     def acquire() -> Callable[[], Any]:
         lock = client.lock(key)
@@ -110,8 +97,8 @@ def python_redis_lock(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
 
 
 CONTENDED = [
-    Contender("BLPOP token (floor)", "bench.mutex_bench:blpop_floor", BLPOP_PROFILE,
-              prepare="bench.mutex_bench:fill_one_token"),
+    Contender("BLPOP token (floor)", "bench.floors:blpop_tokens", BLPOP_PROFILE,
+              prepare="bench.floors:one_token"),
     Contender("ours", "bench.mutex_bench:ours", OURS_PROFILE),
     Contender("redis-py Lock", "bench.mutex_bench:redispy_lock", REDISPY_PROFILE),
     Contender("python-redis-lock", "bench.mutex_bench:python_redis_lock", PRL_PROFILE),
@@ -120,14 +107,6 @@ FLOOR, OURS, REDISPY, PRL = (c.label for c in CONTENDED)
 
 
 # --- uncontended: one thread, acquire + release in a loop -------------------------------------
-
-
-def _cycle_setdel(client: Any, key: str) -> Callable[[], None]:
-    def cycle() -> None:
-        client.set(key, "owner", nx=True, px=30000)
-        client.delete(key)
-
-    return cycle
 
 
 def _cycle_from(factory: Callable[[Any, str], Callable[[], Callable[[], Any]]]) -> Any:
@@ -139,7 +118,7 @@ def _cycle_from(factory: Callable[[Any, str], Callable[[], Callable[[], Any]]]) 
 
 
 UNCONTENDED: list[tuple[str, Any, CommandProfile]] = [
-    ("SET NX PX + DEL (floor)", _cycle_setdel, SETDEL_PROFILE),
+    ("SET NX PX + DEL (floor)", set_del_cycle, SETDEL_PROFILE),
     ("ours", _cycle_from(ours), OURS_PROFILE),
     ("redis-py Lock", _cycle_from(redispy_lock), REDISPY_PROFILE),
     ("python-redis-lock", _cycle_from(python_redis_lock), PRL_PROFILE),
@@ -173,31 +152,6 @@ def _uncontended(env: BenchEnv, log: Callable[[str], None]) -> dict[str, tuple[f
     return {label: (median(rates[label]), median(trips[label])) for label in rates}
 
 
-def _contended_targets(result: SectionResult, scope: str, runs: dict[str, Summary]) -> None:
-    ours_s, floor_s = runs[OURS], runs[FLOOR]
-    result.targets += [
-        at_least(f"{scope}: throughput vs floor", ours_s.rate, floor_s.rate, "BLPOP", 0.90),
-        at_most(f"{scope}: max wait", ours_s.wait_max * 1000, 30.0, "{:.1f} ms",
-                f"worst round {ours_s.wait_worst * 1000:.1f} ms"),
-        at_most(f"{scope}: fairness max/min", ours_s.fairness, 2.0, "{:.2f}",
-                f"BLPOP {fmt_num(floor_s.fairness)}"),
-        at_most(f"{scope}: round trips/grant", ours_s.trips, 3.0, "{:.2f}",
-                f"BLPOP {fmt_num(floor_s.trips)}"),
-        at_most(f"{scope}: overlapping holders", float(ours_s.overlaps), 0.0, "{:.0f}",
-                "all rounds"),
-    ]
-    for peer in (REDISPY, PRL):
-        p = runs[peer]
-        result.targets.append(info(f"{scope}: vs {peer}", ours_s.rate, p.rate, peer))
-    for s in runs.values():
-        if s.unexpected:
-            result.notes.append(f"{scope} {s.label}: unexpected commands counted as round trips: "
-                                + ", ".join(f"{k} x{v}" for k, v in sorted(s.unexpected.items())))
-        if s.hung:
-            result.notes.append(f"{scope} {s.label}: {s.hung} worker(s) never finished "
-                                f"(abandoned after the grace period)")
-
-
 def run(env: BenchEnv, log: Callable[[str], None] = print) -> SectionResult:
     result = SectionResult("mutex", "Mutex")
 
@@ -226,8 +180,8 @@ def run(env: BenchEnv, log: Callable[[str], None] = print) -> SectionResult:
         result.tables.append((
             f"{scope} on one lock, {HOLD * 1000:g} ms hold, {env.seconds(WINDOW):g} s window, "
             f"median of {env.rounds} interleaved rounds",
-            DETAIL_HEADERS, detail_rows(runs),
+            *detail_rows(runs),
         ))
-        _contended_targets(result, scope, runs)
+        contended_targets(result, scope, runs, OURS, FLOOR, "BLPOP", (REDISPY, PRL))
     result.notes.append(DETAIL_LEGEND)
     return result
