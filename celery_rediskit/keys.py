@@ -72,6 +72,25 @@ class KeySpace:
         """Grants are published on ``<prefix>:wake:<process id>``: one channel per process."""
         return f"{self.prefix}:wake:"
 
+    def cache_entry(self, name: str) -> str:
+        """Key of cache entry ``name``. Its hash tag is that of the entry's fill lock,
+        ``lock(cache_lock_name(name))``, so one script can store the entry and release the lock."""
+        return f"{self.prefix}:cache:e:{{cache/{resource_key(name)}}}"
+
+    @staticmethod
+    def cache_lock_name(name: str) -> str:
+        """Name of the mutex that single-flights the computation of cache entry ``name``."""
+        return f"cache/{name}"
+
+    @property
+    def cache_tag_prefix(self) -> str:
+        """Tag ``t`` of the cache is the zset ``<cache_tag_prefix>{t}``."""
+        return f"{self.prefix}:cache:t:"
+
+    def cache_pattern(self) -> str:
+        """SCAN pattern matching every cache entry and tag set under this prefix."""
+        return f"{self.prefix}:cache:*"
+
     def lock_pattern(self) -> str:
         """SCAN pattern matching the owner key of every lock under this prefix."""
         return f"{self.prefix}:lock:{{*}}"

@@ -25,7 +25,13 @@ from typing import Any
 
 from ..errors import CacheError, ConfigurationError
 
-__all__ = ["ArgumentEncoder", "UnencodableArgument", "cache_key_for", "encode_value", "function_name"]
+__all__ = [
+    "ArgumentEncoder",
+    "UnencodableArgument",
+    "cache_key_for",
+    "encode_value",
+    "function_name",
+]
 
 
 class UnencodableArgument(CacheError, TypeError):
@@ -102,7 +108,7 @@ def _encode(value: Any, out: list[str], path: str) -> None:  # noqa: C901 - one 
         # Subclasses of the builtins (named tuples, str enums handled above, ...): by type and
         # builtin value, so a subclass never collides with the plain value.
         out.append("y" + _text(f"{kind.__module__}.{kind.__qualname__}"))
-        base = next(b for b in (bool, str, int, float, tuple, list, dict) if isinstance(value, b))
+        base: Any = next(b for b in (str, int, float, tuple, list, dict) if isinstance(value, b))
         _encode(base(value), out, path)
     else:
         raise _Unencodable(path, value)

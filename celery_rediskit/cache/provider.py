@@ -72,9 +72,10 @@ class Claim:
     """The answer of :meth:`CacheProvider.claim`.
 
     ``state`` is ``"hit"`` (``value`` holds the cached value), ``"owner"`` (the caller computes,
-    then calls ``fill`` or ``abandon`` exactly once) or ``"bypass"`` (compute without the
-    cache's coordination: the wait ran out or the backend is unavailable; ``store`` tells
-    whether storing the result is still worth trying).
+    then calls ``fill`` or ``abandon`` exactly once), ``"busy"`` (only with ``wait=0``: another
+    caller computes it now) or ``"bypass"`` (compute without the cache's coordination: the
+    wait ran out or the backend is unavailable; ``store`` tells whether storing the result is
+    still worth trying).
     """
 
     __slots__ = ("key", "state", "value", "handle", "store")
@@ -160,18 +161,19 @@ class CacheProvider(ABC):
     # -- single flight: the default serialises computations within this process --------------
 
     def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
-        """Look ``key`` up; on a miss, become its computer or wait (up to ``wait`` seconds)
-        for the one computing it. ``lease`` (seconds) bounds how long a crashed computer can
-        hold others back (the default implementation is per process and ignores it).
+        """Look ``key`` up; on a miss, become its computer or wait (up to ``wait`` seconds,
+        0 for not at all) for the one computing it. ``lease`` (seconds) bounds how long a
+        crashed computer can hold others back (the default implementation, per process,
+        ignores it).
         """
         value = self.get(key, MISSING)
         if value is not MISSING:
             return Claim(key, "hit", value)
         flights: _Flights = self.__dict__.setdefault("_rediskit_flights", _Flights())
         slot = flights.enter(key)
-        if not slot[0].acquire(timeout=wait):
+        if not (slot[0].acquire(timeout=wait) if wait > 0 else slot[0].acquire(False)):
             flights.leave(key, slot)
-            return Claim(key, "bypass")
+            return Claim(key, "busy" if wait <= 0 else "bypass")
         value = self.get(key, MISSING)
         if value is not MISSING:
             slot[0].release()

@@ -9,10 +9,12 @@ then run code in every reader, so they are refused unless the user opts in with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from kombu.serialization import registry
+from kombu.utils import json as kombu_json
 
 from ..errors import ConfigurationError, SerializationError
 
@@ -62,6 +64,8 @@ class Serializer:
             decoder = registry._decoders.get(content_type)
             if decoder is None:
                 raise ConfigurationError(f"accept: no kombu decoder for {item!r}")
+            if decoder is kombu_json.loads:
+                decoder = _fast_json
             self._decoders[content_type.encode()] = decoder
 
     def dumps(self, value: Any, tags: Iterable[str] = ()) -> bytes:
@@ -75,7 +79,8 @@ class Serializer:
             ) from exc
         if isinstance(payload, str):
             payload = payload.encode(self._encoding if self._encoding != "binary" else "utf-8")
-        return self._header + TAG_SEPARATOR.join(tags).encode() + b"\n" + payload
+        body: bytes = payload
+        return self._header + TAG_SEPARATOR.join(tags).encode() + b"\n" + body
 
     def loads(self, data: bytes) -> Any:
         """Decode a stored entry; ``SerializationError`` if malformed or not accepted."""
@@ -93,10 +98,26 @@ class Serializer:
             raise SerializationError(f"cannot decode a cache entry: {exc}") from exc
 
 
+def _fast_json(payload: bytes) -> Any:
+    """kombu's JSON decoding, without its per-object hook when it cannot apply.
+
+    kombu's hook only rewrites objects ``{"__type__": ..., "__value__": ...}`` (its encoding of
+    datetime, Decimal, UUID, bytes...). A payload that contains neither ``__type__`` nor a
+    ``\\u`` escape (which could spell it) has no such object, so plain ``json.loads`` gives the
+    same result, about twice as fast.
+    """
+    if b"__type__" in payload or b"\\u" in payload:
+        return kombu_json.loads(payload)  # type: ignore[no-untyped-call]
+    return _json_decode(payload.decode())
+
+
+_json_decode = json.JSONDecoder().decode  # what json.loads(str) calls, minus its checks
+
+
 def _serializer_name(item: str) -> str:
     for name, content_type in registry.name_to_type.items():
         if item == content_type:
-            return name
+            return str(name)
     return item
 
 

@@ -1,0 +1,297 @@
+"""``RedisCacheProvider``: a cache shared by every process using the same Redis and prefix.
+
+Keys of entry ``K`` under prefix ``P``: ``P:cache:e:{cache/K}`` holds the entry (its lifetime
+as PX expiry, server clock); the fill lock of ``K`` is the mutex ``cache/K`` (keys
+``P:lock:{cache/K}...``), so entry and lock share a Redis Cluster slot and one script can
+store the one and release the other. Tag ``T`` is the zset ``P:cache:t:{T}`` (see
+``lua/_cache_entry.lua``).
+
+Round trips: a hit is one GET. A miss that computes is GET, then ``cache_claim`` (re-check the
+entry and take the fill lock, in one script), then ``cache_unlock`` (store the value and hand
+the lock to the first waiter, in one script). Waiters queue on the mutex and are woken when it
+is handed to them; they then find the entry and pass the lock on.
+
+Tags and Redis Cluster: an entry's tag sets hash to other slots than the entry, and a script
+may only touch one slot there. Rather than give up atomicity (an entry indexed under some of
+its tags but not others), this provider refuses tags on a ``RedisCluster`` client; untagged
+entries, single-flight and ``clear`` work there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from redis.cluster import RedisCluster
+
+from .._validate import positive_seconds, resource_key, to_ms
+from ..errors import ConfigurationError, LockError, SerializationError
+from ..keys import KeySpace
+from ..mutex import MutexLease
+from ..mutex_redis import WAITER_GRACE_MS, RedisMutexStorage
+from ..renewal import renewer
+from ..scripts import LuaScript, load_script
+from ..wakeup import new_owner_id, process_id, wake_local
+from .breaker import OUTAGE_ERRORS, CircuitBreaker
+from .durations import optional_duration
+from .provider import MISSING, CacheProvider, CacheUnavailable, Claim, check_tags
+from .serializers import Serializer
+
+__all__ = ["RedisCacheProvider"]
+
+log = logging.getLogger("celery_rediskit.cache")
+
+FENCE_TTL_MS = 86_400_000  # a fill lock's fencing counter is dropped a day after its last use
+
+
+def _composed(prefix: str, mutex_script: str) -> LuaScript:
+    """``lua/<prefix>.lua`` followed by the mutex's own script: reuse, not a copy."""
+    source = load_script(prefix).source + "\n" + load_script(mutex_script).source
+    return LuaScript(prefix, source)
+
+
+class _FillLease(MutexLease):
+    """The fill lock held while computing an entry; released by the ``cache_unlock`` script."""
+
+    kind = "cache fill lock"
+
+    def detach(self) -> None:
+        """Stop renewing: the caller releases the lock itself, in a combined script."""
+        self.released = True
+        if self.auto_renew:
+            renewer().unregister(self)
+
+
+class RedisCacheProvider(CacheProvider):
+    """A cache in Redis, shared across processes and restarts.
+
+    ``redis_client`` is a ``redis.Redis`` (or ``RedisCluster``, without tags); ``prefix``
+    (default ``"rediskit"``) starts every key it uses, and ``clear()`` deletes only entries
+    under it. ``serializer`` names a kombu serializer (default ``"json"``); ``accept`` lists
+    the serializers whose entries may be read (default: ``serializer`` only). ``pickle`` and
+    ``yaml`` are refused unless ``allow_unsafe=True``: their loaders run code, so anyone able to
+    write to this Redis could run code in every process reading it.
+
+    During a Redis outage every operation raises :class:`CacheUnavailable` at once (after the
+    first failure, until a background probe every ``cooldown`` seconds finds Redis back);
+    memoised functions then just run. One warning is logged per outage.
+    """
+
+    def __init__(
+        self,
+        redis_client: Any,
+        prefix: str = "rediskit",
+        serializer: str = "json",
+        *,
+        accept: Iterable[str] | None = None,
+        allow_unsafe: bool = False,
+        cooldown: float = 2.0,
+    ) -> None:
+        self.client = redis_client
+        self.keys = KeySpace(prefix)
+        self.serializer = Serializer(serializer, accept=accept, allow_unsafe=allow_unsafe)
+        self.breaker = CircuitBreaker(redis_client.ping, positive_seconds("cooldown", cooldown),
+                                      name=prefix)
+        self.is_cluster = isinstance(redis_client, RedisCluster)
+        self._locks = RedisMutexStorage(redis_client, prefix)
+        self._tag_prefix = self.keys.cache_tag_prefix
+        self._entry_prefix = f"{self.keys.prefix}:cache:e:{{cache/"
+        self._set = load_script("cache_set")
+        self._delete = load_script("cache_delete")
+        self._expire = load_script("cache_expire")
+        self._revalidate = load_script("cache_revalidate")
+        self._claim = _composed("cache_claim", "mutex_acquire")
+        self._unlock = _composed("cache_unlock", "mutex_release")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def entry_key(self, key: str) -> str:
+        """The Redis key holding entry ``key``."""
+        return self._entry_prefix + resource_key(key) + "}"
+
+    def _unavailable(self) -> CacheUnavailable:
+        return CacheUnavailable("Redis is unavailable: the cache is bypassed until it is back")
+
+    def _outage(self, exc: BaseException) -> CacheUnavailable:
+        self.breaker.failure(exc)
+        err = CacheUnavailable(f"Redis is unavailable: {exc}")
+        err.__cause__ = exc
+        return err
+
+    def _check_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
+        tag_list = check_tags(tags)
+        if tag_list and self.is_cluster:
+            raise ConfigurationError(
+                "cache tags are not supported on Redis Cluster: an entry and its tag sets live "
+                "in different slots, which one script cannot update atomically"
+            )
+        return tag_list
+
+    def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        if self.breaker.is_open:
+            raise self._unavailable()
+        try:
+            return script.run(self.client, keys, args)
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+
+    # -- the provider interface -------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self.breaker.is_open:
+            raise self._unavailable()
+        try:
+            data = self.client.execute_command("GET", self._entry_prefix + resource_key(key) + "}")
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+        if data is None:
+            return default
+        return self.serializer.loads(data)
+
+    def set(
+        self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
+    ) -> None:
+        entry = self.entry_key(key)
+        seconds = optional_duration(ttl)
+        payload = self.serializer.dumps(value, self._check_tags(tags))
+        ttl_ms = 0 if seconds is None else to_ms(seconds)
+        self._run(self._set, [entry], [payload, ttl_ms, self._tag_prefix])
+
+    def delete(self, key: str) -> bool:
+        return bool(self._run(self._delete, [self.entry_key(key)], [self._tag_prefix]))
+
+    def exists(self, key: str) -> bool:
+        entry = self.entry_key(key)
+        if self.breaker.is_open:
+            raise self._unavailable()
+        try:
+            return bool(self.client.exists(entry))
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+
+    def expire(self, key: str, ttl: float | str | None) -> bool:
+        seconds = optional_duration(ttl)
+        ttl_ms = 0 if seconds is None else to_ms(seconds)
+        return bool(self._run(self._expire, [self.entry_key(key)], [ttl_ms, self._tag_prefix]))
+
+    def ttl(self, key: str) -> float | None:
+        """Remaining lifetime of ``key`` in seconds; None if it has no expiry or is absent."""
+        if self.breaker.is_open:
+            raise self._unavailable()
+        try:
+            pttl = int(self.client.pttl(self.entry_key(key)))
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+        return pttl / 1000 if pttl >= 0 else None
+
+    def clear(self) -> int:
+        """Delete every cache entry and tag set under this prefix (SCAN, never KEYS/FLUSH*).
+
+        Fill locks are left alone: they belong to computations in flight and expire by
+        themselves.
+        """
+        if self.breaker.is_open:
+            raise self._unavailable()
+        count = 0
+        try:
+            batch: list[Any] = []
+            for key in self.client.scan_iter(match=self.keys.cache_pattern(), count=1000):
+                if self.is_cluster:  # keys of many slots: one at a time
+                    count += int(self.client.unlink(key))
+                    continue
+                batch.append(key)
+                if len(batch) >= 500:
+                    count += int(self.client.unlink(*batch))
+                    batch = []
+            if batch:
+                count += int(self.client.unlink(*batch))
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+        return count
+
+    def revalidate_tag(self, tag: str) -> int:
+        (tag,) = self._check_tags((tag,))
+        key = f"{self._tag_prefix}{{{tag}}}"
+        return int(self._run(self._revalidate, [key], [self._tag_prefix]))
+
+    # -- single flight across processes ---------------------------------------------------------
+
+    def _lock_keys(self, key: str) -> tuple[str, list[str]]:
+        name = self.keys.cache_lock_name(key)
+        return name, [*self.keys.lock(name).as_list(), self.entry_key(key)]
+
+    def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
+        lease = positive_seconds("lease", lease)
+        name, keys = self._lock_keys(key)
+        owner = new_owner_id()
+        args = [owner, to_ms(lease), "0", WAITER_GRACE_MS, self.keys.wake_channel_prefix,
+                FENCE_TTL_MS]
+        try:
+            result = self._run(self._claim, keys, args)
+        except CacheUnavailable:
+            return Claim(key, "bypass", store=False)
+        if isinstance(result, bytes):
+            return self._hit(key, result)
+        if int(result) >= 1:
+            return self._owned(key, name, owner, lease, int(result))
+        if wait <= 0:
+            return Claim(key, "busy")
+        try:
+            token = self._locks.acquire(name, owner, lease, wait)
+        except LockError:  # LockTimeout: the computer takes too long; compute ourselves
+            return Claim(key, "bypass")
+        except OUTAGE_ERRORS as exc:
+            self.breaker.failure(exc)
+            return Claim(key, "bypass", store=False)
+        claim = self._owned(key, name, owner, lease, token)
+        try:
+            value = self.get(key, MISSING)
+        except SerializationError:
+            value = MISSING
+        except CacheUnavailable:
+            claim.handle.detach()
+            return Claim(key, "bypass", store=False)
+        if value is MISSING:
+            return claim  # the computer failed or died: our turn
+        self.abandon(claim)
+        return Claim(key, "hit", value)
+
+    def _hit(self, key: str, data: bytes) -> Claim:
+        try:
+            return Claim(key, "hit", self.serializer.loads(data))
+        except SerializationError as exc:
+            log.warning("rediskit cache: entry %r unreadable, recomputing: %s", key, exc)
+            return Claim(key, "bypass")
+
+    def _owned(self, key: str, name: str, owner: str, lease: float, token: int) -> Claim:
+        held = _FillLease(self._locks, name, owner, lease, fencing_token=token)
+        held.start_renewal()
+        return Claim(key, "owner", handle=held)
+
+    def fill(
+        self, claim: Claim, value: Any, ttl: float | str | None, tags: Iterable[str] = ()
+    ) -> None:
+        try:
+            seconds = optional_duration(ttl)
+            payload = self.serializer.dumps(value, self._check_tags(tags))
+        except BaseException:
+            self.abandon(claim)
+            raise
+        self._finish(claim, [b"1", payload, 0 if seconds is None else to_ms(seconds)])
+
+    def abandon(self, claim: Claim) -> None:
+        self._finish(claim, [b"0", b"", 0])
+
+    def _finish(self, claim: Claim, store: list[Any]) -> None:
+        held = claim.handle
+        if not isinstance(held, _FillLease):
+            return
+        claim.handle = None
+        held.detach()
+        _name, keys = self._lock_keys(claim.key)
+        args = [held.owner, self.keys.wake_channel_prefix, process_id(), "0", *store,
+                self._tag_prefix]
+        result = self._run(self._unlock, keys, args)
+        if isinstance(result, (bytes, str)):
+            wake_local(result)  # the next waiter is a thread of this process
