@@ -87,10 +87,13 @@ class Lease:
         """Give the lease back (idempotent). True if this call released a lease still held."""
         if self.released:
             return False
-        self.released = True
         if self.auto_renew:
             renewer().unregister(self)
-        return self.storage.release(self.key, self.owner)
+        # If Redis is unreachable this raises and the lease simply runs out; release() may be
+        # called again.
+        held = self.storage.release(self.key, self.owner)
+        self.released = True
+        return held
 
     def _mark_lost(self, reason: str) -> None:
         if self.lost:

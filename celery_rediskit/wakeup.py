@@ -146,12 +146,16 @@ class WakeupHub:
             confirmed = self._confirmed.get(channel)
             if confirmed is None:
                 confirmed = self._confirmed[channel] = threading.Event()
-                if self._pubsub is None:
-                    client = self._client()
-                    if client is None:
-                        raise redis.ConnectionError("the Redis client was discarded")
-                    self._pubsub = client.pubsub()
-                self._pubsub.subscribe(channel)
+                try:
+                    if self._pubsub is None:
+                        client = self._client()
+                        if client is None:
+                            raise redis.ConnectionError("the Redis client was discarded")
+                        self._pubsub = client.pubsub()
+                    self._pubsub.subscribe(channel)
+                except BaseException:
+                    del self._confirmed[channel]  # the next caller tries again
+                    raise
                 if self._thread is None:
                     self._thread = threading.Thread(
                         target=self._listen, name="rediskit-wakeup", daemon=True
