@@ -378,3 +378,20 @@ def _no_stray_leases() -> Iterator[None]:
         lease_release = getattr(lease, "release", None)
         if lease_release:
             lease_release()
+
+
+def test_an_outage_marks_held_leases_lost_and_new_locks_work_after_it(
+    private_server: object, prefix: str
+) -> None:
+    server = private_server
+    c = redis.Redis.from_url(server.url, socket_connect_timeout=0.2)  # type: ignore[attr-defined]
+    lost = threading.Event()
+    mutex = create_mutex(lease=0.6, storage=RedisMutexStorage(c, prefix=prefix),
+                         on_lost=lambda lease, reason: lost.set())
+    lease = mutex.acquire("res")
+    server.stop()  # type: ignore[attr-defined]
+    assert lost.wait(5), "a lease that can't be renewed must be reported lost"
+    assert lease.lost
+    server.start()  # type: ignore[attr-defined]
+    with mutex.lock("res", timeout=5) as again:
+        assert again.fencing_token >= 1 and not again.lost
