@@ -45,6 +45,8 @@ class CircuitBreaker:
         self._open = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._closed.set()
         self.outages = 0  # number of outages seen (observable in tests)
         self.opened_at: float | None = None
 
@@ -62,6 +64,7 @@ class CircuitBreaker:
             if self._open:
                 return
             self._open = True
+            self._closed.clear()
             self.outages += 1
             self.opened_at = time.monotonic()
         log.warning(
@@ -82,10 +85,15 @@ class CircuitBreaker:
                 continue
             with self._lock:
                 self._open = False
+                self._closed.set()
             took = time.monotonic() - (self.opened_at or time.monotonic())
             log.info("rediskit cache%s: Redis reachable again after %.1f s",
                      f" {self.name}" if self.name else "", took)
             return
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until no outage is known (or ``timeout`` seconds pass); True if closed."""
+        return self._closed.wait(timeout)
 
     def probe_now(self) -> None:
         """Have the probing thread try at once (no effect when closed)."""

@@ -110,7 +110,7 @@ def revalidate_tag(tag: str, provider: CacheProvider | None = None) -> int:
 
     Uses the process-wide provider unless ``provider`` is given; returns the number dropped.
     """
-    return (provider or get_cache_provider()).revalidate_tag(tag)
+    return (get_cache_provider() if provider is None else provider).revalidate_tag(tag)
 
 
 class _Policy:
@@ -170,6 +170,12 @@ class _Policy:
 
 
 _UNAVAILABLE: Any = object()
+
+
+def _provider_of(policy: _Policy) -> CacheProvider:
+    # Not ``policy.provider or ...``: an empty MemoryCacheProvider is falsy (it has __len__).
+    return get_cache_provider() if policy.provider is None else policy.provider
+
 _SCALARS = frozenset({str, int, bool, bytes, type(None)})  # not float: 0.0 == -0.0
 _KEY_MEMO_SIZE = 4096
 
@@ -182,7 +188,7 @@ def _run_sync(
     value: Any = None,
 ) -> R:
     if provider is None:
-        provider = policy.provider or get_cache_provider()
+        provider = _provider_of(policy)
         value = policy.lookup(provider, key)
     if value is _UNAVAILABLE:
         return _computed(policy, compute)
@@ -218,7 +224,7 @@ def _computed(policy: _Policy, compute: Callable[[], R]) -> R:
 async def _run_async(
     policy: _Policy, key: str, compute: Callable[[], Awaitable[R]]
 ) -> R:
-    provider = policy.provider or get_cache_provider()
+    provider = _provider_of(policy)
     value = policy.lookup(provider, key)
     comp = _Computation(policy.ttl, policy.tags)
     if value is _UNAVAILABLE:
@@ -300,7 +306,7 @@ class CachedFunction(Generic[P, R]):
     @property
     def provider(self) -> CacheProvider:
         """The provider this function uses (its own, else the process-wide one)."""
-        return self._policy.provider or get_cache_provider()
+        return _provider_of(self._policy)
 
     @property
     def ttl(self) -> float:
@@ -343,7 +349,7 @@ class CachedFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._key(args, kwargs)
         policy = self._policy
-        provider = policy.provider or get_cache_provider()
+        provider = _provider_of(policy)
         value = policy.lookup(provider, key)  # the hit path: one GET
         if value is not MISSING and value is not _UNAVAILABLE:
             return value  # type: ignore[no-any-return]
