@@ -1,0 +1,109 @@
+"""Options are checked where the task is decorated, with a message naming option and form."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu.utils.json import dumps, loads
+
+from celery_rediskit import ConfigurationError
+from celery_rediskit.integration import RedisKit, RedisKitTask, SingletonTask
+from celery_rediskit.integration.options import parse_policy
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"concurrency_limit": "db"}, ["concurrency_limit", "'db:5'"]),
+        ({"concurrency_limit": "db:0"}, ["concurrency_limit", "name:permits"]),
+        ({"concurrency_limit": "db:x"}, ["concurrency_limit", "name:permits"]),
+        ({"concurrency_limit": "tenant:{tenant}:2"}, ["concurrency_limit", "'tenant'"]),
+        ({"singleton": True, "on_locked": "wait"}, ["on_locked", "'retry'", "'skip'"]),
+        ({"singleton": True, "singleton_scope": "all"}, ["singleton_scope", "'queued'"]),
+        ({"singleton": True, "singleton_key": ("nope",)}, ["singleton_key", "'nope'"]),
+        ({"concurrency_limit": "db:2", "on_limited": "skip"}, ["on_limited", "'wait'"]),
+        ({"cache_ttl": "5 minutes"}, ["cache_ttl", "'5m'"]),
+        ({"cache_ttl": 0}, ["cache_ttl"]),
+        ({"cache_ttl": 60, "cache_tags": ["user:{missing}"]}, ["cache_tags", "'missing'"]),
+    ],
+)
+def test_invalid_option_fails_at_decoration(redis_url: str, prefix: str,
+                                            options: dict[str, Any], words: list[str]) -> None:
+    app = Celery("opts", broker=redis_url, set_as_current=False)
+    RedisKit(app, prefix=prefix)
+    with pytest.raises(ConfigurationError) as info:
+
+        @app.task(shared=False, **options)
+        def job(tenant_id: int, user_id: int = 0) -> None: ...
+
+    for word in words:
+        assert word in str(info.value)
+    assert "job" in str(info.value)
+
+
+def test_valid_options_reach_the_task_class(redis_url: str, prefix: str) -> None:
+    app = Celery("opts", broker=redis_url, set_as_current=False)
+    RedisKit(app, prefix=prefix)
+
+    @app.task(shared=False, concurrency_limit=["tenant:{tenant_id}:2", "db:5"], cache_ttl="5m")
+    def job(tenant_id: int) -> None: ...
+
+    @app.task(shared=False, base=SingletonTask, bind=True)
+    def single(self: Any, x: int) -> None: ...
+
+    task = app.tasks[job.name]
+    assert isinstance(task, RedisKitTask)
+    policy = task._rk_policy
+    assert policy.cache_ttl == 300.0
+    assert policy.limit_names({"tenant_id": 7}) == [("db", 5), ("tenant:7", 2)]
+    assert app.tasks[single.name]._rk_policy.singleton
+
+
+def test_url_defaults_to_redis_broker_else_names_the_setting(redis_url: str) -> None:
+    app = Celery("u", broker=redis_url, set_as_current=False)
+    assert RedisKit(app).settings.url == redis_url
+    other = Celery("u2", broker="amqp://guest@localhost//", set_as_current=False)
+    with pytest.raises(ConfigurationError, match="rediskit_url"):
+        RedisKit(other)
+
+
+def test_django_style_settings(redis_url: str) -> None:
+    class DjangoSettings:
+        CELERY_BROKER_URL = "amqp://guest@localhost//"
+        CELERY_REDISKIT_URL = redis_url
+        CELERY_REDISKIT_PREFIX = "django-app"
+        CELERY_REDISKIT_LEASE = 7
+
+    app = Celery("dj", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    settings = RedisKit(app).settings
+    assert (settings.url, settings.prefix, settings.lease) == (redis_url, "django-app", 7)
+
+
+def test_keys_equal_at_enqueue_and_in_the_worker() -> None:
+    """Tuples, UUIDs, datetimes and keywords: the caller's values and the values the worker
+    decodes from the message (kombu JSON turns tuples into lists) give the same key."""
+
+    def job(pair: tuple[int, int], when: dt.datetime, uid: uuid.UUID, *, opt: Any = None) -> None:
+        ...
+
+    policy = parse_policy({"singleton": True}, job, False)
+    args = ((1, 2), dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC), uuid.uuid4())
+    kwargs = {"opt": {"b": (3,), "a": 1}}
+    wire = loads(dumps({"args": args, "kwargs": kwargs}))
+    assert isinstance(wire["args"][0], list)
+
+    def name(a: Any, k: Any) -> str:
+        return policy.singleton_name("t", policy.bind(a, k), a, k)
+
+    assert name(args, kwargs) == name(wire["args"], wire["kwargs"])
+    # positional and keyword spellings of one call, and an omitted default, are one key
+    p2 = parse_policy({"singleton": True}, lambda a, b=2: None, False)
+    one = p2.singleton_name("t", p2.bind((1,), {}), (1,), {})
+    assert one == p2.singleton_name("t", p2.bind((), {"a": 1, "b": 2}), (), {"a": 1, "b": 2})
+    assert json.dumps(1)  # keep json import meaningful for readers of the wire format
