@@ -1,0 +1,86 @@
+"""The app run by real ``celery worker -P prefork`` subprocesses in the crash tests.
+
+``build(url, prefix, lease)`` defines the app and its tasks; the worker imports this module
+with ``RK_URL``/``RK_PREFIX``/``RK_LEASE`` in its environment, the test builds the same app
+to send tasks and read results. Task bodies report to Redis (``Probe``), since they run in
+other processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_rediskit.integration import RedisKit
+
+try:
+    from .probe import Probe
+except ImportError:  # imported by the worker as a top-level module
+    from probe import Probe  # type: ignore[no-redef]
+
+
+def build(url: str, prefix: str, lease: float) -> Celery:
+    app = Celery(f"prefork-{prefix}", broker=url, backend=url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=f"q-{prefix}",
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=1,
+        result_expires=600,
+    )
+    RedisKit(app, prefix=prefix, lease=lease, retry_delay=0.1)
+    client = redis.Redis.from_url(url)
+
+    def probe(name: str) -> Probe:
+        return Probe(client, f"{prefix}:probe:{name}")
+
+    @app.task(name="single", singleton=True, singleton_key=("run",))
+    def single(run: str, seconds: float = 0.0) -> int:
+        p = probe(run)
+        p.enter()
+        client.set(f"{prefix}:pid:{run}", os.getpid())
+        time.sleep(seconds)
+        p.exit()
+        return os.getpid()
+
+    @app.task(name="single_queued", singleton=True, singleton_scope="queued",
+              singleton_key=("run",))
+    def single_queued(run: str, seconds: float = 0.0) -> int:
+        p = probe(run)
+        p.enter()
+        time.sleep(seconds)
+        p.exit()
+        return os.getpid()
+
+    @app.task(name="limited", concurrency_limit="db-{run}:3")
+    def limited(run: str, i: int, seconds: float = 0.0) -> int:
+        p = probe(run)
+        p.enter()
+        client.set(f"{prefix}:pid:{run}", os.getpid())
+        time.sleep(seconds)
+        p.exit()
+        return i
+
+    @app.task(name="plain")
+    def plain(x: Any) -> Any:
+        return x
+
+    @app.task(name="hard_limited", singleton=True, singleton_key=("run",), time_limit=1)
+    def hard_limited(run: str) -> None:
+        probe(run).enter()
+        time.sleep(30)
+
+    @app.task(name="soft_limited", singleton=True, singleton_key=("run",),
+              soft_time_limit=0.5)
+    def soft_limited(run: str) -> None:
+        probe(run).enter()
+        time.sleep(30)
+
+    return app
+
+
+if os.environ.get("RK_URL"):
+    app = build(os.environ["RK_URL"], os.environ["RK_PREFIX"], float(os.environ["RK_LEASE"]))
