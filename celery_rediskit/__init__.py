@@ -6,6 +6,22 @@ The primitives here (mutex, semaphore, cache, lease renewal, wake-ups) know noth
 
 from __future__ import annotations
 
+from .cache import (
+    MISSING,
+    CachedFunction,
+    CacheProvider,
+    CacheUnavailable,
+    MemoryCacheProvider,
+    RedisCacheProvider,
+    cache_key_for,
+    cache_life,
+    cache_tag,
+    cached,
+    compute_cached,
+    get_cache_provider,
+    revalidate_tag,
+    set_cache_provider,
+)
 from .errors import (
     AcquireAborted,
     CacheError,
@@ -52,4 +68,18 @@ __all__ = [
     "SerializationError",
     "create_mutex",
     "create_semaphore",
+    "MISSING",
+    "CacheProvider",
+    "CachedFunction",
+    "CacheUnavailable",
+    "MemoryCacheProvider",
+    "RedisCacheProvider",
+    "cache_key_for",
+    "cache_life",
+    "cache_tag",
+    "cached",
+    "compute_cached",
+    "get_cache_provider",
+    "revalidate_tag",
+    "set_cache_provider",
 ]
