@@ -27,7 +27,7 @@ from ..mutex_redis import RedisMutexStorage
 from ..semaphore import Semaphore, create_semaphore
 from ..semaphore_redis import RedisSemaphoreStorage
 from .claims import ClaimStore, Releaser
-from .options import parse_policy
+from .options import TaskPolicy, digest, parse_policy, safe_name
 from .settings import Settings, read_settings
 from .signals import lease_lost
 
@@ -59,6 +59,7 @@ class Runtime:
         }
         # lease owner id -> (task, task id): who to tell when the renewer finds a lease lost
         self.owners: dict[str, tuple[Any, str]] = {}
+        self._cache: Any = None
 
     def semaphore(self, permits: int) -> Semaphore:
         sem = self._semaphores.get(permits)
@@ -77,18 +78,52 @@ class Runtime:
         )
         lease_lost.send(sender=task, task_id=task_id, lease=lease, reason=reason)
 
-    # -- cached results (filled in when the cache provider lands) -----------------------
-    def cache_lookup(self, task: Any, policy: Any, arguments: Any, args: Any,
+    # -- cached results --------------------------------------------------------------------
+    @property
+    def cache(self) -> Any:
+        """The app's ``RedisCacheProvider`` (results stored with the ``json`` serializer)."""
+        provider = self._cache
+        if provider is None:
+            from ..cache import RedisCacheProvider
+
+            provider = self._cache = RedisCacheProvider(self.client, prefix=self.settings.prefix)
+        return provider
+
+    @staticmethod
+    def cache_name(task: Any, policy: TaskPolicy, arguments: Any, args: Any,
+                   kwargs: Any) -> str:
+        return f"task:{safe_name(task.name)}:{digest(policy.cache_data(arguments, args, kwargs))}"
+
+    def cache_lookup(self, task: Any, policy: TaskPolicy, arguments: Any, args: Any,
                      kwargs: Any) -> tuple[bool, Any]:
-        return False, None
+        """(True, value) when the call's result is cached. An outage counts as a miss."""
+        from ..cache import MISSING, CacheUnavailable
 
-    def cache_store(self, task: Any, policy: Any, arguments: Any, args: Any, kwargs: Any,
-                    value: Any) -> None:
-        return None
+        try:
+            value = self.cache.get(self.cache_name(task, policy, arguments, args, kwargs),
+                                   MISSING)
+        except CacheUnavailable:
+            return False, None
+        except Exception:
+            log.exception("rediskit: reading the cached result of %s failed", task.name)
+            return False, None
+        return (False, None) if value is MISSING else (True, value)
 
-    def cache_invalidate(self, task: Any, policy: Any, arguments: Any, args: Any,
+    def cache_store(self, task: Any, policy: TaskPolicy, arguments: Any, args: Any,
+                    kwargs: Any, value: Any) -> None:
+        from ..cache import CacheUnavailable
+
+        try:
+            self.cache.set(self.cache_name(task, policy, arguments, args, kwargs), value,
+                           policy.cache_ttl, tags=policy.tags(arguments))
+        except CacheUnavailable:
+            pass
+        except Exception:
+            log.exception("rediskit: caching the result of %s failed", task.name)
+
+    def cache_invalidate(self, task: Any, policy: TaskPolicy, arguments: Any, args: Any,
                          kwargs: Any) -> bool:
-        return False
+        return bool(self.cache.delete(self.cache_name(task, policy, arguments, args, kwargs)))
 
     def release_task(self, task_id: str) -> int:
         """Release everything ``task_id`` holds, from any process (owner-checked)."""
