@@ -153,10 +153,17 @@ class SectionResult:
     skipped: str | None = None
 
 
+def paired_ratio(ours: Sequence[float], other: Sequence[float]) -> float:
+    """Median over rounds of ours/other within the same round (drift between rounds cancels)."""
+    return median(o / t for o, t in zip(ours, other, strict=True) if t)
+
+
 def at_least(what: str, ours: float, other: float, other_name: str, floor: float,
-             unit: str = "/s", strict: bool = False) -> Target:
-    """Target: ``ours / other >= floor`` (``>`` when ``strict``)."""
-    ratio = ours / other if other else math.nan
+             unit: str = "/s", strict: bool = False, ratio: float | None = None) -> Target:
+    """Target: ``ours / other >= floor`` (``>`` when ``strict``); ``ratio`` if given is used
+    instead of ours/other (the paired per-round ratio)."""
+    if ratio is None:
+        ratio = ours / other if other else math.nan
     ok = ratio > floor if strict else ratio >= floor
     return Target(what, f"{ours:,.0f}{unit}", f"{other_name} {other:,.0f}{unit}", ratio,
                   f"{'>' if strict else '>='} {floor:.2f}x", bool(ok))
@@ -168,8 +175,10 @@ def at_most(what: str, ours: float, limit: float, fmt: str, other: str = "") -> 
     return Target(what, fmt.format(ours), other, None, "<= " + fmt.format(limit), ok)
 
 
-def info(what: str, ours: float, other: float, other_name: str, unit: str = "/s") -> Target:
-    ratio = ours / other if other else math.nan
+def info(what: str, ours: float, other: float, other_name: str, unit: str = "/s",
+         ratio: float | None = None) -> Target:
+    if ratio is None:
+        ratio = ours / other if other else math.nan
     return Target(what, f"{ours:,.0f}{unit}", f"{other_name} {other:,.0f}{unit}", ratio, "info",
                   None)
 
@@ -216,6 +225,7 @@ def fmt_num(value: float, digits: int = 2) -> str:
 
 
 DETAIL_LEGEND = (
+    "ratios are medians over rounds of ours/theirs within one round; "
     "grants/s: grants in the window per second; wait: request to grant (p50; max = median over "
     "rounds of each round's longest, worst max = longest of all rounds); handoff: from the "
     "holder's release call to the next holder's grant (p50, p90; mutex only); max/min: per-worker "

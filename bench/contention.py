@@ -40,6 +40,7 @@ from .common import (
     fmt_us,
     info,
     median,
+    paired_ratio,
     percentile,
     rotated,
 )
@@ -345,7 +346,8 @@ def contended_targets(result: SectionResult, scope: str, runs: dict[str, Summary
     """The verdict lines shared by every contended benchmark, and notes on anomalies."""
     ours_s, floor_s = runs[ours], runs[floor]
     result.targets += [
-        at_least(f"{scope}: throughput vs floor", ours_s.rate, floor_s.rate, floor_name, 0.90),
+        at_least(f"{scope}: throughput vs floor", ours_s.rate, floor_s.rate, floor_name, 0.90,
+                 ratio=paired_ratio([r.rate for r in ours_s.runs], [r.rate for r in floor_s.runs])),
         at_most(f"{scope}: max wait", ours_s.wait_max * 1000, 30.0, "{:.1f} ms",
                 f"worst round {ours_s.wait_worst * 1000:.1f} ms"),
         at_most(f"{scope}: fairness max/min", ours_s.fairness, 2.0, "{:.2f}",
@@ -356,7 +358,9 @@ def contended_targets(result: SectionResult, scope: str, runs: dict[str, Summary
                 "all rounds"),
     ]
     for peer in peers:
-        result.targets.append(info(f"{scope}: vs {peer}", ours_s.rate, runs[peer].rate, peer))
+        p = runs[peer]
+        ratio = paired_ratio([r.rate for r in ours_s.runs], [r.rate for r in p.runs])
+        result.targets.append(info(f"{scope}: vs {peer}", ours_s.rate, p.rate, peer, ratio=ratio))
     for s in runs.values():
         if s.unexpected:
             result.notes.append(f"{scope} {s.label}: unexpected commands counted as round trips: "

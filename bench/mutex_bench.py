@@ -30,6 +30,7 @@ from .common import (
     fmt_num,
     info,
     median,
+    paired_ratio,
     rotated,
 )
 from .contention import (
@@ -125,8 +126,10 @@ UNCONTENDED: list[tuple[str, Any, CommandProfile]] = [
 ]
 
 
-def _uncontended(env: BenchEnv, log: Callable[[str], None]) -> dict[str, tuple[float, float]]:
-    """Median cycles/s and round trips per cycle of each contender, rounds interleaved."""
+def _uncontended(
+    env: BenchEnv, log: Callable[[str], None]
+) -> dict[str, tuple[float, float, float]]:
+    """Median cycles/s, round trips per cycle and paired ratio ours/it of each contender."""
     clients = {label: env.client() for label, _, _ in UNCONTENDED}
     cycles = {label: make(clients[label], env.key("u", i)) for i, (label, make, _) in
               enumerate(UNCONTENDED)}
@@ -149,7 +152,9 @@ def _uncontended(env: BenchEnv, log: Callable[[str], None]) -> dict[str, tuple[f
                                 / UNCONTENDED_CYCLES)
         log(f"uncontended round {rnd + 1}/{UNCONTENDED_ROUNDS}: "
             + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()))
-    return {label: (median(rates[label]), median(trips[label])) for label in rates}
+    mine = rates["ours"]
+    return {label: (median(rates[label]), median(trips[label]), paired_ratio(mine, rates[label]))
+            for label in rates}
 
 
 def run(env: BenchEnv, log: Callable[[str], None] = print) -> SectionResult:
@@ -159,17 +164,17 @@ def run(env: BenchEnv, log: Callable[[str], None] = print) -> SectionResult:
     result.tables.append((
         f"uncontended acquire+release, 1 thread, median of {UNCONTENDED_ROUNDS} interleaved rounds",
         ["contender", "cycles/s", "RT/cycle", "ours / it"],
-        [[label, f"{rate:,.0f}", fmt_num(rt), fmt_num(unc["ours"][0] / rate)]
-         for label, (rate, rt) in unc.items()],
+        [[label, f"{rate:,.0f}", fmt_num(rt), fmt_num(ratio)]
+         for label, (rate, rt, ratio) in unc.items()],
     ))
     floor_label = UNCONTENDED[0][0]
     result.targets += [
         at_least("uncontended: vs SET NX PX + DEL", unc["ours"][0], unc[floor_label][0],
-                 "floor", 0.90),
+                 "floor", 0.90, ratio=unc[floor_label][2]),
         at_least("uncontended: vs redis-py Lock", unc["ours"][0], unc["redis-py Lock"][0],
-                 "redis-py", 1.00, strict=True),
+                 "redis-py", 1.00, strict=True, ratio=unc["redis-py Lock"][2]),
         info("uncontended: vs python-redis-lock", unc["ours"][0], unc["python-redis-lock"][0],
-             "p-r-lock"),
+             "p-r-lock", ratio=unc["python-redis-lock"][2]),
     ]
 
     for scope, plan in (
