@@ -53,6 +53,11 @@ SECTIONS: list[Section] = [
         runner="bench.cache_bench:run",
         requires=("celery_rediskit:create_cache",),
     ),
+    Section(
+        "celery", "Celery: plain vs singleton vs limited task throughput; cache hit",
+        runner="bench.celery_bench:run",
+        requires=("celery_rediskit.integration:RedisKit",),
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SECTIONS}

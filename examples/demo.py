@@ -52,6 +52,7 @@ def main() -> None:
 
 def run(url: str) -> None:
     import tasks  # the example app, configured from the environment set above
+
     from celery_rediskit.integration import RedisKit
 
     app = tasks.app

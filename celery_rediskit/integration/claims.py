@@ -23,7 +23,13 @@ class Releaser(Protocol):
 
 
 class ClaimStore:
-    """Task id → claimed (kind, key, owner) in Redis. ``kind`` is ``"m"`` (lock) or ``"s"``."""
+    """Task id → claimed (kind, key, owner), one Redis string per task (one command to write).
+
+    ``kind`` is ``"m"`` (lock) or ``"s"`` (permit). A record is rewritten whole by each
+    writer and expires on its own: a stale record is harmless, since every release it drives
+    is owner-checked. The worker's record of a running task lives ``2 × lease``: past that, a
+    killed task's leases end by expiry anyway (within one lease).
+    """
 
     def __init__(self, client: Any, prefix: str, ttl: float) -> None:
         self.client = client
@@ -33,45 +39,28 @@ class ClaimStore:
     def key(self, task_id: str) -> str:
         return f"{self.prefix}:claims:{task_id}"
 
-    def record(self, task_id: str, kind: str, key: str, owner: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.key(task_id), f"{kind}|{key}", owner)
-        pipe.expire(self.key(task_id), self.ttl)
-        pipe.execute()
-
-    def record_many(self, task_id: str, records: list[tuple[str, str, str]]) -> None:
-        """Record several (kind, key, owner) of ``task_id`` in one round trip."""
-        name = self.key(task_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(name, mapping={f"{kind}|{key}": owner for kind, key, owner in records})
-        pipe.expire(name, self.ttl)
-        pipe.execute()
-
-    def replace(self, task_id: str, records: list[tuple[str, str, str]]) -> None:
-        """Make ``records`` the only claims of ``task_id`` (one round trip)."""
-        name = self.key(task_id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(name)
-        if records:
-            pipe.hset(name, mapping={f"{kind}|{key}": owner for kind, key, owner in records})
-            pipe.expire(name, self.ttl)
-        pipe.execute()
-
-    def forget(self, task_id: str, kind: str, key: str) -> None:
-        self.client.hdel(self.key(task_id), f"{kind}|{key}")
+    def record(self, task_id: str, records: list[tuple[str, str, str]],
+               ttl: float | None = None) -> None:
+        """Make ``records`` the claims of ``task_id`` for ``ttl`` seconds (one command)."""
+        text = "\n".join(f"{kind}|{key}|{owner}" for kind, key, owner in records)
+        seconds = self.ttl if ttl is None else max(1, int(ttl + 0.999))
+        self.client.set(self.key(task_id), text, ex=seconds)
 
     def drop(self, task_id: str) -> None:
         self.client.delete(self.key(task_id))
 
     def held(self, task_id: str) -> list[tuple[str, str, str]]:
         """(kind, key, owner) recorded for ``task_id``."""
-        raw = self.client.hgetall(self.key(task_id))
+        raw = self.client.get(self.key(task_id))
+        if not raw:
+            return []
+        text = raw.decode() if isinstance(raw, bytes) else raw
         out = []
-        for field, owner in raw.items():
-            f = field.decode() if isinstance(field, bytes) else field
-            o = owner.decode() if isinstance(owner, bytes) else owner
-            kind, _, key = f.partition("|")
-            out.append((kind, key, o))
+        for line in text.split("\n"):
+            kind, _, rest = line.partition("|")
+            key, _, owner = rest.rpartition("|")
+            if kind and key:
+                out.append((kind, key, owner))
         return out
 
     def release_all(self, task_id: str, storages: Mapping[str, Releaser]) -> int:

@@ -17,6 +17,7 @@ import decimal
 import hashlib
 import inspect
 import json
+import math
 import re
 import string
 import uuid
@@ -53,7 +54,7 @@ def canonical(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+        return value if math.isfinite(value) else repr(value)
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
     if isinstance(value, Mapping):

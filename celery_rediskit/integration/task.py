@@ -165,7 +165,6 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_leases = held
         request.rediskit_claim = None
         request.rediskit_keep = False
-        request.rediskit_recorded = False
         try:
             if policy.singleton:
                 name = policy.singleton_name(self.name, arguments, args, kwargs)
@@ -194,8 +193,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                            else ("s", lease.key, lease.owner) for lease in held]
                 if claim is not None:
                     records.append(("m", claim.key, claim.owner))
-                rt.claims.record_many(task_id, records)
-                request.rediskit_recorded = True
+                rt.claims.record(task_id, records, 2 * settings.lease)
                 for lease in held:
                     rt.owners[lease.owner] = (self, task_id)
             result = self.run(*args, **kwargs)
@@ -285,23 +283,18 @@ class RedisKitTask(Task):  # type: ignore[misc]
             renewer().unregister(claim)
 
     def _rk_finish(self, rt: Any, request: Any, *, keep_claim: bool) -> None:
-        """End of a run: release everything; a queued claim stays for a re-sent message."""
+        """End of a run: release everything; a queued claim stays for a re-sent message
+        (whose ``apply_async`` has already rewritten the task's claims record)."""
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
-        if not getattr(request, "rediskit_leases", None) and claim is None \
-                and not getattr(request, "rediskit_recorded", False):
+        if not getattr(request, "rediskit_leases", None) and claim is None:
             return
         self._rk_release_leases(rt, request)
-        try:
-            if claim is not None and keep_claim:
-                rt.claims.replace(request.id, [("m", claim.key, claim.owner)])
-            else:
-                if claim is not None:
-                    claim.release()
-                rt.claims.drop(request.id)
-        except Exception:
-            log.exception("rediskit: cleaning the claims of %s failed", request.id)
+        if claim is not None and not keep_claim:
+            try:
+                claim.release()
+            except Exception:
+                log.exception("rediskit: releasing the claim of %s failed", request.id)
         request.rediskit_claim = None
-        request.rediskit_recorded = False
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -367,7 +360,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 return res
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
-        rt.claims.record_many(task_id, [("m", qname, owner)])
+        rt.claims.record(task_id, [("m", qname, owner)], ttl)
         try:
             return super().apply_async(args, kwargs, task_id, **options)
         except BaseException:

@@ -69,7 +69,6 @@ def test_queued_scope_duplicates_get_the_first_id(app, worker, client, prefix) -
         # finished: the claim is gone, so the next call is a new task
         again = job.delay(1)
         assert again.id != first.id and again.get(timeout=WAIT) == 1
-    assert claims_of(app, first.id) == []
 
 
 def test_released_on_success_and_failure(app, worker) -> None:
@@ -87,7 +86,9 @@ def test_released_on_success_and_failure(app, worker) -> None:
         with pytest.raises(ValueError):
             bad.get(timeout=WAIT)
         assert not is_locked(app, lock_name(app, job, True))
-        assert claims_of(app, ok.id) == [] and claims_of(app, bad.id) == []
+        # the record of what each held stays until it expires; releasing by it is a no-op
+        assert RedisKit.of(app).runtime().release_task(ok.id) == 0
+        assert [kind for kind, _, _ in claims_of(app, bad.id)] == ["m"]
 
 
 @pytest.mark.parametrize("scope", ["running", "queued"])
