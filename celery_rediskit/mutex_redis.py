@@ -70,25 +70,20 @@ class RedisMutexStorage(MutexStorage):
         timeout: float | None,
         abort: threading.Event | None = None,
     ) -> int:
-        keys = self._key_list(key)
-        lease_ms = to_ms(lease)
         chan_prefix = self._channel_prefix
-
-        def args(join: bool) -> list[Any]:
-            return [owner, lease_ms, "1" if join else "0", WAITER_GRACE_MS, chan_prefix]
-
-        def cancel(keep: bool) -> int:
-            token = int(self._cancel.run(self.client, keys, [owner]))
-            if token >= 1 and not keep:
-                self.release(key, owner)
-                return 0
-            return token
-
         return acquire_queued(
             kind="lock", key=key, owner=owner, client=self.client, script=self._acquire,
-            keys=keys, args=args, cancel=cancel, channel_prefix=chan_prefix,
-            timeout=timeout, abort=abort,
+            keys=self._key_list(key),
+            argv=[owner, to_ms(lease), "0", WAITER_GRACE_MS, chan_prefix],
+            cancel=self._cancel_wait, channel_prefix=chan_prefix, timeout=timeout, abort=abort,
         )
+
+    def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
+        token = int(self._cancel.run(self.client, self._key_list(key), [owner]))
+        if token >= 1 and not keep:
+            self.release(key, owner)
+            return 0
+        return token
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:
         keys = self._key_list(key)

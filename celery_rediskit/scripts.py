@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 __all__ = ["LuaScript", "load_script"]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
+_PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
 
 
 class LuaScript:
@@ -56,7 +57,16 @@ def _with_libraries(name: str, seen: list[str]) -> None:
 
 @cache
 def load_script(name: str) -> LuaScript:
-    """The script ``lua/<name>.lua`` with its ``-- needs:`` libraries prepended (cached)."""
+    """The script ``lua/<name>.lua`` with its ``-- needs:`` libraries (cached).
+
+    Libraries go where the script has a line ``-- libraries here``, else at the top. Lua
+    creates a script's local functions on every call, so a script can keep its fast path above
+    that line and pay for the libraries only when it gets past it.
+    """
     order: list[str] = []
     _with_libraries(name, order)
-    return LuaScript(name, "\n".join(_read(part) for part in order))
+    libraries = "\n".join(_read(part) for part in order[:-1])
+    body = _read(name)
+    if _PLACE.search(body):
+        return LuaScript(name, _PLACE.sub(lambda _: libraries, body, count=1))
+    return LuaScript(name, "\n".join(filter(None, [libraries, body])))

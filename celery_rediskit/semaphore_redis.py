@@ -66,22 +66,17 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         timeout: float | None,
         abort: threading.Event | None = None,
     ) -> int:
-        keys = self._key_list(key)
-        lease_ms = to_ms(lease)
         chan_prefix = self._channel_prefix
-
-        def args(join: bool) -> list[Any]:
-            return [owner, lease_ms, "1" if join else "0", WAITER_GRACE_MS, chan_prefix, permits]
-
-        def cancel(keep: bool) -> int:
-            held = self._run_release(key, owner, keep=keep)
-            return 1 if keep and held == 2 else 0
-
         return acquire_queued(
             kind="permit", key=key, owner=owner, client=self.client, script=self._acquire,
-            keys=keys, args=args, cancel=cancel, channel_prefix=chan_prefix,
-            timeout=timeout, abort=abort,
+            keys=self._key_list(key),
+            argv=[owner, to_ms(lease), "0", WAITER_GRACE_MS, chan_prefix, permits],
+            cancel=self._cancel_wait, channel_prefix=chan_prefix, timeout=timeout, abort=abort,
         )
+
+    def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
+        held = self._run_release(key, owner, keep=keep)
+        return 1 if keep and held == 2 else 0
 
     def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
         args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import AcquireAborted, LockTimeout
 from .scripts import LuaScript
-from .wakeup import WaitSlot, drop_slot, hub_for, process_id, register_slot
+from .wakeup import WaitSlot, drop_slot, hub_for, register_slot
 
 __all__ = ["acquire_queued", "wait_for_grant"]
 
@@ -31,24 +31,25 @@ def acquire_queued(
     client: Any,
     script: LuaScript,
     keys: list[str],
-    args: Callable[[bool], list[Any]],
-    cancel: Callable[[bool], int],
+    argv: list[Any],
+    cancel: Callable[[str, str, bool], int],
     channel_prefix: str,
     timeout: float | None,
     abort: Event | None,
 ) -> int:
-    """Run an acquire ``script`` (``args(join_queue)`` builds its ARGV) until granted.
+    """Run an acquire ``script`` until granted; ``argv[2]`` is its "join the queue" flag.
 
     The script returns a token (>= 1) when granted, else ``-1 - bound_ms``. ``timeout`` 0
-    means one attempt without queueing (``LockTimeout`` if not granted).
+    means one attempt without queueing (``LockTimeout`` if not granted). ``cancel(key, owner,
+    keep)`` leaves the queue (see :func:`wait_for_grant`).
     """
     hub = hub_for(client)
-    channel = channel_prefix + process_id()
     # Once this process listens for grants, the first attempt already joins the queue (the
     # slot must exist before the script runs, or an instant grant could be missed).
-    slot = register_slot(owner) if timeout != 0 and hub.ready(channel) else None
+    slot = register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
+    argv[2] = "1" if slot is not None else "0"
     try:
-        first = int(script.run(client, keys, args(slot is not None)))
+        first = int(script.run(client, keys, argv))
     except BaseException:
         if slot is not None:
             drop_slot(owner)
@@ -60,13 +61,15 @@ def acquire_queued(
     if timeout == 0:
         raise LockTimeout(f"{kind} {key!r} is not available", key)
     if slot is None:
-        hub.ensure(channel)  # first contention in this process: subscribe, then queue
+        hub.ensure(channel_prefix)  # first contention in this process: subscribe, then queue
 
     def attempt(join: bool) -> int:
-        return int(script.run(client, keys, args(join)))
+        argv[2] = "1" if join else "0"
+        return int(script.run(client, keys, argv))
 
     return wait_for_grant(
-        kind=kind, key=key, owner=owner, attempt=attempt, cancel=cancel,
+        kind=kind, key=key, owner=owner, attempt=attempt,
+        cancel=lambda keep: cancel(key, owner, keep),
         timeout=timeout, abort=abort, slot=slot, first=first if slot else None,
     )
 

@@ -43,7 +43,7 @@ class _ProcessState:
         self.process_id = _make_process_id()
         self.counter = itertools.count(1)
         self.slots: dict[str, WaitSlot] = {}
-        self.hubs: weakref.WeakKeyDictionary[Any, WakeupHub] = weakref.WeakKeyDictionary()
+        self.hubs: dict[int, tuple[weakref.ref[Any], WakeupHub]] = {}
         self.lock = threading.Lock()
 
 
@@ -129,19 +129,22 @@ class WakeupHub:
         # A weak reference: the listener thread must not keep a discarded client alive.
         self._client = weakref.ref(client)
         self._pubsub: Any = None
-        self._subscribed: set[str] = set()
+        self._subscribed: set[str] = set()  # channel prefixes whose channel is confirmed
         self._confirmed: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def ready(self, channel: str) -> bool:
-        """True once ``channel`` is subscribed and confirmed (a set lookup: the hot path)."""
-        return channel in self._subscribed
+    def ready(self, channel_prefix: str) -> bool:
+        """True once this process's channel under ``channel_prefix`` is subscribed and
+        confirmed (a set lookup: the hot path)."""
+        return channel_prefix in self._subscribed
 
-    def ensure(self, channel: str, timeout: float = 5.0) -> None:
-        """Subscribe to ``channel`` (once) and wait until the server confirmed it."""
-        if channel in self._subscribed:
+    def ensure(self, channel_prefix: str, timeout: float = 5.0) -> None:
+        """Subscribe to ``<channel_prefix><process id>`` (once) and wait for the server's
+        confirmation (at most ``timeout`` seconds)."""
+        if channel_prefix in self._subscribed:
             return
+        channel = channel_prefix + process_id()
         with self._lock:
             confirmed = self._confirmed.get(channel)
             if confirmed is None:
@@ -163,7 +166,7 @@ class WakeupHub:
                     self._thread.start()
         if not confirmed.wait(timeout):
             raise redis.ConnectionError(f"no confirmation of SUBSCRIBE {channel} in {timeout}s")
-        self._subscribed.add(channel)
+        self._subscribed.add(channel_prefix)
 
     def _listen(self) -> None:
         pubsub = self._pubsub
@@ -203,11 +206,12 @@ class WakeupHub:
 
 def hub_for(client: Any) -> WakeupHub:
     """The wake-up hub of ``client`` in this process (created on first use)."""
-    state = _state
-    hub = state.hubs.get(client)
-    if hub is None:
-        with state.lock:
-            hub = state.hubs.get(client)
-            if hub is None:
-                hub = state.hubs[client] = WakeupHub(client)
-    return hub
+    # Keyed by id() with a weak reference to check it: a plain dict lookup on the hot path.
+    found = _state.hubs.get(id(client))
+    if found is not None and found[0]() is client:
+        return found[1]
+    with _state.lock:
+        found = _state.hubs.get(id(client))
+        if found is None or found[0]() is not client:
+            found = _state.hubs[id(client)] = (weakref.ref(client), WakeupHub(client))
+        return found[1]

@@ -1,4 +1,4 @@
--- Shared library: the state of one semaphore. Prepended after _waitqueue by scripts.py.
+-- Shared library: the state of one semaphore (included after _waitqueue by scripts.py).
 -- needs: _waitqueue
 -- Keys (all with the semaphore's hash tag):
 --   holders ZSET owner id -> lease end, ms on the server's clock

@@ -1,5 +1,5 @@
 -- Shared library: the FIFO queue of waiters of one lock or semaphore.
--- Prepended by scripts.py to every script whose header says "-- needs: _waitqueue".
+-- Included by scripts.py in every script whose header says "-- needs: _waitqueue".
 --
 -- A queue is two keys with the resource's hash tag:
 --   queue   LIST of waiter ids, oldest first

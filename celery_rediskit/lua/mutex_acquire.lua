@@ -15,16 +15,21 @@
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, lease = ARGV[1], tonumber(ARGV[2])
 
+-- Fast path: nobody queues and the lock is free.
+if redis.call('LLEN', queue) == 0 then
+  if redis.call('SET', lock, owner, 'NX', 'PX', lease) then
+    return redis.call('INCR', fence)
+  end
+end
+
+-- libraries here
+
 local holder = redis.call('GET', lock)
 if holder == owner then
-  return tonumber(redis.call('GET', fence))
+  return tonumber(redis.call('GET', fence))  -- granted to us by a release while we waited
 end
 local now = nil
 if not holder then
-  if redis.call('LLEN', queue) == 0 then
-    redis.call('SET', lock, owner, 'PX', lease)
-    return redis.call('INCR', fence)
-  end
   -- Free, but others queue (e.g. the holder's lease just ended): serve the queue first.
   now = now_ms()
   local head, head_lease = wq_head(queue, waiters, now)

@@ -10,23 +10,30 @@
 --          "<waiter> <token>" when handed to a waiter of the calling process.
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner = ARGV[1]
-
 local holder = redis.call('GET', lock)
+
+-- Fast path: nobody queues (so the caller is not queued either).
+if redis.call('LLEN', queue) == 0 then
+  if not holder or (ARGV[4] ~= '1' and holder ~= owner) then return 0 end
+  redis.call('DEL', lock)
+  return 1
+end
+
+-- libraries here
+
 if ARGV[4] ~= '1' then
   wq_leave(queue, waiters, owner)
   if holder ~= owner then return 0 end
 elseif not holder then
   return 0
 end
-if redis.call('LLEN', queue) > 0 then
-  local w, lease = wq_head(queue, waiters, now_ms())
-  if w then
-    wq_pop(queue, waiters, w)
-    redis.call('SET', lock, w, 'PX', lease)
-    local handed = wq_notify(ARGV[2], ARGV[3], w, redis.call('INCR', fence))
-    if handed then return handed end
-    return 2
-  end
+local w, lease = wq_head(queue, waiters, now_ms())
+if w then
+  wq_pop(queue, waiters, w)
+  redis.call('SET', lock, w, 'PX', lease)
+  local handed = wq_notify(ARGV[2], ARGV[3], w, redis.call('INCR', fence))
+  if handed then return handed end
+  return 2
 end
 redis.call('DEL', lock)
 return 1

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from conftest import run_contenders
 from redis.cluster import key_slot
 
 from celery_rediskit import (
@@ -24,6 +23,7 @@ from celery_rediskit import (
 )
 from celery_rediskit.keys import KeySpace
 from celery_rediskit.renewal import renewer
+from tests.primitives.processes import run_contenders
 
 
 @pytest.fixture(params=["redis", "memory"])
