@@ -48,4 +48,5 @@ def resource_key(value: Any) -> str:
 
 def to_ms(seconds: float) -> int:
     """Seconds (float) to whole milliseconds for Redis, never below 1."""
-    return max(1, int(round(seconds * 1000)))
+    ms = int(seconds * 1000 + 0.5)
+    return ms if ms > 0 else 1

@@ -72,10 +72,9 @@ class RedisMutexStorage(MutexStorage):
     ) -> int:
         chan_prefix = self._channel_prefix
         return acquire_queued(
-            kind="lock", key=key, owner=owner, client=self.client, script=self._acquire,
-            keys=self._key_list(key),
-            argv=[owner, to_ms(lease), "0", WAITER_GRACE_MS, chan_prefix],
-            cancel=self._cancel_wait, channel_prefix=chan_prefix, timeout=timeout, abort=abort,
+            "lock", key, owner, self.client, self._acquire, self._key_list(key),
+            [owner, to_ms(lease), "0", WAITER_GRACE_MS, chan_prefix],
+            self._cancel_wait, chan_prefix, timeout, abort,
         )
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:

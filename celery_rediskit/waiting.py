@@ -24,7 +24,6 @@ _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely
 
 
 def acquire_queued(
-    *,
     kind: str,
     key: str,
     owner: str,
@@ -49,7 +48,7 @@ def acquire_queued(
     slot = register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
     argv[2] = "1" if slot is not None else "0"
     try:
-        first = int(script.run(client, keys, argv))
+        first = int(script.run(client, keys, argv))  # positional arguments: this is hot
     except BaseException:
         if slot is not None:
             drop_slot(owner)

@@ -31,7 +31,7 @@ from ..keys import KeySpace
 from ..mutex import MutexLease
 from ..mutex_redis import WAITER_GRACE_MS, RedisMutexStorage
 from ..renewal import renewer
-from ..scripts import LuaScript, load_script
+from ..scripts import LuaScript, call, load_script
 from ..wakeup import new_owner_id, process_id, wake_local
 from .breaker import OUTAGE_ERRORS, CircuitBreaker
 from .durations import optional_duration
@@ -142,7 +142,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            data = self.client.execute_command("GET", self._entry_prefix + resource_key(key) + "}")
+            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}")
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
         if data is None:

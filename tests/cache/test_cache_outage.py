@@ -11,20 +11,11 @@ import redis
 
 from celery_rediskit.cache import CacheUnavailable, RedisCacheProvider, cached
 from celery_rediskit.devserver import PrivateServer
-
-
-class CountingRedis(redis.Redis):
-    """A real client that counts the commands it sends (each is one round trip)."""
-
-    sent = 0
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        type(self).sent += 1
-        return super().execute_command(*args, **options)
+from tests.roundtrips import counting_client
 
 
 def test_round_trips(private_server: PrivateServer) -> None:
-    client = CountingRedis.from_url(private_server.url)
+    client, sent = counting_client(private_server.url)
     provider = RedisCacheProvider(client, prefix="rt")
 
     @cached(ttl=60, provider=provider)
@@ -32,13 +23,12 @@ def test_round_trips(private_server: PrivateServer) -> None:
         return {"x": x}
 
     value(0)  # loads the scripts
-    before = CountingRedis.sent
+    sent.clear()
     value(1)  # a miss: GET, claim (entry re-check + lock), fill (store + release)
-    miss = CountingRedis.sent - before
-    before = CountingRedis.sent
+    assert sent == ["GET", "EVALSHA", "EVALSHA"]
+    sent.clear()
     value(1)  # a hit: one GET
-    hit = CountingRedis.sent - before
-    assert (miss, hit) == (3, 1)
+    assert sent == ["GET"]
 
 
 def test_outage_bypasses_the_cache_quickly(

@@ -24,6 +24,7 @@ from celery_rediskit import (
 from celery_rediskit.keys import KeySpace
 from celery_rediskit.renewal import renewer
 from tests.primitives.processes import run_contenders
+from tests.roundtrips import counting_client
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -263,41 +264,29 @@ def test_sigstop_past_the_lease_gives_a_higher_token_and_refuses_the_old_release
     lease.release()
 
 
-class CountingRedis(redis.Redis):
-    """A real client that records the commands it sends (one entry per round trip)."""
-
-    sent: list[str]
-
-    def execute_command(self, *args, **options):  # type: ignore[no-untyped-def]
-        self.sent.append(str(args[0]))
-        return super().execute_command(*args, **options)
-
-
 def test_every_operation_is_one_evalsha(redis_url: str, prefix: str) -> None:
-    c = CountingRedis.from_url(redis_url)
-    c.sent = []
+    c, sent = counting_client(redis_url)
     storage = RedisMutexStorage(c, prefix=prefix)
     mutex = create_mutex(storage=storage)
     mutex.acquire("warm", auto_renew=False).release()  # loads the scripts
-    c.sent = []
+    sent.clear()
     for _ in range(10):
         mutex.acquire("res", auto_renew=False).release()
-    assert c.sent == ["EVALSHA"] * 20
-    c.sent = []
+    assert sent == ["EVALSHA"] * 20
+    sent.clear()
     storage.get_lock_info("res")
     storage.extend_lock("res", 1)
     storage.force_release("res")
-    assert c.sent == ["EVALSHA"] * 3
+    assert sent == ["EVALSHA"] * 3
 
 
 def test_one_round_trip_renews_every_held_lease(redis_url: str, prefix: str) -> None:
-    c = CountingRedis.from_url(redis_url)
-    c.sent = []
+    c, sent = counting_client(redis_url)
     mutex = create_mutex(lease=30, storage=RedisMutexStorage(c, prefix=prefix))
     leases = [mutex.acquire(f"res{i}") for i in range(5)]
-    c.sent = []
+    sent.clear()
     renewer().renew_now(leases)
-    assert c.sent == ["EVALSHA"]
+    assert sent == ["EVALSHA"]
     assert all(lease.ttl() > 29 and not lease.lost for lease in leases)
     for lease in leases:
         lease.release()
