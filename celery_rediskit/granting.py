@@ -57,12 +57,16 @@ class Granter(ABC, Generic[L]):
         lease: float | None = None,
         auto_renew: bool = True,
         blocking: bool = True,
+        owner: str | None = None,
     ) -> L:
         """Acquire ``key`` and return the lease; the caller must ``release()`` it.
 
         ``timeout`` seconds (None: no limit) bound the wait, then ``LockTimeout``; setting
         ``abort`` raises ``AcquireAborted`` within 50 ms. With ``blocking=False`` it tries once
         without queueing and raises ``LockTimeout`` at once if nothing is free.
+        ``owner`` (default: a fresh id from :func:`new_owner_id`) lets a caller that records
+        its claims elsewhere know the owner id before the grant; it must come from
+        ``new_owner_id()`` (grants are delivered to the process it names).
         """
         key = resource_key(key)
         if not blocking:
@@ -72,7 +76,8 @@ class Granter(ABC, Generic[L]):
         else:
             wait = optional_seconds("timeout", timeout)
         seconds = self.lease if lease is None else positive_seconds("lease", lease)
-        owner = new_owner_id()
+        if owner is None:
+            owner = new_owner_id()
         storage, token = self._grant(key, owner, seconds, wait, abort)
         held = self.lease_class(
             storage, key, owner, seconds, fencing_token=token, on_lost=self.on_lost

@@ -83,6 +83,12 @@ class Lease:
         self.auto_renew = True
         renewer().register(self)
 
+    def stop_renewal(self) -> None:
+        """Stop renewing (the lease then ends after its remaining time unless released)."""
+        if self.auto_renew:
+            self.auto_renew = False
+            renewer().unregister(self)
+
     def release(self) -> bool:
         """Give the lease back (idempotent). True if this call released a lease still held."""
         if self.released:

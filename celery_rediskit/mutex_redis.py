@@ -9,6 +9,7 @@ straight to the first live waiter, so nobody can jump the queue.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,6 +91,7 @@ class RedisMutexStorage(MutexStorage):
         result = self._release.run(self.client, keys, args)
         if isinstance(result, (bytes, str)):
             wake_local(result)  # the next owner waits in this process
+            time.sleep(0)  # let it take the GIL now, not when this thread next blocks
             return True
         return bool(result)
 

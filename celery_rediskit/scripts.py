@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["LuaScript", "call", "load_script"]
+__all__ = ["LuaScript", "call", "call_many", "load_script"]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
 _PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
@@ -95,3 +95,33 @@ def load_script(name: str) -> LuaScript:
     if _PLACE.search(body):
         return LuaScript(name, _PLACE.sub(lambda _: libraries, body, count=1))
     return LuaScript(name, "\n".join(filter(None, [libraries, body])))
+
+
+def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
+    """Send several commands in one round trip (not atomic) and return their replies.
+
+    Error replies are returned in place as exception objects, not raised, so one failing
+    command does not hide the others' results. Uses the lean path of :func:`call` on a plain
+    ``redis.Redis``, a non-transactional pipeline elsewhere.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(client, "connection", None) is not None:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except Exception:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
