@@ -1,0 +1,244 @@
+"""Reading who holds what: every lock and semaphore under a prefix, found with SCAN.
+
+This is the data behind ``celery rediskit locks``; it imports nothing of Celery and works on
+any redis-py client. Keys are found with ``SCAN ... MATCH ... COUNT 1000`` (never ``KEYS``,
+which blocks the server), on every primary of a Redis Cluster. Each batch of resources found
+is then read in one round trip, with the same scripts the storages use (``mutex_info``,
+``sem_info``), so each resource's state is consistent in itself.
+
+What the storages know of a holder is its owner id, ``"<host>/<pid>/<random>:<n>"``: the
+report parses host and pid out of it. Task metadata (task id and name, worker, since when) is
+added by the Celery integration (``celery_rediskit.integration.control``) from its claims
+records, with :func:`dataclasses.replace` on the :class:`Holder` objects returned here.
+
+Times are seconds; ``since`` is a Unix timestamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from .keys import KeySpace
+from .scripts import LuaScript, call_many, load_script
+
+__all__ = [
+    "Holder",
+    "Resource",
+    "glob_escape",
+    "parse_owner",
+    "read_resources",
+    "read_text",
+    "scan_keys",
+]
+
+SCAN_COUNT = 1000
+"""``COUNT`` hint of every SCAN call: about this many keys are examined per round trip."""
+
+_BATCH = 200  # resources read per round trip
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One holder of a lock or of a semaphore permit.
+
+    ``owner`` is the owner id stored in Redis; ``remaining`` the seconds left of its lease
+    (server clock; None if the key has no expiry, i.e. was set by hand). ``host`` and
+    ``pid`` are parsed from the owner id (None when it has another form, e.g. a queued-scope
+    claim ``"q:<task id>"``). The task fields are filled in by the Celery integration when a
+    task holds the lease; ``stale`` is True when the holder's worker did not answer a ping,
+    False when it did, None when not checked or unknown.
+    """
+
+    owner: str
+    remaining: float | None
+    host: str | None = None
+    pid: int | None = None
+    task_id: str | None = None
+    task_name: str | None = None
+    worker: str | None = None
+    since: float | None = None
+    stale: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A held lock, or a semaphore, as read from Redis.
+
+    ``key`` is the resource name (what you pass to ``lock(key)`` or ``permit(key)``),
+    ``redis_key`` the Redis key read. ``kind`` is ``"lock"`` or ``"semaphore"``. A lock has
+    one holder and its current ``fencing_token``; a semaphore has ``total``, ``acquired`` and
+    ``available`` permits and one :class:`Holder` per permit held.
+    """
+
+    key: str
+    kind: str
+    redis_key: str
+    holders: tuple[Holder, ...] = field(default_factory=tuple)
+    fencing_token: int | None = None
+    total: int | None = None
+    acquired: int | None = None
+    available: int | None = None
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left of the longest lease among the holders (None without holders)."""
+        if any(h.remaining is None for h in self.holders):
+            return None
+        return max((h.remaining for h in self.holders if h.remaining is not None), default=None)
+
+    @property
+    def stale(self) -> bool:
+        """True when some holder is known stale."""
+        return any(h.stale for h in self.holders)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["holders"] = [h.to_dict() for h in self.holders]
+        data["remaining"] = self.remaining
+        data["stale"] = self.stale
+        return data
+
+
+def read_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_owner(owner: str) -> tuple[str | None, int | None]:
+    """(host, pid) of an owner id ``"<host>/<pid>/<random>:<n>"``; (None, None) otherwise."""
+    process, _, _ = owner.partition(":")
+    parts = process.split("/")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return None, None
+    return "/".join(parts[:-2]), int(parts[-2])
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with SCAN MATCH's special characters (``* ? [ ] \\``) escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def scan_keys(client: Any, match: str, count: int = SCAN_COUNT) -> Iterator[str]:
+    """Every key matching the glob ``match``, by SCAN (each primary of a cluster in turn).
+
+    A key may be reported twice when the keyspace is resized during the scan (SCAN's
+    guarantee); callers that care deduplicate.
+    """
+    primaries = getattr(client, "get_primaries", None)
+    clients = [node.redis_connection for node in primaries()] if primaries else [client]
+    for node_client in clients:
+        for key in node_client.scan_iter(match=match, count=count):
+            yield read_text(key)
+
+
+def _run_batch(client: Any, script: LuaScript, calls: list[list[str]]) -> list[Any]:
+    """Run ``script`` once per key list in ``calls``, all in one round trip."""
+    commands = [("EVALSHA", script.sha, len(keys), *keys) for keys in calls]
+    replies = call_many(client, *commands)
+    if any(isinstance(r, NoScriptError) for r in replies):
+        client.script_load(script.source)
+        replies = call_many(client, *commands)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _name_between(redis_key: str, head: str, tail: str) -> str | None:
+    if redis_key.startswith(head) and redis_key.endswith(tail) and len(redis_key) > len(
+        head + tail
+    ):
+        name = redis_key[len(head):len(redis_key) - len(tail)]
+        if "{" not in name and "}" not in name:
+            return name
+    return None
+
+
+def _holder(owner: str, remaining: float | None) -> Holder:
+    host, pid = parse_owner(owner)
+    return Holder(owner=owner, remaining=remaining, host=host, pid=pid)
+
+
+def _read_locks(client: Any, keys: KeySpace, names: list[str]) -> Iterator[Resource]:
+    script = load_script("mutex_info")
+    for start in range(0, len(names), _BATCH):
+        chunk = names[start:start + _BATCH]
+        lock_keys = [keys.lock(name) for name in chunk]
+        replies = _run_batch(client, script, [[k.lock, k.fence] for k in lock_keys])
+        for name, k, (holder, pttl, fence) in zip(chunk, lock_keys, replies, strict=True):
+            if not holder:
+                continue  # released since the scan
+            remaining = int(pttl) / 1000 if int(pttl) >= 0 else None
+            yield Resource(
+                key=name, kind="lock", redis_key=k.lock,
+                holders=(_holder(read_text(holder), remaining),),
+                fencing_token=int(fence) if fence else None,
+            )
+
+
+def _read_semaphores(client: Any, keys: KeySpace, names: list[str]) -> Iterator[Resource]:
+    script = load_script("sem_info")
+    for start in range(0, len(names), _BATCH):
+        chunk = names[start:start + _BATCH]
+        sem_keys = [keys.semaphore(name) for name in chunk]
+        replies = _run_batch(client, script, [[k.holders, k.total, k.initial] for k in sem_keys])
+        for name, k, reply in zip(chunk, sem_keys, replies, strict=True):
+            total, now = reply[0], int(reply[2])
+            if not total:
+                continue  # deleted since the scan
+            holders = tuple(
+                _holder(read_text(reply[i]), max(0.0, (float(reply[i + 1]) - now) / 1000))
+                for i in range(3, len(reply), 2)
+            )
+            count = int(total)
+            yield Resource(
+                key=name, kind="semaphore", redis_key=k.holders, holders=holders,
+                total=count, acquired=len(holders), available=max(0, count - len(holders)),
+            )
+
+
+def read_resources(
+    client: Any,
+    prefix: str = "rediskit",
+    pattern: str = "*",
+    *,
+    kinds: Iterable[str] = ("lock", "semaphore"),
+    include_idle: bool = False,
+) -> list[Resource]:
+    """Every held lock and every semaphore under ``prefix`` whose name matches ``pattern``.
+
+    ``pattern`` is a glob over resource names (``*``, ``?``, ``[abc]``), applied by the
+    server in SCAN's MATCH. Semaphores with no permit held are left out unless
+    ``include_idle``. Locks come first, each kind sorted by key. Raises redis-py's errors
+    when Redis can't be reached.
+    """
+    space = KeySpace(prefix)
+    base = glob_escape(space.prefix)
+    wanted = set(kinds)
+    out: list[Resource] = []
+    if "lock" in wanted:
+        head, tail = f"{space.prefix}:lock:{{", "}"
+        names = {
+            name for key in scan_keys(client, f"{base}:lock:{{{pattern}}}")
+            if (name := _name_between(key, head, tail)) is not None
+        }
+        out.extend(_read_locks(client, space, sorted(names)))
+    if "semaphore" in wanted:
+        head, tail = f"{space.prefix}:sem:{{", "}:total"
+        names = {
+            name for key in scan_keys(client, f"{base}:sem:{{{pattern}}}:total")
+            if (name := _name_between(key, head, tail)) is not None
+        }
+        out.extend(
+            r for r in _read_semaphores(client, space, sorted(names))
+            if include_idle or r.holders
+        )
+    return out
+
+
