@@ -2,18 +2,22 @@
 
 A revoke before the task starts, ``revoke(terminate=True)`` and a hard time limit are seen
 only by the worker's main process, which has no arguments (so cannot recompute keys) and no
-lease objects. Each claim is recorded as ``<prefix>:claims:<task id>`` (a hash of
-``"<kind>|<key>"`` → owner id); releasing by task id releases each one, owner-checked, so a
-stale record can never release someone else's lock.
+lease objects. Each claim is recorded in ``<prefix>:claims:<task id>`` (a string, one
+``"<kind>|<key>|<owner>"`` line per claim); releasing by task id releases each one,
+owner-checked, so a stale record can never release someone else's lock.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-__all__ = ["ClaimStore", "Releaser"]
+from ..scripts import call
+
+__all__ = ["ClaimStore", "Releaser", "holder_line", "parse_record"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +44,23 @@ class ClaimStore:
         return f"{self.prefix}:claims:{task_id}"
 
     def record(self, task_id: str, records: list[tuple[str, str, str]],
-               ttl: float | None = None) -> None:
-        """Make ``records`` the claims of ``task_id`` for ``ttl`` seconds (one command)."""
+               ttl: float | None = None, holder: str = "") -> None:
+        """Make ``records`` the claims of ``task_id`` for ``ttl`` seconds (one command).
+
+        ``holder`` (a :func:`holder_line`) says who runs the task, for lock reports; it
+        rides in the same string, so it costs no extra round trip.
+        """
+        call(self.client, *self.record_command(task_id, records, ttl, holder))
+
+    def record_command(self, task_id: str, records: list[tuple[str, str, str]],
+                       ttl: float | None = None, holder: str = "") -> tuple[Any, ...]:
+        """The command :meth:`record` sends, to send it along with others in one round trip
+        (``scripts.call_many``)."""
         text = "\n".join(f"{kind}|{key}|{owner}" for kind, key, owner in records)
+        if holder:
+            text = holder + "\n" + text
         seconds = self.ttl if ttl is None else max(1, int(ttl + 0.999))
-        self.client.set(self.key(task_id), text, ex=seconds)
+        return ("SET", self.key(task_id), text, "EX", seconds)
 
     def drop(self, task_id: str) -> None:
         self.client.delete(self.key(task_id))
@@ -54,14 +70,7 @@ class ClaimStore:
         raw = self.client.get(self.key(task_id))
         if not raw:
             return []
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        out = []
-        for line in text.split("\n"):
-            kind, _, rest = line.partition("|")
-            key, _, owner = rest.rpartition("|")
-            if kind and key:
-                out.append((kind, key, owner))
-        return out
+        return parse_record(raw)[0]
 
     def release_all(self, task_id: str, storages: Mapping[str, Releaser]) -> int:
         """Release everything ``task_id`` holds (owner-checked); the number released."""
@@ -77,3 +86,32 @@ class ClaimStore:
                 log.exception("rediskit: releasing %r of task %s failed", key, task_id)
         self.drop(task_id)
         return released
+
+
+def holder_line(task_name: str, worker: str | None) -> str:
+    """The line of a claims record saying who runs the task: when it started (Unix time),
+    the pid of the process running it, the worker's node name and the task's name."""
+    return f"@|{time.time():.3f}|{os.getpid()}|{worker or ''}|{task_name}"
+
+
+def parse_record(raw: Any) -> tuple[list[tuple[str, str, str]], dict[str, Any] | None]:
+    """The (kind, key, owner) claims of a record, and its holder line as a dict (``since``,
+    ``pid``, ``worker``, ``task_name``) or None when it has none."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    out: list[tuple[str, str, str]] = []
+    meta: dict[str, Any] | None = None
+    for line in text.split("\n"):
+        if line.startswith("@|"):
+            parts = line.split("|", 4)
+            if len(parts) == 5:
+                try:
+                    meta = {"since": float(parts[1]), "pid": int(parts[2]),
+                            "worker": parts[3] or None, "task_name": parts[4]}
+                except ValueError:
+                    meta = None
+            continue
+        kind, _, rest = line.partition("|")
+        key, _, owner = rest.rpartition("|")
+        if kind and key:
+            out.append((kind, key, owner))
+    return out, meta

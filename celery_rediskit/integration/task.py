@@ -11,17 +11,28 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC
 from typing import Any, ClassVar
 
 from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.utils import uuid
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._validate import resource_key, to_ms
 from ..errors import LockError, LockTimeout
 from ..lease import Lease
 from ..mutex import MutexLease
+from ..mutex_redis import WAITER_GRACE_MS as _MUTEX_GRACE_MS
 from ..renewal import renewer
+from ..scripts import call, call_many
+from ..semaphore import Permit
+from ..semaphore_redis import WAITER_GRACE_MS as _SEM_GRACE_MS
+from ..wakeup import new_owner_id
+from .claims import holder_line
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 
 __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
@@ -65,8 +76,7 @@ def _policy_of_class(cls: type) -> TaskPolicy:
     if fun is None:
         inherited: TaskPolicy | None = getattr(cls, "_rk_policy", None)
         if inherited is not None and inherited.signature is not None:
-            policy = parse_policy(options, None, False)
-            object.__setattr__(policy, "signature", inherited.signature)
+            policy = replace(parse_policy(options, None, False), signature=inherited.signature)
     return policy
 
 
@@ -86,6 +96,39 @@ def _delay_of(options: Mapping[str, Any]) -> float:
         now = datetime.now(when.tzinfo or UTC) if when.tzinfo else datetime.now()
         return max(0.0, (when - now).total_seconds())
     return 0.0
+
+
+def _try_acquire(rt: Any, record: tuple[Any, ...] | None, kind: str, name: str, owner: str,
+                 permits: int, seconds: float) -> int:
+    """One attempt (without queueing) to take lock (``kind`` "m") or permit ("s") ``name``
+    for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
+    first in the same round trip."""
+    if kind == "m":
+        storage = rt.mutex_storage
+        argv: list[Any] = [owner, to_ms(seconds), "0", _MUTEX_GRACE_MS, storage._channel_prefix]
+    else:
+        storage = rt.semaphore_storage
+        argv = [owner, to_ms(seconds), "0", _SEM_GRACE_MS, storage._channel_prefix, permits]
+    script = storage._acquire
+    keys: list[str] = storage._key_list(name)
+    client = rt.client
+    if record is None:
+        return int(script.run(client, keys, argv))
+    try:
+        written, reply = call_many(client, record,
+                                   ("EVALSHA", script.sha, len(keys), *keys, *argv))
+    except (RedisConnectionError, RedisTimeoutError):
+        # Unknown which commands ran: both are idempotent (an owner that already holds the
+        # lock or permit gets it again), so send them again through redis-py's retries.
+        call(client, *record)
+        return int(script.run(client, keys, argv))
+    if isinstance(written, Exception):
+        raise written
+    if isinstance(reply, NoScriptError):
+        return int(script.run(client, keys, argv))  # loads the script, then runs it
+    if isinstance(reply, Exception):
+        raise reply
+    return int(reply)
 
 
 class RedisKitTask(Task):  # type: ignore[misc]
@@ -153,7 +196,6 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     kwargs: dict[str, Any]) -> Any:
         kit = self._rk_kit()
         rt = kit.runtime()
-        settings = kit.settings
         task_id: str = request.id
         arguments = policy.bind(args, kwargs)
         if policy.cache_ttl is not None:
@@ -166,42 +208,77 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_claim = None
         request.rediskit_keep = False
         try:
+            plan: list[tuple[str, str, int]] = []  # (kind, resource name, permits), in order
             if policy.singleton:
                 name = policy.singleton_name(self.name, arguments, args, kwargs)
                 if policy.scope == "queued":
                     claim = self._rk_take_claim(rt, name, task_id)
                     request.rediskit_claim = claim
-                try:
-                    held.append(rt.mutex.acquire(name, blocking=False, lease=settings.lease))
-                except LockTimeout:
-                    self._rk_locked(rt, policy, request, name, claim)
+                plan.append(("m", name, 0))
             if policy.limits:
-                wait = policy.on_limited == "wait"
-                timeout = policy.limit_timeout or settings.limit_timeout
-                for sem_name, permits in policy.limit_names(arguments):
-                    try:
-                        held.append(rt.semaphore(permits).acquire(
-                            sem_name, blocking=wait, timeout=timeout, lease=settings.lease,
-                        ))
-                    except LockTimeout:
-                        if wait:
-                            raise
-                        self._rk_release_leases(rt, request)
-                        self._rk_requeue(request, f"concurrency limit {sem_name!r} is full")
-            if held or claim is not None:
-                records = [("m", lease.key, lease.owner) if isinstance(lease, MutexLease)
-                           else ("s", lease.key, lease.owner) for lease in held]
-                if claim is not None:
-                    records.append(("m", claim.key, claim.owner))
-                rt.claims.record(task_id, records, 2 * settings.lease)
-                for lease in held:
-                    rt.owners[lease.owner] = (self, task_id)
+                plan.extend(("s", sem_name, permits)
+                            for sem_name, permits in policy.limit_names(arguments))
+            if plan:
+                self._rk_acquire(rt, policy, request, plan, claim, held)
             result = self.run(*args, **kwargs)
             if policy.cache_ttl is not None:
                 rt.cache_store(self, policy, arguments, args, kwargs, result)
             return result
         finally:
             self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
+
+    def _rk_acquire(self, rt: Any, policy: TaskPolicy, request: Any,
+                    plan: list[tuple[str, str, int]], claim: MutexLease | None,
+                    held: list[Lease]) -> None:
+        """Take every lock and permit of ``plan`` (in its order) and record them by task id.
+
+        The owner ids are chosen up front, so the claims record is sent together with the
+        first attempt, in one round trip. (A record naming a lock this run did not get is
+        harmless: every release by task id is owner-checked.) A queued-scope run writes its
+        record after its acquisitions instead: when it meets its own lock held, another run
+        of the same task id is running, whose record must not be overwritten.
+        """
+        settings = rt.settings
+        seconds = settings.lease
+        task_id: str = request.id
+        owners = [new_owner_id() for _ in plan]
+        records = [(kind, name, owner) for (kind, name, _), owner in zip(plan, owners,
+                                                                         strict=True)]
+        if claim is not None:
+            records.append(("m", claim.key, claim.owner))
+        record = rt.claims.record_command(task_id, records, 2 * seconds,
+                                          holder_line(self.name, request.hostname))
+        pending: tuple[Any, ...] | None = record if claim is None else None
+        for (kind, name, permits), owner in zip(plan, owners, strict=True):
+            name = resource_key(name)
+            lease: Lease
+            if kind == "m":
+                token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
+                pending = None
+                if token < 1:
+                    self._rk_locked(rt, policy, request, name, claim)  # raises
+                lease = MutexLease(rt.mutex_storage, name, owner, seconds,
+                                   fencing_token=token, on_lost=rt.mutex.on_lost)
+                lease.start_renewal()
+            else:
+                wait = policy.on_limited == "wait"
+                if _try_acquire(rt, pending, kind, name, owner, permits, seconds) >= 1:
+                    lease = Permit(rt.semaphore_storage, name, owner, seconds,
+                                   fencing_token=1, on_lost=rt.mutex.on_lost)
+                    lease.start_renewal()
+                elif not wait:
+                    self._rk_release_leases(rt, request)
+                    self._rk_requeue(request, f"concurrency limit {name!r} is full")
+                else:
+                    timeout = policy.limit_timeout or settings.limit_timeout
+                    lease = rt.semaphore(permits).acquire(
+                        name, timeout=timeout, lease=seconds, owner=owner,
+                    )
+                pending = None
+            held.append(lease)
+            rt.owners[owner] = (self, task_id)
+        if claim is not None:
+            call(rt.client, *record)
 
     def _rk_take_claim(self, rt: Any, name: str, task_id: str) -> MutexLease:
         """Hold the queued-scope claim of ``task_id`` while it runs (taking it if free)."""
