@@ -162,6 +162,16 @@ class TaskPolicy:
     cache_tags: tuple[str, ...] = ()
     signature: inspect.Signature | None = None
 
+    def __post_init__(self) -> None:
+        # Per-call work done once here: how to bind arguments, the limits' names when they
+        # have no template (the common case).
+        setattr_ = object.__setattr__
+        setattr_(self, "_binder", _fast_binder(self.signature))
+        fixed = None
+        if not any(spec.fields for spec in self.limits):
+            fixed = sorted({(spec.template, spec.permits) for spec in self.limits})
+        setattr_(self, "_fixed_limits", fixed)
+
     @property
     def active(self) -> bool:
         return self.singleton or bool(self.limits) or self.cache_ttl is not None
@@ -172,7 +182,12 @@ class TaskPolicy:
         kwargs = dict(kwargs or {})
         if self.signature is None:
             return {"args": list(args), "kwargs": kwargs}
-        bound = self.signature.bind(*args, **kwargs)
+        binder: _Binder | None = self.__dict__["_binder"]
+        if binder is not None:
+            bound_fast = binder(args, kwargs)
+            if bound_fast is not None:
+                return bound_fast
+        bound = self.signature.bind(*args, **kwargs)  # the slow path; raises TypeError
         bound.apply_defaults()
         return dict(bound.arguments)
 
@@ -196,10 +211,54 @@ class TaskPolicy:
     def limit_names(self, arguments: Mapping[str, Any]) -> list[tuple[str, int]]:
         """(semaphore name, permits) of every limit, sorted by name: the order of acquisition,
         the same in every process, so combined limits cannot deadlock."""
+        fixed: list[tuple[str, int]] | None = self.__dict__["_fixed_limits"]
+        if fixed is not None:
+            return fixed
         return sorted({(spec.name(arguments), spec.permits) for spec in self.limits})
 
     def tags(self, arguments: Mapping[str, Any]) -> list[str]:
         return [safe_name(t.format_map(arguments)) for t in self.cache_tags]
+
+
+_Binder = Callable[[tuple[Any, ...], dict[str, Any]], "dict[str, Any] | None"]
+_POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
+
+
+def _fast_binder(sig: inspect.Signature | None) -> _Binder | None:
+    """A binder equivalent to ``sig.bind(...).apply_defaults()`` for signatures made only of
+    ordinary and keyword-only parameters (no ``*args``/``**kwargs``/positional-only). It
+    returns None for any call it would have to reject, so ``Signature.bind`` reports it."""
+    if sig is None:
+        return None
+    params = list(sig.parameters.values())
+    if any(p.kind not in (_POSITIONAL_OR_KEYWORD, _KEYWORD_ONLY) for p in params):
+        return None
+    names = tuple(p.name for p in params)
+    positional = sum(1 for p in params if p.kind is _POSITIONAL_OR_KEYWORD)
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    missing = object()
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        n = len(args)
+        if n > positional:
+            return None
+        out = dict(zip(names, args, strict=False))
+        used = 0
+        for name in names[n:]:
+            value = kwargs.get(name, missing)
+            if value is missing:
+                value = defaults.get(name, missing)
+                if value is missing:
+                    return None  # a required argument is missing
+            else:
+                used += 1
+            out[name] = value
+        if used != len(kwargs):
+            return None  # an unknown keyword, or one given positionally too
+        return out
+
+    return bind
 
 
 def _key_spec(option: str, value: Any) -> tuple[str, ...] | Callable[..., Any] | None:
