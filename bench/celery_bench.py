@@ -1,11 +1,12 @@
 """The Celery section: task throughput with the integration, against a plain task.
 
-One ``celery worker -P prefork -c 2`` subprocess serves a private queue. Each round sends
-``N`` tasks of each kind (order rotated per round) and waits for every result:
+One ``celery worker -P prefork -c 2`` subprocess serves a private queue. Each of
+``2 * rounds + 1`` rounds sends ``N`` tasks of each kind, in two halves ordered A B C C B A
+(order rotated per round), waiting for every result of a half before the next:
 
 - ``plain``: ``@app.task`` with no option (the baseline, on the same worker, same run);
-- ``singleton``: ``singleton=True`` with a distinct argument per call (a lock per call:
-  acquire, claim record, release);
+- ``singleton``: ``singleton=True`` with a distinct argument per call (a lock per call: the
+  claims record and the acquire in one round trip, the release in another);
 - ``limited``: ``concurrency_limit="bench-db:64"`` (a permit per call, never full).
 
 Targets: singleton and limited reach at least 0.85x the plain task's throughput (paired
@@ -80,16 +81,29 @@ def run(env: BenchEnv, log: Callable[[str], None]) -> SectionResult:
         _throughput(app, "single", 50, -2)
         _throughput(app, "limited", 50, -3)
         rates: dict[str, list[float]] = {k: [] for k in kinds}
-        for round_no in range(env.rounds):
-            for kind in rotated(kinds, round_no):
-                rates[kind].append(_throughput(app, kind, n, round_no))
-            log(f"celery round {round_no + 1}: " + ", ".join(
+        rounds = 2 * env.rounds + 1
+        for round_no in range(rounds):
+            # A B C C B A: each kind runs half its tasks on either side of the round's middle,
+            # so a load that drifts during the round weighs on every kind alike.
+            order = rotated(kinds, round_no)
+            spent = dict.fromkeys(kinds, 0.0)
+            for i, kind in enumerate([*order, *reversed(order)]):
+                half = n // 2
+                spent[kind] += half / _throughput(app, kind, half, round_no * 10 + i)
+            for kind in kinds:
+                rates[kind].append(2 * (n // 2) / spent[kind])
+            log(f"celery round {round_no + 1}/{rounds}: " + ", ".join(
                 f"{k} {rates[k][-1]:,.0f}/s" for k in kinds))
         rows = [[k, *(f"{r:,.0f}" for r in rates[k]), f"{median(rates[k]):,.0f}"]
                 for k in kinds]
-        headers = ["task", *(f"round {i + 1} /s" for i in range(env.rounds)), "median /s"]
-        res.tables.append((f"tasks/s, {n} tasks per round, 1 worker x 2 processes", headers,
-                           rows))
+        for kind in ("single", "limited"):
+            rows.append([f"{kind}/plain", *(f"{a / b:.2f}" for a, b in
+                                            zip(rates[kind], rates["plain"], strict=True)),
+                         f"{paired_ratio(rates[kind], rates['plain']):.2f}"])
+        headers = ["task", *(f"r{i + 1} /s" for i in range(rounds)), "median /s"]
+        res.tables.append((f"tasks/s, {n} tasks per round (A B C C B A halves), "
+                           f"1 worker x 2 processes; ratio rows: same-round ratios and their "
+                           f"median", headers, rows))
         plain = median(rates["plain"])
         for kind, label in (("single", "singleton=True"), ("limited", "concurrency_limit")):
             res.targets.append(at_least(

@@ -49,9 +49,9 @@ SECTIONS: list[Section] = [
         requires=("celery_rediskit:create_semaphore", "celery_rediskit:RedisSemaphoreStorage"),
     ),
     Section(
-        "cache", "Cache: hit path vs raw GET",
+        "cache", "Cache: @cached hit vs raw GET; round trips per hit and miss",
         runner="bench.cache_bench:run",
-        requires=("celery_rediskit:create_cache",),
+        requires=("celery_rediskit.cache:RedisCacheProvider", "celery_rediskit.cache:cached"),
     ),
     Section(
         "celery", "Celery: plain vs singleton vs limited task throughput; cache hit",
