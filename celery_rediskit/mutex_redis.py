@@ -90,7 +90,8 @@ class RedisMutexStorage(MutexStorage):
         args = [owner, self._channel_prefix, process_id(), "1" if force else "0"]
         result = self._release.run(self.client, keys, args)
         if isinstance(result, (bytes, str)):
-            wake_local(result)  # the next owner waits in this process
+            # The next owner waits in this process.
+            wake_local(result)
             time.sleep(0)  # let it take the GIL now, not when this thread next blocks
             return True
         return bool(result)

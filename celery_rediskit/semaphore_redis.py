@@ -82,7 +82,8 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         result = self._release.run(self.client, self._key_list(key), args)
         if isinstance(result, list):
             for message in result[1:]:
-                wake_local(message)  # waiters of this process that just got a permit
+                # A waiter of this process just got a permit.
+                wake_local(message)
             return int(result[0])
         return int(result)
 

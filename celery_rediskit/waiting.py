@@ -15,11 +15,10 @@ from typing import Any
 
 from .errors import AcquireAborted, LockTimeout
 from .scripts import LuaScript
-from .wakeup import WaitSlot, drop_slot, hub_for, register_slot
+from .wakeup import ABORT_CHECK, WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
-__all__ = ["acquire_queued", "wait_for_grant"]
+__all__ = ["ABORT_CHECK", "acquire_queued", "wait_for_grant"]
 
-ABORT_CHECK = 0.02  # seconds: how often a wait looks at the caller's abort event
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
 
 
@@ -69,7 +68,7 @@ def acquire_queued(
     return wait_for_grant(
         kind=kind, key=key, owner=owner, attempt=attempt,
         cancel=lambda keep: cancel(key, owner, keep),
-        timeout=timeout, abort=abort, slot=slot, first=first if slot else None,
+        timeout=timeout, abort=abort, hub=hub, slot=slot, first=first if slot else None,
     )
 
 
@@ -82,6 +81,7 @@ def wait_for_grant(
     cancel: Callable[[bool], int],
     timeout: float | None,
     abort: Event | None,
+    hub: WakeupHub,
     slot: WaitSlot | None = None,
     first: int | None = None,
 ) -> int:
@@ -99,44 +99,25 @@ def wait_for_grant(
         first = None
     try:
         result = attempt(True) if first is None else first
-        if result >= 1:
-            return result
         while True:
             if result >= 1:
                 return result
             if slot.token is not None:
                 return slot.token
             bound = (-1 - result) / 1000 + _MARGIN
-            wait = _min(bound, None if deadline is None else deadline - time.monotonic())
-            if wait is not None and wait <= 0:
+            wait = bound if deadline is None else min(bound, deadline - time.monotonic())
+            if wait <= 0:
                 return _give_up(kind, key, timeout, cancel)
-            if _sleep(slot, wait, abort):
-                _abandon(cancel)
-                raise AcquireAborted(f"waiting for {kind} {key!r} was aborted", key)
+            slot.recheck = False
+            hub.wait(slot, wait, abort)
             if slot.token is not None:
                 return slot.token
-            result = attempt(True)  # bound reached or woken without a grant: ask again
+            if abort is not None and abort.is_set():
+                _abandon(cancel)
+                raise AcquireAborted(f"waiting for {kind} {key!r} was aborted", key)
+            result = attempt(True)  # bound reached or asked to recheck: ask Redis again
     finally:
         drop_slot(owner)
-
-
-def _min(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    return a if b is None else min(a, b)
-
-
-def _sleep(slot: WaitSlot, wait: float | None, abort: Event | None) -> bool:
-    """Wait on the slot; True if ``abort`` was set (checked every ABORT_CHECK seconds)."""
-    if abort is None:
-        slot.wait(wait)
-        return False
-    end = None if wait is None else time.monotonic() + wait
-    while not abort.is_set():
-        left = ABORT_CHECK if end is None else min(ABORT_CHECK, end - time.monotonic())
-        if left <= 0 or slot.wait(left):
-            return abort.is_set()
-    return True
 
 
 def _give_up(kind: str, key: str, timeout: float | None, cancel: Callable[[bool], int]) -> int:

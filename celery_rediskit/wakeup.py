@@ -5,7 +5,10 @@ by publishing ``"<waiter id> <token>"`` on the waiter's process channel, or, whe
 lives in the releasing process, by returning that text so the releaser wakes it directly.
 
 Each process has one id (``process_id()``, new after ``fork``), one registry of local waiters,
-and, per Redis client, one listener thread reading a dedicated pub/sub connection. A lost
+and, per Redis client, one pub/sub connection. There is no listener thread: one of the waiting
+threads reads the connection (leader/follower), delivers what it reads to the others and,
+when its own grant arrives, hands the reading over. A process with a single waiter (a Celery
+prefork child) so gets its grant straight from the socket, without a thread hop. A lost
 message is never fatal: every wait is also bounded by the holder's remaining lease, after which
 the waiter asks Redis again.
 """
@@ -18,15 +21,26 @@ import itertools
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
-__all__ = ["WaitSlot", "WakeupHub", "hub_for", "new_owner_id", "process_id", "wake_local"]
+__all__ = [
+    "WaitSlot",
+    "WakeupHub",
+    "hub_for",
+    "new_owner_id",
+    "process_id",
+    "wake_local",
+]
+
+ABORT_CHECK = 0.02  # seconds: how often a wait looks at the caller's abort event
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +89,30 @@ class WaitSlot:
     """Where a waiting thread is told it was granted: ``token`` is set, then it is woken.
 
     A pre-acquired lock is the wake-up signal: far cheaper to create than an ``Event``, and
-    created on every contended acquisition.
+    created on every contended acquisition. ``recheck`` asks the waiter to ask Redis again
+    (its grant may have been lost); ``reading`` is the hub whose connection it reads now.
     """
 
-    __slots__ = ("_signal", "token")
+    __slots__ = ("_signal", "reading", "recheck", "token")
 
     def __init__(self) -> None:
         self._signal = _thread.allocate_lock()
         self._signal.acquire()
         self.token: int | None = None
+        self.recheck = False
+        self.reading: WakeupHub | None = None
 
     def grant(self, token: int) -> None:
         self.token = token
         self.poke()
 
     def poke(self) -> None:
-        """Wake the waiter without a grant, so it asks Redis again."""
+        """Wake the waiter (to look at its token, its recheck flag, or to take over reading)."""
         with contextlib.suppress(RuntimeError):  # woken already
             self._signal.release()
 
-    def wait(self, timeout: float | None) -> bool:
-        """Sleep until woken or ``timeout`` seconds pass (None: no limit); True if woken."""
+    def sleep(self, timeout: float | None) -> bool:
+        """Sleep until poked or ``timeout`` seconds pass (None: no limit); True if poked."""
         return self._signal.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
 
 
@@ -116,23 +133,39 @@ def wake_local(message: str | bytes) -> None:
     slot = _state.slots.get(owner)
     if slot is not None:
         slot.grant(int(token))
+        reading = slot.reading
+        if reading is not None:
+            reading.interrupt()  # it sleeps in select() on its socket: nudge it
 
 
 class WakeupHub:
-    """The pub/sub listener of one Redis client in this process.
+    """The pub/sub connection of one Redis client in this process, read by its waiters.
 
-    ``ensure(channel)`` subscribes once and waits for the server's confirmation, so a grant
+    ``ensure(prefix)`` subscribes once and waits for the server's confirmation, so a grant
     published after the caller joins a queue cannot be missed for lack of a subscription.
+    ``wait(slot, ...)`` sleeps a waiter until its grant, reading the connection itself when
+    nobody else does.
     """
 
     def __init__(self, client: Any) -> None:
-        # A weak reference: the listener thread must not keep a discarded client alive.
-        self._client = weakref.ref(client)
+        self._client = weakref.ref(client)  # weak: the hub must not keep a discarded client
         self._pubsub: Any = None
         self._subscribed: set[str] = set()  # channel prefixes whose channel is confirmed
         self._confirmed: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._reader = threading.Lock()  # held by the thread reading the socket
+        self._waiting: set[WaitSlot] = set()
+        self._failures = 0
+        # A pipe the reading thread also selects on, so a grant handed over inside this
+        # process wakes it at once even though nothing arrives on its socket.
+        self._nudge_r, self._nudge_w = os.pipe()
+        os.set_blocking(self._nudge_r, False)
+        os.set_blocking(self._nudge_w, False)
+
+    def interrupt(self) -> None:
+        """Wake the thread reading the socket (it then looks at its slot)."""
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: it will wake anyway
+            os.write(self._nudge_w, b"!")
 
     def ready(self, channel_prefix: str) -> bool:
         """True once this process's channel under ``channel_prefix`` is subscribed and
@@ -159,49 +192,106 @@ class WakeupHub:
                 except BaseException:
                     del self._confirmed[channel]  # the next caller tries again
                     raise
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._listen, name="rediskit-wakeup", daemon=True
-                    )
-                    self._thread.start()
-        if not confirmed.wait(timeout):
-            raise redis.ConnectionError(f"no confirmation of SUBSCRIBE {channel} in {timeout}s")
+        end = time.monotonic() + timeout
+        while not confirmed.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise redis.ConnectionError(f"no confirmation of SUBSCRIBE {channel}")
+            if self._reader.acquire(blocking=False):
+                try:
+                    self._read(lambda: confirmed.is_set(), left)
+                finally:
+                    self._reader.release()
+                    self._hand_over(None)
+            else:
+                confirmed.wait(min(left, 0.05))  # the reader will see the confirmation
         self._subscribed.add(channel_prefix)
 
-    def _listen(self) -> None:
-        pubsub = self._pubsub
-        failures = 0
-        while True:
-            try:
-                response = pubsub.parse_response(block=True)
-                failures = 0
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                # redis-py reconnects and re-subscribes on the next read. Grants published
-                # meanwhile are lost; wake every local waiter so it asks Redis at once.
-                if self._client() is None:
-                    pubsub.close()  # the client is gone: nobody can wait on this hub any more
+    def wait(self, slot: WaitSlot, timeout: float | None, abort: threading.Event | None) -> None:
+        """Sleep until ``slot`` is granted or asked to recheck, ``timeout`` seconds pass
+        (None: no limit) or ``abort`` is set (noticed within ABORT_CHECK seconds)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        self._waiting.add(slot)
+        try:
+            while slot.token is None and not slot.recheck:
+                if abort is not None and abort.is_set():
                     return
-                failures += 1
-                if failures == 1:
-                    log.warning("rediskit wake-up connection lost (%s); reconnecting", exc)
-                for slot in list(_state.slots.values()):
-                    slot.poke()
-                time.sleep(min(0.05 * failures, 1.0))  # back off while the server is down
-                continue
-            except Exception:  # pragma: no cover - keep the listener alive whatever happens
-                log.exception("rediskit wake-up listener error")
-                continue
-            if response is None:
-                continue
-            kind = response[0]
-            if kind in (b"message", "message"):
-                wake_local(response[2])
-            elif kind in (b"subscribe", "subscribe"):
-                channel = response[1]
-                name = channel.decode() if isinstance(channel, bytes) else channel
-                event = self._confirmed.get(name)
-                if event is not None:
-                    event.set()
+                step = None if end is None else end - time.monotonic()
+                if step is not None and step <= 0:
+                    return
+                if abort is not None:
+                    step = ABORT_CHECK if step is None else min(step, ABORT_CHECK)
+                if self._reader.acquire(blocking=False):
+                    slot.reading = self
+                    try:
+                        if slot.token is None:  # a local grant may have come just now
+                            self._read(lambda: slot.token is not None or slot.recheck, step)
+                    finally:
+                        slot.reading = None
+                        self._reader.release()
+                        self._hand_over(slot)
+                else:
+                    slot.sleep(step)
+        finally:
+            self._waiting.discard(slot)
+
+    def _hand_over(self, me: WaitSlot | None) -> None:
+        # Released the reader role: wake one other waiter so someone keeps reading. A waiter
+        # joins _waiting before it tries the role, so none can be missed.
+        for other in list(self._waiting):
+            if other is not me:
+                other.poke()
+                return
+
+    def _read(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """Read and dispatch messages until ``done()`` or ``timeout`` seconds pass."""
+        pubsub = self._pubsub
+        end = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            try:
+                conn = pubsub.connection
+                # Something buffered or on the socket: read it; else sleep in select() on the
+                # socket and the nudge pipe together.
+                if not conn.can_read(timeout=0):
+                    sock = conn._sock
+                    ready, _, _ = select.select([sock, self._nudge_r], [], [], left)
+                    if self._nudge_r in ready:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._nudge_r, 4096)
+                    if sock not in ready:
+                        continue
+                response = pubsub.parse_response(block=False, timeout=0)
+                self._failures = 0
+            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+                self._connection_lost(exc)
+                return
+            if response is not None:
+                self._dispatch(response)
+
+    def _dispatch(self, response: Any) -> None:
+        kind = response[0]
+        if kind in (b"message", "message"):
+            wake_local(response[2])
+        elif kind in (b"subscribe", "subscribe"):
+            channel = response[1]
+            name = channel.decode() if isinstance(channel, bytes) else channel
+            event = self._confirmed.get(name)
+            if event is not None:
+                event.set()
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        # redis-py reconnects and re-subscribes on the next read. Grants published meanwhile
+        # are lost: every local waiter asks Redis again at once.
+        self._failures += 1
+        if self._failures == 1:
+            log.warning("rediskit wake-up connection lost (%s); reconnecting", exc)
+        for slot in list(_state.slots.values()):
+            slot.recheck = True
+            slot.poke()
+        time.sleep(min(0.05 * self._failures, 1.0))  # back off while the server is down
 
 
 def hub_for(client: Any) -> WakeupHub:

@@ -294,4 +294,5 @@ class RedisCacheProvider(CacheProvider):
                 self._tag_prefix]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):
-            wake_local(result)  # the next waiter is a thread of this process
+            # the next waiter is a thread of this process
+            wake_local(result)
