@@ -9,6 +9,7 @@ first drops holders whose lease ended, so a crashed holder's permit comes back b
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,8 +83,8 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         result = self._release.run(self.client, self._key_list(key), args)
         if isinstance(result, list):
             for message in result[1:]:
-                # A waiter of this process just got a permit.
-                wake_local(message)
+                wake_local(message)  # a waiter of this process just got a permit
+            time.sleep(0)  # let it take the GIL now, not when this thread next blocks
             return int(result[0])
         return int(result)
 

@@ -13,21 +13,34 @@
 --         holder bounds the wait), so the caller can bound its wait.
 local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
-local now = now_ms()
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
-if redis.call('SET', total, ARGV[6], 'NX') then
-  redis.call('SET', initial, ARGV[6])
+local cap = tonumber(redis.call('GET', total))
+if not cap then
+  cap = tonumber(ARGV[6])
+  redis.call('SET', total, cap)
+  redis.call('SET', initial, cap)
 end
-sem_reap(holders, now)
+redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
+
+-- Fast path: nobody queues and a permit is free.
+if redis.call('LLEN', queue) == 0 then
+  if redis.call('ZCARD', holders) < cap then
+    redis.call('ZADD', holders, now + lease, owner)
+    return 1
+  end
+  if redis.call('ZSCORE', holders, owner) then return 1 end
+end
+
+-- libraries here
+
 if redis.call('ZSCORE', holders, owner) then return 1 end
 
 -- Free permits go to the queue first (also after a holder's lease ended), then to the caller.
-if redis.call('LLEN', queue) > 0 then
-  sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
-  if redis.call('ZSCORE', holders, owner) then return 1 end
-end
-if redis.call('LLEN', queue) == 0 and
-    redis.call('ZCARD', holders) < tonumber(redis.call('GET', total)) then
+sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
+if redis.call('ZSCORE', holders, owner) then return 1 end
+if redis.call('LLEN', queue) == 0 and redis.call('ZCARD', holders) < cap then
   redis.call('ZADD', holders, now + lease, owner)
   return 1
 end

@@ -11,13 +11,21 @@
 --   wake, when there are any (then the reply is a list).
 local holders, total, queue, waiters = KEYS[1], KEYS[2], KEYS[4], KEYS[5]
 local owner = ARGV[1]
-local now = now_ms()
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
+
+-- Fast path: nobody queues (so the caller is not queued either, and nobody is to be served).
+if redis.call('LLEN', queue) == 0 then
+  if ARGV[4] == 'keep' and redis.call('ZSCORE', holders, owner) then return 2 end
+  return redis.call('ZREM', holders, owner)
+end
+
+-- libraries here
 
 wq_leave(queue, waiters, owner)
-sem_reap(holders, now)
 if ARGV[4] == 'keep' and redis.call('ZSCORE', holders, owner) then return 2 end
 local released = redis.call('ZREM', holders, owner)
-if redis.call('LLEN', queue) == 0 then return released end
 local locals = sem_serve(holders, total, queue, waiters, now, ARGV[2], ARGV[3])
 if #locals == 0 then return released end
 table.insert(locals, 1, released)
