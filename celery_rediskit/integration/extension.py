@@ -150,6 +150,7 @@ class RedisKit:
         self._install_task_class()
         self._wrap_task_decorator()
         self._connect_signals()
+        from . import control  # noqa: F401  registers `celery inspect rediskit_leases`
 
     @classmethod
     def of(cls, app: Any) -> RedisKit:
