@@ -6,7 +6,7 @@ them all runs on one Redis Cluster node (scripts may only touch keys passed in K
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._validate import resource_key
 from .errors import ConfigurationError
@@ -46,6 +46,10 @@ class KeySpace:
     """Names of keys and channels under ``prefix`` (default ``"rediskit"``)."""
 
     prefix: str = "rediskit"
+    # Hot path: key lists are built once per resource name (bounded; see _cached).
+    _lists: dict[tuple[str, str], list[str]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix:
@@ -66,6 +70,21 @@ class KeySpace:
             base + ":holders", base + ":total", base + ":initial", base + ":queue",
             base + ":waiters",
         )
+
+    def lock_list(self, name: str) -> list[str]:
+        """``lock(name).as_list()``, built once per name (do not mutate the list)."""
+        return self._lists.get(("m", name)) or self._cached("m", name)
+
+    def semaphore_list(self, name: str) -> list[str]:
+        """``semaphore(name).as_list()``, built once per name (do not mutate the list)."""
+        return self._lists.get(("s", name)) or self._cached("s", name)
+
+    def _cached(self, kind: str, name: str) -> list[str]:
+        if len(self._lists) >= 4096:
+            self._lists.clear()  # crude but bounded; names repeat far more than they vary
+        keys = self.lock(name) if kind == "m" else self.semaphore(name)
+        made = self._lists[(kind, name)] = keys.as_list()
+        return made
 
     @property
     def wake_channel_prefix(self) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from ._validate import positive_seconds
 from .renewal import renewer
@@ -18,16 +18,27 @@ LostCallback = Callable[["Lease", str], None]
 """Called as ``on_lost(lease, reason)`` from the renewer thread when a lease is lost."""
 
 
-class LeaseStorage(Protocol):
-    """What a lease needs of the storage that granted it (mutex and semaphore storages)."""
+class LeaseStorage(ABC):
+    """What a lease needs of the storage that granted it: the part shared by the mutex and
+    semaphore storages. Every operation is owner-checked; times are seconds."""
 
-    def release(self, key: str, owner: str) -> bool: ...
+    @abstractmethod
+    def release(self, key: str, owner: str) -> bool:
+        """Give ``owner``'s grant of ``key`` back; False (nothing changes) if it held none.
+        Idempotent."""
 
-    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool: ...
+    @abstractmethod
+    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
+        """Extend ``owner``'s lease by ``seconds`` (``add``) or to ``seconds``; False if it
+        no longer holds ``key`` (a lease that ended is never re-created)."""
 
-    def holder_ttl(self, key: str, owner: str) -> float: ...
+    @abstractmethod
+    def holder_ttl(self, key: str, owner: str) -> float:
+        """Remaining lease of ``owner`` on ``key`` in seconds; 0.0 if it holds nothing."""
 
-    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]: ...
+    @abstractmethod
+    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
+        """Renew each lease to its full length in one call; True where still held."""
 
 
 class Lease:

@@ -8,14 +8,13 @@ one process, ``RedisMutexStorage`` for many hosts.
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._validate import resource_key
 from .granting import Granter
-from .lease import Lease, LostCallback
+from .lease import Lease, LeaseStorage, LostCallback
 
 __all__ = ["LockInfo", "Mutex", "MutexLease", "MutexStorage", "create_mutex"]
 
@@ -43,7 +42,7 @@ class MutexLease(Lease):
     kind = "lock"
 
 
-class MutexStorage(ABC):
+class MutexStorage(LeaseStorage):
     """Where locks live. Times are seconds; every method takes the lock's ``key``."""
 
     @abstractmethod
@@ -61,22 +60,6 @@ class MutexStorage(ABC):
         queueing) and
         ``AcquireAborted`` when ``abort`` is set while waiting.
         """
-
-    @abstractmethod
-    def release(self, key: str, owner: str) -> bool:
-        """Release if ``owner`` holds ``key``; False (and nothing changes) otherwise."""
-
-    @abstractmethod
-    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
-        """Extend ``owner``'s lease: by ``seconds`` (``add``) or to ``seconds``. Owner-checked."""
-
-    @abstractmethod
-    def holder_ttl(self, key: str, owner: str) -> float:
-        """Remaining lease of ``owner`` on ``key`` in seconds; 0.0 if it does not hold it."""
-
-    @abstractmethod
-    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
-        """Renew each lease to its full length in one call; True where still held."""
 
     @abstractmethod
     def get_lock_info(self, key: str) -> LockInfo:

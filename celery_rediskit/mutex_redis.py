@@ -25,7 +25,6 @@ from .wakeup import process_id, wake_local
 __all__ = ["RedisMutexStorage"]
 
 WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait
-_KEY_CACHE_SIZE = 4096
 
 
 def _text(value: Any) -> str | None:
@@ -49,19 +48,10 @@ class RedisMutexStorage(MutexStorage):
         self._cancel = load_script("mutex_cancel")
         self._extend = load_script("mutex_extend")
         self._info = load_script("mutex_info")
-        self._key_cache: dict[str, list[str]] = {}
+        self._key_list = self.keys.lock_list
 
     def _lock_keys(self, key: str) -> LockKeys:
         return self.keys.lock(key)
-
-    def _key_list(self, key: str) -> list[str]:
-        # Hot path: key names are built once per lock name (bounded cache).
-        keys = self._key_cache.get(key)
-        if keys is None:
-            if len(self._key_cache) >= _KEY_CACHE_SIZE:
-                self._key_cache.clear()
-            keys = self._key_cache[key] = self.keys.lock(key).as_list()
-        return keys
 
     def acquire(
         self,

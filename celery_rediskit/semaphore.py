@@ -8,13 +8,12 @@ waiters are served in arrival order, woken as soon as a permit is freed.
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 from ._validate import positive_int, resource_key
 from .granting import Granter
-from .lease import Lease, LostCallback
+from .lease import Lease, LeaseStorage, LostCallback
 
 __all__ = ["Permit", "Semaphore", "SemaphoreInfo", "SemaphoreStorage", "create_semaphore"]
 
@@ -43,7 +42,7 @@ class Permit(Lease):
     kind = "permit"
 
 
-class SemaphoreStorage(ABC):
+class SemaphoreStorage(LeaseStorage):
     """Where semaphores live. Times are seconds; permits are integers >= 1."""
 
     @abstractmethod
@@ -58,22 +57,6 @@ class SemaphoreStorage(ABC):
     ) -> int:
         """Block until ``owner`` holds a permit of ``key`` (initialised with ``permits`` on
         first use) for ``lease`` seconds. Returns 1. ``timeout`` None: no limit; 0: try once."""
-
-    @abstractmethod
-    def release(self, key: str, owner: str) -> bool:
-        """Give ``owner``'s permit back; False if it held none. Idempotent."""
-
-    @abstractmethod
-    def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
-        """Extend ``owner``'s lease by ``seconds`` (``add``) or to ``seconds``."""
-
-    @abstractmethod
-    def holder_ttl(self, key: str, owner: str) -> float:
-        """Remaining lease of ``owner`` in seconds; 0.0 if it holds no permit."""
-
-    @abstractmethod
-    def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
-        """Renew each permit to its full lease in one call; True where still held."""
 
     @abstractmethod
     def get_semaphore_info(self, key: str) -> SemaphoreInfo:

@@ -48,15 +48,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         self._admin = load_script("sem_admin")
         self._info = load_script("sem_info")
         self._extend = load_script("sem_extend")
-        self._key_cache: dict[str, list[str]] = {}
-
-    def _key_list(self, key: str) -> list[str]:
-        keys = self._key_cache.get(key)
-        if keys is None:
-            if len(self._key_cache) >= 4096:
-                self._key_cache.clear()
-            keys = self._key_cache[key] = self.keys.semaphore(key).as_list()
-        return keys
+        self._key_list = self.keys.semaphore_list
 
     def acquire(
         self,
