@@ -88,10 +88,15 @@ class ClaimStore:
         return released
 
 
+node_name: str | None = None
+"""This process's worker node name (``name@host``), set when a worker starts (``worker_init``):
+``request.hostname`` is the bare host name under pools that trace tasks the slow way."""
+
+
 def holder_line(task_name: str, worker: str | None) -> str:
     """The line of a claims record saying who runs the task: when it started (Unix time),
     the pid of the process running it, the worker's node name and the task's name."""
-    return f"@|{time.time():.3f}|{os.getpid()}|{worker or ''}|{task_name}"
+    return f"@|{time.time():.3f}|{os.getpid()}|{node_name or worker or ''}|{task_name}"
 
 
 def parse_record(raw: Any) -> tuple[list[tuple[str, str, str]], dict[str, Any] | None]:

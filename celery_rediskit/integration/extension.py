@@ -239,9 +239,16 @@ class RedisKit:
                     log.info("rediskit: released %d claim(s) of task %s (%s)",
                              n, task_id, type(exception).__name__)
 
+        def on_worker_init(sender: Any = None, **_: Any) -> None:
+            if getattr(sender, "app", None) is app:  # the node name for lock reports
+                from . import claims
+
+                claims.node_name = getattr(sender, "hostname", None)
+
         signals.task_revoked.connect(on_revoked, weak=False)
         signals.task_failure.connect(on_failure, weak=False)
-        self._handlers = (on_revoked, on_failure)
+        signals.worker_init.connect(on_worker_init, weak=False)
+        self._handlers = (on_revoked, on_failure, on_worker_init)
 
 
 def _killed_types() -> tuple[type[BaseException], ...]:

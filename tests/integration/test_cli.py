@@ -311,3 +311,39 @@ def test_locks_stays_fast_with_100k_keys(env: Env) -> None:
     finally:
         for start in range(0, len(names), 10_000):
             env.client.unlink(*names[start:start + 10_000])
+
+
+def test_inspect_in_process_leases_have_exact_renewal(app: Celery, worker: Any) -> None:
+    """A threads-pool worker answers from its own renewer: leases of tasks in this process."""
+    import threading
+
+    from celery_rediskit.integration.control import lock_report
+
+    go = threading.Event()
+    started = threading.Event()
+
+    @app.task(singleton=True, singleton_key=(), shared=False)
+    def holds() -> str:
+        started.set()
+        go.wait(20)
+        return "done"
+
+    with worker(app, pool="threads", concurrency=2) as w:
+        result = holds.delay()
+        assert started.wait(20)
+        replies = app.control.broadcast("rediskit_leases", reply=True, timeout=5,
+                                        destination=[w.hostname])
+        (reply,) = replies
+        (lease,) = reply[w.hostname]
+        assert lease["task_id"] == result.id and lease["task_name"] == holds.name
+        assert lease["pid"] == os.getpid() and lease["kind"] == "lock"
+        assert 0 <= lease["last_renewed_ago"] < lease["lease"]
+        # the Python API: the same holder, as objects, not stale
+        report = lock_report(app)
+        (res,) = report.resources
+        (holder,) = res.holders
+        assert holder.task_id == result.id and holder.worker == w.hostname
+        assert holder.stale is False and report.workers_alive == [w.hostname]
+        go.set()
+        assert result.get(timeout=WAIT) == "done"
+    assert lock_report(app, ping=False).resources == []
