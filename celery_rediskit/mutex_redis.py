@@ -68,6 +68,18 @@ class RedisMutexStorage(MutexStorage):
             self._cancel_wait, chan_prefix, timeout, abort,
         )
 
+    def try_acquire(
+        self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None
+    ) -> int:
+        """One attempt, without queueing: the fencing token (>= 1) if ``owner`` now holds
+        ``key`` for ``lease`` seconds, else <= -1. ``before`` (an idempotent command, e.g. a
+        record of the claim) is sent first in the same round trip."""
+        keys = self._key_list(key)
+        argv = [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix]
+        if before is None:
+            return int(self._acquire.run(self.client, keys, argv))
+        return int(self._acquire.run_after(self.client, before, keys, argv))
+
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         token = int(self._cancel.run(self.client, self._key_list(key), [owner]))
         if token >= 1 and not keep:

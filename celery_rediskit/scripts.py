@@ -15,7 +15,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 __all__ = ["LuaScript", "call", "call_many", "load_script"]
 
@@ -40,6 +40,31 @@ class LuaScript:
         except NoScriptError:
             client.script_load(self.source)  # on a cluster client: every primary
             return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+    def run_after(
+        self, client: Any, before: tuple[Any, ...], keys: list[str], args: list[Any]
+    ) -> Any:
+        """Send the command ``before`` and then this script in one round trip (not atomic);
+        return the script's reply. An error reply to ``before`` is raised.
+
+        After a connection error it is unknown which of the two ran, so both are sent again
+        through the client's retry policy: use it only when both are idempotent.
+        """
+        try:
+            first, reply = call_many(
+                client, before, ("EVALSHA", self.sha, len(keys), *keys, *args)
+            )
+        except (ConnectionError, TimeoutError):
+            call(client, *before)
+            return self.run(client, keys, args)
+        if isinstance(first, Exception):
+            raise first
+        if isinstance(reply, NoScriptError):
+            return self.run(client, keys, args)  # loads the script, then runs it
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
 
 def call(client: Any, *args: Any) -> Any:

@@ -66,6 +66,24 @@ class RedisSemaphoreStorage(SemaphoreStorage):
             self._cancel_wait, chan_prefix, timeout, abort,
         )
 
+    def try_acquire(
+        self,
+        key: str,
+        owner: str,
+        permits: int,
+        lease: float,
+        *,
+        before: tuple[Any, ...] | None = None,
+    ) -> int:
+        """One attempt, without queueing: 1 if ``owner`` now holds a permit of ``key``
+        (initialised with ``permits``) for ``lease`` seconds, else <= -1. ``before`` (an
+        idempotent command) is sent first in the same round trip."""
+        keys = self._key_list(key)
+        argv = [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits]
+        if before is None:
+            return int(self._acquire.run(self.client, keys, argv))
+        return int(self._acquire.run_after(self.client, before, keys, argv))
+
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         held = self._run_release(key, owner, keep=keep)
         return 1 if keep and held == 2 else 0

@@ -18,19 +18,14 @@ from typing import Any, ClassVar
 from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.utils import uuid
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._validate import resource_key, to_ms
+from .._validate import resource_key
 from ..errors import LockError, LockTimeout
 from ..lease import Lease
 from ..mutex import MutexLease
-from ..mutex_redis import WAITER_GRACE_MS as _MUTEX_GRACE_MS
 from ..renewal import renewer
-from ..scripts import call, call_many
+from ..scripts import call
 from ..semaphore import Permit
-from ..semaphore_redis import WAITER_GRACE_MS as _SEM_GRACE_MS
 from ..wakeup import new_owner_id
 from .claims import holder_line
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
@@ -104,31 +99,8 @@ def _try_acquire(rt: Any, record: tuple[Any, ...] | None, kind: str, name: str, 
     for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
     first in the same round trip."""
     if kind == "m":
-        storage = rt.mutex_storage
-        argv: list[Any] = [owner, to_ms(seconds), "0", _MUTEX_GRACE_MS, storage._channel_prefix]
-    else:
-        storage = rt.semaphore_storage
-        argv = [owner, to_ms(seconds), "0", _SEM_GRACE_MS, storage._channel_prefix, permits]
-    script = storage._acquire
-    keys: list[str] = storage._key_list(name)
-    client = rt.client
-    if record is None:
-        return int(script.run(client, keys, argv))
-    try:
-        written, reply = call_many(client, record,
-                                   ("EVALSHA", script.sha, len(keys), *keys, *argv))
-    except (RedisConnectionError, RedisTimeoutError):
-        # Unknown which commands ran: both are idempotent (an owner that already holds the
-        # lock or permit gets it again), so send them again through redis-py's retries.
-        call(client, *record)
-        return int(script.run(client, keys, argv))
-    if isinstance(written, Exception):
-        raise written
-    if isinstance(reply, NoScriptError):
-        return int(script.run(client, keys, argv))  # loads the script, then runs it
-    if isinstance(reply, Exception):
-        raise reply
-    return int(reply)
+        return int(rt.mutex_storage.try_acquire(name, owner, seconds, before=record))
+    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record))
 
 
 class RedisKitTask(Task):  # type: ignore[misc]
