@@ -263,12 +263,21 @@ _KILLED = _killed_types()
 def check_options(app: Any, fun: Callable[..., Any], opts: dict[str, Any]) -> None:
     """Check the integration's options of ``@app.task(**opts)`` where the task is decorated."""
     from .options import OPTION_NAMES
+    from .task import RedisKitTask
 
     base = opts.get("base")
     if base is None:
         base = symbol_by_name(app.task_cls)
     elif isinstance(base, str):
         base = symbol_by_name(base)
+    given = sorted(name for name in OPTION_NAMES if opts.get(name) is not None)
+    if given and isinstance(base, type) and not issubclass(base, RedisKitTask):
+        name = getattr(fun, "__qualname__", repr(fun))
+        raise ConfigurationError(
+            f"task {name}: option {given[0]!r} needs a task class derived from "
+            f"celery_rediskit.integration.RedisKitTask, but base={base.__qualname__} is not; "
+            f"derive {base.__qualname__} from RedisKitTask (or SingletonTask) or drop base="
+        )
     options = {name: opts[name] if name in opts else getattr(base, name, None)
                for name in OPTION_NAMES}
     options = {k: v for k, v in options.items() if v is not None}

@@ -45,6 +45,21 @@ def test_invalid_option_fails_at_decoration(redis_url: str, prefix: str,
     assert "job" in str(info.value)
 
 
+def test_options_on_a_base_outside_the_hierarchy_fail_at_decoration(redis_url: str,
+                                                                    prefix: str) -> None:
+    from celery import Task
+
+    class Plain(Task):  # type: ignore[misc]
+        pass
+
+    app = Celery("opts", broker=redis_url, set_as_current=False)
+    RedisKit(app, prefix=prefix)
+    with pytest.raises(ConfigurationError, match="singleton.*RedisKitTask.*Plain"):
+
+        @app.task(shared=False, base=Plain, singleton=True)
+        def job(x: int) -> None: ...
+
+
 def test_valid_options_reach_the_task_class(redis_url: str, prefix: str) -> None:
     app = Celery("opts", broker=redis_url, set_as_current=False)
     RedisKit(app, prefix=prefix)
