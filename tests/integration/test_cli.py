@@ -138,8 +138,8 @@ def test_locks_and_inspect_show_running_tasks(env: Env) -> None:
     """A running singleton and three limited tasks: who holds what, from Redis and from the
     worker itself; nothing is stale while the worker answers."""
     run = uuid.uuid4().hex[:8]
-    single = env.app.tasks["single"].delay(run, 4.0)
-    limited = [env.app.tasks["limited"].delay(run + "L", i, 4.0) for i in range(3)]
+    single = env.app.tasks["single"].delay(run, 8.0)
+    limited = [env.app.tasks["limited"].delay(run + "L", i, 8.0) for i in range(3)]
     lock_name = env.lock_name("single", run=run)
     sem_name = f"db-{run}L"
 
