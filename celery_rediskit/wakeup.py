@@ -158,6 +158,8 @@ class WakeupHub:
         self._failures = 0
         # A pipe the reading thread also selects on, so a grant handed over inside this
         # process wakes it at once even though nothing arrives on its socket.
+        self._poller: Any = None
+        self._polled_sock: Any = None
         self._nudge_r, self._nudge_w = os.pipe()
         os.set_blocking(self._nudge_r, False)
         os.set_blocking(self._nudge_w, False)
@@ -244,34 +246,56 @@ class WakeupHub:
                 return
 
     def _read(self, done: Callable[[], bool], timeout: float | None) -> None:
-        """Read and dispatch messages until ``done()`` or ``timeout`` seconds pass."""
+        """Read and dispatch messages until ``done()`` or ``timeout`` seconds pass.
+
+        Sleeps in poll() on the socket and the nudge pipe together; reads only when the socket
+        is readable or redis-py's parser still holds buffered data, and then straight from the
+        connection (this is the hot path of every cross-process handoff).
+        """
         pubsub = self._pubsub
         end = None if timeout is None else time.monotonic() + timeout
+        buffered = True  # a previous reader may have left messages in the parser's buffer
         while not done():
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 return
             try:
                 conn = pubsub.connection
-                # Something buffered or on the socket: read it; else sleep in select() on the
-                # socket and the nudge pipe together.
-                if not conn.can_read(timeout=0):
-                    sock = conn._sock
-                    ready, _, _ = select.select([sock, self._nudge_r], [], [], left)
-                    if self._nudge_r in ready:
+                # can_read() also reconnects (and so re-subscribes) a dropped connection.
+                if buffered and conn.can_read(timeout=0):
+                    self._dispatch(conn.read_response(disconnect_on_error=False,
+                                                      push_request=True))
+                    continue
+                buffered = False
+                poller = self._poller_for(conn._sock)
+                events = poller.poll(None if left is None else max(0, int(left * 1000) + 1))
+                for fd, _ in events:
+                    if fd == self._nudge_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._nudge_r, 4096)
-                    if sock not in ready:
-                        continue
-                response = pubsub.parse_response(block=False, timeout=0)
+                    else:
+                        self._dispatch(conn.read_response(disconnect_on_error=False,
+                                                          push_request=True))
+                        buffered = True  # one recv may have brought several messages
                 self._failures = 0
             except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+                with contextlib.suppress(Exception):
+                    pubsub.connection.disconnect()  # the next read reconnects and re-subscribes
                 self._connection_lost(exc)
                 return
-            if response is not None:
-                self._dispatch(response)
+
+    def _poller_for(self, sock: Any) -> Any:
+        # One poll object per socket: made again only after redis-py reconnected.
+        if sock is not self._polled_sock:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            poller.register(self._nudge_r, select.POLLIN)
+            self._poller, self._polled_sock = poller, sock
+        return self._poller
 
     def _dispatch(self, response: Any) -> None:
+        if response is None:
+            return
         kind = response[0]
         if kind in (b"message", "message"):
             wake_local(response[2])
