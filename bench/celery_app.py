@@ -24,19 +24,19 @@ def build(url: str, prefix: str) -> Celery:
     )
     RedisKit(app, prefix=prefix)
 
-    @app.task(name="plain")
+    @app.task(shared=False, name="plain")
     def plain(x: Any) -> Any:
         return x
 
-    @app.task(name="single", singleton=True)
+    @app.task(shared=False, name="single", singleton=True)
     def single(x: Any) -> Any:
         return x
 
-    @app.task(name="limited", concurrency_limit="bench-db:64")
+    @app.task(shared=False, name="limited", concurrency_limit="bench-db:64")
     def limited(x: Any) -> Any:
         return x
 
-    @app.task(name="cached", cache_ttl="10m")
+    @app.task(shared=False, name="cached", cache_ttl="10m")
     def cached(x: Any) -> Any:
         return x
 

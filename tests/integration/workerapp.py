@@ -37,7 +37,7 @@ def build(url: str, prefix: str, lease: float) -> Celery:
     def probe(name: str) -> Probe:
         return Probe(client, f"{prefix}:probe:{name}")
 
-    @app.task(name="single", singleton=True, singleton_key=("run",))
+    @app.task(shared=False, name="single", singleton=True, singleton_key=("run",))
     def single(run: str, seconds: float = 0.0) -> int:
         p = probe(run)
         p.enter()
@@ -46,7 +46,7 @@ def build(url: str, prefix: str, lease: float) -> Celery:
         p.exit()
         return os.getpid()
 
-    @app.task(name="single_queued", singleton=True, singleton_scope="queued",
+    @app.task(shared=False, name="single_queued", singleton=True, singleton_scope="queued",
               singleton_key=("run",))
     def single_queued(run: str, seconds: float = 0.0) -> int:
         p = probe(run)
@@ -55,7 +55,7 @@ def build(url: str, prefix: str, lease: float) -> Celery:
         p.exit()
         return os.getpid()
 
-    @app.task(name="limited", concurrency_limit="db-{run}:3")
+    @app.task(shared=False, name="limited", concurrency_limit="db-{run}:3")
     def limited(run: str, i: int, seconds: float = 0.0) -> int:
         p = probe(run)
         p.enter()
@@ -64,16 +64,17 @@ def build(url: str, prefix: str, lease: float) -> Celery:
         p.exit()
         return i
 
-    @app.task(name="plain")
+    @app.task(shared=False, name="plain")
     def plain(x: Any) -> Any:
         return x
 
-    @app.task(name="hard_limited", singleton=True, singleton_key=("run",), time_limit=1)
+    @app.task(shared=False, name="hard_limited", singleton=True, singleton_key=("run",),
+              time_limit=1)
     def hard_limited(run: str) -> None:
         probe(run).enter()
         time.sleep(30)
 
-    @app.task(name="soft_limited", singleton=True, singleton_key=("run",),
+    @app.task(shared=False, name="soft_limited", singleton=True, singleton_key=("run",),
               soft_time_limit=0.5)
     def soft_limited(run: str) -> None:
         probe(run).enter()
