@@ -53,7 +53,7 @@ def main() -> None:
 def run(url: str) -> None:
     import tasks  # the example app, configured from the environment set above
 
-    from celery_rediskit.integration import RedisKit
+    from celery_rediskit.integration.control import lock_report
 
     app = tasks.app
     deadline = time.monotonic() + 60
@@ -88,29 +88,27 @@ def run(url: str) -> None:
     print(f"3. price('SKU-1') (cache_ttl='5m'): first call {1000 * (t1 - t0):.0f} ms, the "
           f"same call again {1000 * (t2 - t1):.1f} ms from the cache (equal: {first == second}).")
 
-    # 4. lock report while a singleton runs
+    # 4. lock report while a singleton runs: the data `celery -A tasks rediskit locks` prints
     export = tasks.nightly_export.delay()
-    kit = RedisKit.of(app)
-    runtime = kit.runtime()
-    pattern = f"{kit.settings.prefix}:lock:{{*}}"
     deadline = time.monotonic() + 10
-    names: list[str] = []
-    while not names and time.monotonic() < deadline:
-        names = sorted(k.decode().split("{", 1)[1].rstrip("}")
-                       for k in runtime.client.scan_iter(match=pattern, count=500))
-        time.sleep(0.05)
-    print("4. Lock report while nightly_export runs:")
-    for name in names:
-        info = runtime.mutex_storage.get_lock_info(name)
-        if info.locked:
-            print(f"   {name}: held by {info.holder}, {info.ttl:.1f} s left of its lease "
-                  f"(renewed while it runs), fencing token {info.fencing_token}")
-    sem = runtime.semaphore_storage.get_semaphore_info("db")
-    print(f"   semaphore 'db': {sem.available} of {sem.total} permits free")
+    report = lock_report(app, ping_timeout=2.0)
+    while not any(r.kind == "lock" for r in report.resources) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker has not picked the task up yet
+        report = lock_report(app, ping_timeout=2.0)
+    print("4. Lock report while nightly_export runs (what `celery rediskit locks` shows):")
+    for res in report.resources:
+        if res.kind == "lock":
+            for h in res.holders:
+                state = "STALE" if h.stale else "alive"
+                print(f"   lock {res.key}: task {h.task_name}[{h.task_id}] on {h.worker} "
+                      f"(pid {h.pid}, worker {state}), {h.remaining:.1f} s left of its lease "
+                      f"(renewed while it runs), fencing token {res.fencing_token}")
+        else:
+            print(f"   semaphore {res.key}: {res.acquired} of {res.total} permits held")
     token = export.get(timeout=30)
-    name = names[0] if names else ""
-    print(f"   nightly_export finished with fencing token {token}; its lock is now "
-          f"{'held' if name and runtime.mutex_storage.is_locked(name) else 'free'}.")
+    after = lock_report(app, ping=False)
+    print(f"   nightly_export finished with fencing token {token}; locks held now: "
+          f"{sum(1 for r in after.resources if r.kind == 'lock')}.")
 
 
 if __name__ == "__main__":
