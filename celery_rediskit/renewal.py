@@ -58,6 +58,7 @@ class Renewer:
         self._thread: threading.Thread | None = None
         self._tick = _IDLE_TICK
         self.ticks = 0  # number of ticks that renewed something (observable in tests)
+        self._failing = False  # the last renewal call failed (an outage is being logged)
 
     def register(self, lease: RenewableLease) -> None:
         """Keep ``lease`` alive until :meth:`unregister` is called or it is lost."""
@@ -108,12 +109,17 @@ class Renewer:
             try:
                 results = group[0].renewal_target.renew_leases(group)
             except Exception as exc:  # Redis down or failing: retry next tick while time remains
+                if not self._failing:  # once per outage, not per tick and lease
+                    log.warning("rediskit: renewing %d lease(s) failed, retrying each tick "
+                                "until their leases end: %s", len(group), exc)
+                self._failing = True
                 for lease in group:
                     if started - lease.last_renewed >= lease.lease_seconds:
                         self._lose(lease, f"could not be renewed before it ended ({exc})")
-                    else:
-                        log.warning("rediskit: renewing %s failed, will retry: %s", lease.key, exc)
                 continue
+            if self._failing:
+                self._failing = False
+                log.warning("rediskit: renewing leases works again")
             for lease, ok in zip(group, results, strict=True):
                 if id(lease) not in self._leases:
                     continue  # released while the renewal was in flight
