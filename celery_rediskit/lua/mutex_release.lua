@@ -21,10 +21,10 @@ end
 
 -- libraries here
 
-if ARGV[4] ~= '1' then
-  wq_leave(queue, waiters, owner)
-  if holder ~= owner then return 0 end
-elseif not holder then
+if not holder or (ARGV[4] ~= '1' and holder ~= owner) then
+  -- Not the holder: a waiter giving up (or a late release); it leaves the queue. (A holder
+  -- is never queued: it was popped when granted.)
+  if ARGV[4] ~= '1' then wq_leave(queue, waiters, owner) end
   return 0
 end
 local w, lease = wq_head(queue, waiters, now_ms())
