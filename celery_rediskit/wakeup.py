@@ -164,6 +164,15 @@ class WakeupHub:
         os.set_blocking(self._nudge_r, False)
         os.set_blocking(self._nudge_w, False)
 
+    def close(self) -> None:
+        """Close the pub/sub connection and the nudge pipe (the client is gone)."""
+        with contextlib.suppress(Exception):
+            if self._pubsub is not None:
+                self._pubsub.close()
+        for fd in (self._nudge_r, self._nudge_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def interrupt(self) -> None:
         """Wake the thread reading the socket (it then looks at its slot)."""
         with contextlib.suppress(BlockingIOError):  # the pipe is full: it will wake anyway
@@ -319,13 +328,24 @@ class WakeupHub:
 
 
 def hub_for(client: Any) -> WakeupHub:
-    """The wake-up hub of ``client`` in this process (created on first use)."""
+    """The wake-up hub of ``client`` in this process (created on first use; closed when the
+    client is garbage-collected)."""
     # Keyed by id() with a weak reference to check it: a plain dict lookup on the hot path.
     found = _state.hubs.get(id(client))
     if found is not None and found[0]() is client:
         return found[1]
-    with _state.lock:
-        found = _state.hubs.get(id(client))
+    state = _state
+    with state.lock:
+        found = state.hubs.get(id(client))
         if found is None or found[0]() is not client:
-            found = _state.hubs[id(client)] = (weakref.ref(client), WakeupHub(client))
+            hub = WakeupHub(client)
+            key = id(client)
+
+            def forget(ref: weakref.ref[Any]) -> None:
+                entry = state.hubs.get(key)
+                if entry is not None and entry[0] is ref:
+                    del state.hubs[key]
+                hub.close()
+
+            found = state.hubs[key] = (weakref.ref(client, forget), hub)
         return found[1]

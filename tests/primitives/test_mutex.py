@@ -385,3 +385,34 @@ def test_an_outage_marks_held_leases_lost_and_new_locks_work_after_it(
     server.start()  # type: ignore[attr-defined]
     with mutex.lock("res", timeout=5) as again:
         assert again.fencing_token >= 1 and not again.lost
+
+
+def test_a_discarded_client_leaves_no_wakeup_connection_or_pipe(redis_url: str,
+                                                                 prefix: str) -> None:
+    import gc
+    import os
+
+    from celery_rediskit import wakeup
+
+    def contend_once() -> None:
+        c = redis.Redis.from_url(redis_url)
+        mutex = create_mutex(timeout=5, storage=RedisMutexStorage(c, prefix))
+        held = mutex.acquire("res")
+        waiter = threading.Thread(target=lambda: mutex.acquire("res").release())
+        waiter.start()
+        while not c.llen(f"{prefix}:lock:{{res}}:queue"):
+            time.sleep(0.001)  # until the waiter is queued: it opens the pub/sub connection
+        held.release()
+        waiter.join(5)
+
+    def open_fds() -> int:  # Linux; elsewhere only the hub count is checked
+        return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+    contend_once()
+    gc.collect()
+    fds, hubs = open_fds(), len(wakeup._state.hubs)
+    for _ in range(10):
+        contend_once()
+    gc.collect()
+    assert len(wakeup._state.hubs) <= hubs
+    assert open_fds() <= fds
