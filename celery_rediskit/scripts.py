@@ -4,7 +4,7 @@ A script whose header has ``-- needs: NAME`` gets ``lua/NAME.lua`` (and what tha
 prepended, so shared Lua (the waiter queue, the semaphore state) is written once. Calls go
 through ``execute_command("EVALSHA", ...)`` directly: the ``Script`` object of redis-py adds
 microseconds per call on the hot path. When the server has forgotten a script (restart,
-SCRIPT FLUSH), it is loaded again and re-run.
+a script cache reset), it is loaded again and re-run.
 """
 
 from __future__ import annotations

@@ -339,7 +339,7 @@ def cache() -> None:
 @click.option("--tag", help="Drop only the entries with this tag.")
 @click.pass_context
 def cache_clear(ctx: click.Context, tag: str | None) -> None:
-    """Delete every cached entry (or those tagged TAG). Uses SCAN, never KEYS/FLUSHDB."""
+    """Delete every cached entry (or those tagged TAG). Found with SCAN under the prefix only."""
     from ..cache import CacheUnavailable, RedisCacheProvider
 
     ops = _ops(ctx)
