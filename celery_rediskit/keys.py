@@ -1,7 +1,8 @@
 """The key space: every key and channel the library uses lives under one configurable prefix.
 
 All keys of one lock or semaphore share the hash tag ``{name}`` so that a Lua script touching
-them all runs on one Redis Cluster node (scripts may only touch keys declared as their key arguments, in one slot).
+them all runs on one Redis Cluster node (scripts may only touch keys declared as their key
+arguments, all in one slot).
 """
 
 from __future__ import annotations

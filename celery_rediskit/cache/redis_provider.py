@@ -186,7 +186,7 @@ class RedisCacheProvider(CacheProvider):
         return pttl / 1000 if pttl >= 0 else None
 
     def clear(self) -> int:
-        """Delete every cache entry and tag set under this prefix (found with SCAN under the prefix only).
+        """Delete every cache entry and tag set under this prefix (found with SCAN).
 
         Fill locks are left alone: they belong to computations in flight and expire by
         themselves.
