@@ -3,8 +3,8 @@
 This is the data behind ``celery rediskit locks``; it imports nothing of Celery and works on
 any redis-py client. Keys are found with ``SCAN ... MATCH ... COUNT 1000`` (never a
 whole-keyspace listing, which blocks the server), on every primary of a Redis Cluster. Each
-batch of resources found is then read in one round trip, with the same scripts the storages use (``mutex_info``,
-``sem_info``), so each resource's state is consistent in itself.
+batch of resources found is then read in one round trip, with the same scripts the storages
+use (``mutex_info``, ``sem_info``), so each resource's state is consistent in itself.
 
 What the storages know of a holder is its owner id, ``"<host>/<pid>/<random>:<n>"``: the
 report parses host and pid out of it. Task metadata (task id and name, worker, since when) is
