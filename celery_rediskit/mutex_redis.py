@@ -9,29 +9,19 @@ straight to the first live waiter, so nobody can jump the queue.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from ._validate import positive_seconds, resource_key, to_ms
-from .keys import KeySpace, LockKeys
+from .keys import KeySpace
 from .lease import Lease
 from .mutex import LockInfo, MutexStorage
 from .redis_renewal import renew_in_batches
-from .scripts import load_script
-from .waiting import acquire_queued
-from .wakeup import process_id, wake_local
+from .scripts import as_text, load_script
+from .waiting import WAITER_GRACE_MS, acquire_queued
+from .wakeup import hand_over_local, process_id
 
 __all__ = ["RedisMutexStorage"]
-
-WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class RedisMutexStorage(MutexStorage):
     """Mutex storage on a redis-py client (``redis.Redis`` or ``redis.RedisCluster``).
@@ -50,9 +40,6 @@ class RedisMutexStorage(MutexStorage):
         self._info = load_script("mutex_info")
         self._key_list = self.keys.lock_list
 
-    def _lock_keys(self, key: str) -> LockKeys:
-        return self.keys.lock(key)
-
     def acquire(
         self,
         key: str,
@@ -61,12 +48,20 @@ class RedisMutexStorage(MutexStorage):
         timeout: float | None,
         abort: threading.Event | None = None,
     ) -> int:
-        chan_prefix = self._channel_prefix
         return acquire_queued(
             "lock", key, owner, self.client, self._acquire, self._key_list(key),
-            [owner, to_ms(lease), "0", WAITER_GRACE_MS, chan_prefix],
-            self._cancel_wait, chan_prefix, timeout, abort,
+            self.acquire_argv(owner, lease), self._cancel_wait, self._channel_prefix,
+            timeout, abort,
         )
+
+    def acquire_argv(self, owner: str, lease: float) -> list[Any]:
+        """ARGV of ``mutex_acquire.lua`` for one try without queueing (index 2 is the "join
+        the queue" flag); the cache's single-flight script reuses this layout."""
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix]
+
+    def release_argv(self, owner: str, *, force: bool = False) -> list[Any]:
+        """ARGV of ``mutex_release.lua`` (also reused by the cache's fill script)."""
+        return [owner, self._channel_prefix, process_id(), "1" if force else "0"]
 
     def try_acquire(
         self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None
@@ -75,7 +70,7 @@ class RedisMutexStorage(MutexStorage):
         ``key`` for ``lease`` seconds, else <= -1. ``before`` (an idempotent command, e.g. a
         record of the claim) is sent first in the same round trip."""
         keys = self._key_list(key)
-        argv = [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix]
+        argv = self.acquire_argv(owner, lease)
         if before is None:
             return int(self._acquire.run(self.client, keys, argv))
         return int(self._acquire.run_after(self.client, before, keys, argv))
@@ -88,13 +83,11 @@ class RedisMutexStorage(MutexStorage):
         return token
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:
-        keys = self._key_list(key)
-        args = [owner, self._channel_prefix, process_id(), "1" if force else "0"]
-        result = self._release.run(self.client, keys, args)
+        result = self._release.run(
+            self.client, self._key_list(key), self.release_argv(owner, force=force)
+        )
         if isinstance(result, (bytes, str)):
-            # The next owner waits in this process.
-            wake_local(result)
-            time.sleep(0)  # let it take the GIL now, not when this thread next blocks
+            hand_over_local(result)  # the next owner waits in this process
             return True
         return bool(result)
 
@@ -105,7 +98,7 @@ class RedisMutexStorage(MutexStorage):
         return self._run_release(resource_key(key), "", force=True)
 
     def extend(self, key: str, owner: str, seconds: float, *, add: bool) -> bool:
-        keys = [self._lock_keys(key).lock]
+        keys = self._key_list(key)[:1]
         args = [owner, to_ms(seconds), "add" if add else "set"]
         return bool(self._extend.run(self.client, keys, args))
 
@@ -114,13 +107,13 @@ class RedisMutexStorage(MutexStorage):
         return self.extend(resource_key(key), "", seconds, add=True)
 
     def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
-        items = [(self._lock_keys(lease.key).lock, "m") for lease in leases]
+        items = [(self._key_list(lease.key)[0], "m") for lease in leases]
         return renew_in_batches(self.client, leases, items)
 
     def get_lock_info(self, key: str) -> LockInfo:
-        keys = self._lock_keys(resource_key(key))
-        holder, pttl, fence = self._info.run(self.client, [keys.lock, keys.fence], [])
-        holder_id = _text(holder) if holder else None
+        lock_and_fence = self._key_list(resource_key(key))[:2]
+        holder, pttl, fence = self._info.run(self.client, lock_and_fence, [])
+        holder_id = as_text(holder) if holder else None
         return LockInfo(
             key=key,
             locked=holder_id is not None,
@@ -130,7 +123,7 @@ class RedisMutexStorage(MutexStorage):
         )
 
     def is_locked(self, key: str) -> bool:
-        return bool(self.client.exists(self._lock_keys(resource_key(key)).lock))
+        return bool(self.client.exists(self._key_list(resource_key(key))[0]))
 
     def holder_ttl(self, key: str, owner: str) -> float:
         info = self.get_lock_info(key)

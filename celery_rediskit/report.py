@@ -20,10 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from .keys import KeySpace
-from .scripts import LuaScript, call_many, load_script
+from .scripts import as_text, load_script
 
 __all__ = [
     "Holder",
@@ -31,7 +29,6 @@ __all__ = [
     "glob_escape",
     "parse_owner",
     "read_resources",
-    "read_text",
     "scan_keys",
 ]
 
@@ -106,10 +103,6 @@ class Resource:
         return data
 
 
-def read_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def parse_owner(owner: str) -> tuple[str | None, int | None]:
     """(host, pid) of an owner id ``"<host>/<pid>/<random>:<n>"``; (None, None) otherwise."""
     process, _, _ = owner.partition(":")
@@ -134,20 +127,7 @@ def scan_keys(client: Any, match: str, count: int = SCAN_COUNT) -> Iterator[str]
     clients = [node.redis_connection for node in primaries()] if primaries else [client]
     for node_client in clients:
         for key in node_client.scan_iter(match=match, count=count):
-            yield read_text(key)
-
-
-def _run_batch(client: Any, script: LuaScript, calls: list[list[str]]) -> list[Any]:
-    """Run ``script`` once per key list in ``calls``, all in one round trip."""
-    commands = [("EVALSHA", script.sha, len(keys), *keys) for keys in calls]
-    replies = call_many(client, *commands)
-    if any(isinstance(r, NoScriptError) for r in replies):
-        client.script_load(script.source)
-        replies = call_many(client, *commands)
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
+            yield as_text(key)
 
 
 def _name_between(redis_key: str, head: str, tail: str) -> str | None:
@@ -170,14 +150,14 @@ def _read_locks(client: Any, keys: KeySpace, names: list[str]) -> Iterator[Resou
     for start in range(0, len(names), _BATCH):
         chunk = names[start:start + _BATCH]
         lock_keys = [keys.lock(name) for name in chunk]
-        replies = _run_batch(client, script, [[k.lock, k.fence] for k in lock_keys])
+        replies = script.run_many(client, [[k.lock, k.fence] for k in lock_keys])
         for name, k, (holder, pttl, fence) in zip(chunk, lock_keys, replies, strict=True):
             if not holder:
                 continue  # released since the scan
             remaining = int(pttl) / 1000 if int(pttl) >= 0 else None
             yield Resource(
                 key=name, kind="lock", redis_key=k.lock,
-                holders=(_holder(read_text(holder), remaining),),
+                holders=(_holder(as_text(holder), remaining),),
                 fencing_token=int(fence) if fence else None,
             )
 
@@ -187,13 +167,13 @@ def _read_semaphores(client: Any, keys: KeySpace, names: list[str]) -> Iterator[
     for start in range(0, len(names), _BATCH):
         chunk = names[start:start + _BATCH]
         sem_keys = [keys.semaphore(name) for name in chunk]
-        replies = _run_batch(client, script, [[k.holders, k.total, k.initial] for k in sem_keys])
+        replies = script.run_many(client, [[k.holders, k.total, k.initial] for k in sem_keys])
         for name, k, reply in zip(chunk, sem_keys, replies, strict=True):
             total, now = reply[0], int(reply[2])
             if not total:
                 continue  # deleted since the scan
             holders = tuple(
-                _holder(read_text(reply[i]), max(0.0, (float(reply[i + 1]) - now) / 1000))
+                _holder(as_text(reply[i]), max(0.0, (float(reply[i + 1]) - now) / 1000))
                 for i in range(3, len(reply), 2)
             )
             count = int(total)

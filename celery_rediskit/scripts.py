@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-__all__ = ["LuaScript", "call", "call_many", "load_script"]
+__all__ = ["LuaScript", "as_text", "call", "call_many", "load_script"]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
 _PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
@@ -42,6 +42,19 @@ class LuaScript:
             return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+    def run_many(self, client: Any, calls: list[list[str]]) -> list[Any]:
+        """Run this script once per key list in ``calls`` (no ARGV), all in one round trip;
+        the replies in order. An error reply is raised."""
+        commands = [("EVALSHA", self.sha, len(keys), *keys) for keys in calls]
+        replies = call_many(client, *commands)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            client.script_load(self.source)
+            replies = call_many(client, *commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     def run_after(
         self, client: Any, before: tuple[Any, ...], keys: list[str], args: list[Any]
     ) -> Any:
@@ -65,6 +78,11 @@ class LuaScript:
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+
+def as_text(value: Any) -> str:
+    """A reply (bytes, or str with ``decode_responses=True``) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def call(client: Any, *args: Any) -> Any:

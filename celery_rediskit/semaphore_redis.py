@@ -9,7 +9,6 @@ first drops holders whose lease ended, so a crashed holder's permit comes back b
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,19 +16,12 @@ from ._validate import positive_int, resource_key, to_ms
 from .keys import KeySpace
 from .lease import Lease
 from .redis_renewal import renew_in_batches
-from .scripts import load_script
+from .scripts import as_text, load_script
 from .semaphore import SemaphoreInfo, SemaphoreStorage
-from .waiting import acquire_queued
-from .wakeup import process_id, wake_local
+from .waiting import WAITER_GRACE_MS, acquire_queued
+from .wakeup import hand_over_local, process_id
 
 __all__ = ["RedisSemaphoreStorage"]
-
-WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class RedisSemaphoreStorage(SemaphoreStorage):
     """Semaphore storage on a redis-py client (``redis.Redis`` or ``redis.RedisCluster``).
@@ -59,12 +51,15 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         timeout: float | None,
         abort: threading.Event | None = None,
     ) -> int:
-        chan_prefix = self._channel_prefix
         return acquire_queued(
             "permit", key, owner, self.client, self._acquire, self._key_list(key),
-            [owner, to_ms(lease), "0", WAITER_GRACE_MS, chan_prefix, permits],
-            self._cancel_wait, chan_prefix, timeout, abort,
+            self._acquire_argv(owner, permits, lease), self._cancel_wait, self._channel_prefix,
+            timeout, abort,
         )
+
+    def _acquire_argv(self, owner: str, permits: int, lease: float) -> list[Any]:
+        # ARGV of sem_acquire.lua for one try without queueing (index 2: "join the queue").
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits]
 
     def try_acquire(
         self,
@@ -79,7 +74,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         (initialised with ``permits``) for ``lease`` seconds, else <= -1. ``before`` (an
         idempotent command) is sent first in the same round trip."""
         keys = self._key_list(key)
-        argv = [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits]
+        argv = self._acquire_argv(owner, permits, lease)
         if before is None:
             return int(self._acquire.run(self.client, keys, argv))
         return int(self._acquire.run_after(self.client, before, keys, argv))
@@ -93,8 +88,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         result = self._release.run(self.client, self._key_list(key), args)
         if isinstance(result, list):
             for message in result[1:]:
-                wake_local(message)  # a waiter of this process just got a permit
-            time.sleep(0)  # let it take the GIL now, not when this thread next blocks
+                hand_over_local(message)  # a waiter of this process just got a permit
             return int(result[0])
         return int(result)
 
@@ -118,7 +112,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         reply = self._info.run(self.client, self._key_list(key)[:3], [])
         total, now = reply[0], int(reply[2])
         holders = {
-            _text(reply[i]): max(0.0, (float(reply[i + 1]) - now) / 1000)
+            as_text(reply[i]): max(0.0, (float(reply[i + 1]) - now) / 1000)
             for i in range(3, len(reply), 2)
         }
         count = int(total) if total else 0

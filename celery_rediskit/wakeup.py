@@ -34,6 +34,7 @@ import redis
 __all__ = [
     "WaitSlot",
     "WakeupHub",
+    "hand_over_local",
     "hub_for",
     "new_owner_id",
     "process_id",
@@ -124,6 +125,14 @@ def register_slot(owner: str) -> WaitSlot:
 
 def drop_slot(owner: str) -> None:
     _state.slots.pop(owner, None)
+
+
+def hand_over_local(message: str | bytes) -> None:
+    """A release handed its lock or permit to a waiter of this process (the script returned
+    ``"<waiter id> <token>"``): wake it, and let it take the GIL now rather than when the
+    releasing thread next blocks."""
+    wake_local(message)
+    time.sleep(0)
 
 
 def wake_local(message: str | bytes) -> None:

@@ -29,10 +29,10 @@ from .._validate import positive_seconds, resource_key, to_ms
 from ..errors import ConfigurationError, LockError, SerializationError
 from ..keys import KeySpace
 from ..mutex import MutexLease
-from ..mutex_redis import WAITER_GRACE_MS, RedisMutexStorage
+from ..mutex_redis import RedisMutexStorage
 from ..renewal import renewer
 from ..scripts import LuaScript, call, load_script
-from ..wakeup import new_owner_id, process_id, wake_local
+from ..wakeup import hand_over_local, new_owner_id
 from .breaker import OUTAGE_ERRORS, CircuitBreaker
 from .durations import optional_duration
 from .provider import MISSING, CacheProvider, CacheUnavailable, Claim, check_tags
@@ -219,14 +219,13 @@ class RedisCacheProvider(CacheProvider):
 
     def _lock_keys(self, key: str) -> tuple[str, list[str]]:
         name = self.keys.cache_lock_name(key)
-        return name, [*self.keys.lock(name).as_list(), self.entry_key(key)]
+        return name, [*self.keys.lock_list(name), self.entry_key(key)]
 
     def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
         lease = positive_seconds("lease", lease)
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
-        args = [owner, to_ms(lease), "0", WAITER_GRACE_MS, self.keys.wake_channel_prefix,
-                FENCE_TTL_MS]
+        args = [*self._locks.acquire_argv(owner, lease), FENCE_TTL_MS]
         try:
             result = self._run(self._claim, keys, args)
         except CacheUnavailable:
@@ -290,9 +289,7 @@ class RedisCacheProvider(CacheProvider):
         claim.handle = None
         held.detach()
         _name, keys = self._lock_keys(claim.key)
-        args = [held.owner, self.keys.wake_channel_prefix, process_id(), "0", *store,
-                self._tag_prefix]
+        args = [*self._locks.release_argv(held.owner), *store, self._tag_prefix]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):
-            # the next waiter is a thread of this process
-            wake_local(result)
+            hand_over_local(result)  # the next waiter is a thread of this process
