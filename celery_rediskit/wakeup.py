@@ -168,6 +168,7 @@ class WakeupHub:
         # A pipe the reading thread also selects on, so a grant handed over inside this
         # process wakes it at once even though nothing arrives on its socket.
         self._poller: Any = None
+        self.closed = False
         self._polled_sock: Any = None
         self._nudge_r, self._nudge_w = os.pipe()
         os.set_blocking(self._nudge_r, False)
@@ -175,6 +176,7 @@ class WakeupHub:
 
     def close(self) -> None:
         """Close the pub/sub connection and the nudge pipe (the client is gone)."""
+        self.closed = True
         with contextlib.suppress(Exception):
             if self._pubsub is not None:
                 self._pubsub.close()

@@ -390,9 +390,10 @@ def test_an_outage_marks_held_leases_lost_and_new_locks_work_after_it(
 def test_a_discarded_client_leaves_no_wakeup_connection_or_pipe(redis_url: str,
                                                                  prefix: str) -> None:
     import gc
-    import os
 
     from celery_rediskit import wakeup
+
+    hubs: list[wakeup.WakeupHub] = []
 
     def contend_once() -> None:
         c = redis.Redis.from_url(redis_url)
@@ -404,15 +405,10 @@ def test_a_discarded_client_leaves_no_wakeup_connection_or_pipe(redis_url: str,
             time.sleep(0.001)  # until the waiter is queued: it opens the pub/sub connection
         held.release()
         waiter.join(5)
+        hubs.append(wakeup.hub_for(c))  # the hub holds the client only weakly
 
-    def open_fds() -> int:  # Linux; elsewhere only the hub count is checked
-        return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
-
-    contend_once()
-    gc.collect()
-    fds, hubs = open_fds(), len(wakeup._state.hubs)
-    for _ in range(10):
+    for _ in range(5):
         contend_once()
     gc.collect()
-    assert len(wakeup._state.hubs) <= hubs
-    assert open_fds() <= fds
+    assert all(hub.closed for hub in hubs), "a hub outlived its client"
+    assert not any(hub in (entry[1] for entry in wakeup._state.hubs.values()) for hub in hubs)
