@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_section(res)
         # The library's wake-up listeners outlive their clients and would log the server's
         # shutdown as a lost connection: nothing a reader of this report should worry about.
-        logging.getLogger("celery_rediskit.wakeup").setLevel(logging.ERROR)
+        logging.getLogger("celery_rediskit._redis.wakeup").setLevel(logging.ERROR)
 
     targets = [t for r in results for t in r.targets if t.passed is not None]
     passed = sum(bool(t.passed) for t in targets)

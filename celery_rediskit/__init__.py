@@ -6,6 +6,7 @@ The primitives here (mutex, semaphore, cache, lease renewal, wake-ups) know noth
 
 from __future__ import annotations
 
+from ._redis.keys import KeySpace
 from .cache import (
     MISSING,
     CachedFunction,
@@ -32,14 +33,25 @@ from .errors import (
     RedisKitError,
     SerializationError,
 )
-from .keys import KeySpace
-from .lease import Lease
-from .mutex import LockInfo, Mutex, MutexLease, MutexStorage, create_mutex
-from .mutex_memory import MemoryMutexStorage
-from .mutex_redis import RedisMutexStorage
-from .semaphore import Permit, Semaphore, SemaphoreInfo, SemaphoreStorage, create_semaphore
-from .semaphore_memory import MemorySemaphoreStorage
-from .semaphore_redis import RedisSemaphoreStorage
+from .lease import Lease, LeaseKind
+from .mutex import (
+    LockInfo,
+    MemoryMutexStorage,
+    Mutex,
+    MutexLease,
+    MutexStorage,
+    create_mutex,
+)
+from .mutex.redis import RedisMutexStorage
+from .semaphore import (
+    MemorySemaphoreStorage,
+    Permit,
+    Semaphore,
+    SemaphoreInfo,
+    SemaphoreStorage,
+    create_semaphore,
+)
+from .semaphore.redis import RedisSemaphoreStorage
 
 __version__ = "0.1.0"
 
@@ -49,6 +61,7 @@ __all__ = [
     "ConfigurationError",
     "KeySpace",
     "Lease",
+    "LeaseKind",
     "LeaseLost",
     "LockError",
     "LockInfo",

@@ -9,7 +9,8 @@ from .errors import ConfigurationError
 
 
 def positive_seconds(name: str, value: Any) -> float:
-    """Return ``value`` as float seconds, or raise ``ValueError`` naming ``name``."""
+    """Return ``value`` (a number) as float seconds, or raise ``ConfigurationError`` (a
+    ``ValueError``) naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(
             f"{name} must be a number of seconds greater than 0, got {value!r}"
@@ -28,14 +29,16 @@ def optional_seconds(name: str, value: Any) -> float | None:
 
 
 def positive_int(name: str, value: Any) -> int:
-    """Return ``value`` as an int >= 1, or raise ``ValueError`` naming ``name``."""
+    """Return ``value`` as an int >= 1, or raise ``ConfigurationError`` (a ``ValueError``)
+    naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be an integer of at least 1, got {value!r}")
     return value
 
 
 def resource_key(value: Any) -> str:
-    """Check a lock/semaphore key: a non-empty string without braces (they carry the hash tag)."""
+    """Check a lock/semaphore key: a non-empty string without braces (they carry the hash tag);
+    ``ConfigurationError`` (a ``ValueError``) otherwise."""
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"key must be a non-empty string, got {value!r}")
     if "{" in value or "}" in value:

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._validate import optional_seconds, positive_seconds, resource_key
-from .lease import Lease, LeaseStorage, LostCallback
-from .wakeup import new_owner_id
+from .lease import Lease, LeaseStorage, LostCallback, new_owner_id
 
 __all__ = ["UNSET", "Granter"]
 
@@ -62,7 +61,8 @@ class Granter(ABC, Generic[L]):
         """Acquire ``key`` and return the lease; the caller must ``release()`` it.
 
         ``timeout`` seconds (None: no limit) bound the wait, then ``LockTimeout``; setting
-        ``abort`` raises ``AcquireAborted`` within 50 ms. With ``blocking=False`` it tries once
+        ``abort`` raises ``AcquireAborted`` within ``ABORT_CHECK``
+        (0.02 s) plus one round trip. With ``blocking=False`` it tries once
         without queueing and raises ``LockTimeout`` at once if nothing is free.
         ``owner`` (default: a fresh id from :func:`new_owner_id`) lets a caller that records
         its claims elsewhere know the owner id before the grant; it must come from
@@ -87,7 +87,7 @@ class Granter(ABC, Generic[L]):
         return held
 
     @contextmanager
-    def hold(
+    def _hold(
         self,
         key: str,
         *,
@@ -103,7 +103,7 @@ class Granter(ABC, Generic[L]):
         finally:
             held.release()
 
-    def run_holding(
+    def _run_holding(
         self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
     ) -> R:
         """Run ``fn(*args, **kwargs)`` holding ``key``; return its result.
@@ -113,5 +113,5 @@ class Granter(ABC, Generic[L]):
         """
         timeout = kwargs.pop("timeout", UNSET)
         abort = kwargs.pop("abort", None)
-        with self.hold(key, timeout=timeout, abort=abort):  # type: ignore[arg-type]
+        with self._hold(key, timeout=timeout, abort=abort):  # type: ignore[arg-type]
             return fn(*args, **kwargs)

@@ -1,18 +1,104 @@
-"""A held lease on a lock or a semaphore permit, as its holder sees it."""
+"""A held lease on a lock or a semaphore permit, as its holder sees it.
+
+Also what every storage shares about holders: the lease kinds (:class:`LeaseKind`), the
+process and owner ids grants are addressed to, and how often a wait looks at its abort event.
+Nothing here talks to Redis.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import secrets
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import ClassVar
 
 from ._validate import positive_seconds
 from .renewal import renewer
 
-__all__ = ["Lease", "LeaseStorage", "LostCallback"]
+__all__ = [
+    "ABORT_CHECK",
+    "Lease",
+    "LeaseKind",
+    "LeaseStorage",
+    "LostCallback",
+    "new_owner_id",
+    "process_id",
+]
 
 log = logging.getLogger(__name__)
+
+ABORT_CHECK = 0.02
+"""Seconds: how often a waiting acquire looks at the caller's ``abort`` event, so an abort
+ends a wait within this interval plus one round trip."""
+
+
+class LeaseKind(StrEnum):
+    """What a lease grants. The value is the code stored in Redis records (claims)."""
+
+    MUTEX = "m"
+    SEMAPHORE = "s"
+
+    @property
+    def resource(self) -> str:
+        """The name of the held resource in reports: ``"lock"`` or ``"semaphore"``."""
+        return "lock" if self is LeaseKind.MUTEX else "semaphore"
+
+    @property
+    def grant(self) -> str:
+        """The name of one holder's grant: ``"lock"`` or ``"permit"``."""
+        return "lock" if self is LeaseKind.MUTEX else "permit"
+
+    @classmethod
+    def from_resource(cls, name: str) -> LeaseKind:
+        """The kind whose :attr:`resource` is ``name``; ValueError for anything else."""
+        for kind in cls:
+            if kind.resource == name:
+                return kind
+        raise ValueError(f"kind must be 'lock' or 'semaphore', got {name!r}")
+
+
+# -- who holds: process and owner ids ----------------------------------------------------
+
+def _make_process_id() -> str:
+    # Readable in reports (host and pid) and unique across restarts (random part).
+    # ':' separates it from the counter in owner ids and ' ' ends it in messages: keep them out.
+    host = socket.gethostname().replace(":", "_").replace(" ", "_")[:40]
+    return f"{host}/{os.getpid()}/{secrets.token_hex(3)}"
+
+
+class _Identity:
+    def __init__(self) -> None:
+        self.process_id = _make_process_id()
+        self.counter = itertools.count(1)
+
+
+_identity = _Identity()
+
+
+def _new_identity_in_child() -> None:
+    # A child's grants must go to its own channel: it gets a fresh process id.
+    global _identity
+    _identity = _Identity()
+
+
+os.register_at_fork(after_in_child=_new_identity_in_child)
+
+
+def process_id() -> str:
+    """This process's id: ``"<host>/<pid>/<random>"`` (new after ``fork``)."""
+    return _identity.process_id
+
+
+def new_owner_id() -> str:
+    """A fresh owner id for one acquisition: ``"<process id>:<n>"``."""
+    identity = _identity
+    return f"{identity.process_id}:{next(identity.counter)}"
 
 LostCallback = Callable[["Lease", str], None]
 """Called as ``on_lost(lease, reason)`` from the renewer thread when a lease is lost."""
@@ -48,7 +134,7 @@ class Lease:
     when the renewer finds the lease gone; it is never re-created behind the holder's back.
     """
 
-    kind = "lease"
+    kind: ClassVar[LeaseKind]
 
     def __init__(
         self,
@@ -117,7 +203,7 @@ class Lease:
             return
         self.lost_reason = reason
         self.lost = True
-        log.warning("rediskit: %s %r lost: %s", self.kind, self.key, reason)
+        log.warning("rediskit: %s %r lost: %s", self.kind.grant, self.key, reason)
         if self.on_lost is not None:
             try:
                 self.on_lost(self, reason)

@@ -20,8 +20,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .keys import KeySpace
-from .scripts import as_text, load_script
+from ._redis.keys import KeySpace
+from ._redis.scripts import as_text, load_script
+from .lease import LeaseKind
 
 __all__ = [
     "Holder",
@@ -69,13 +70,14 @@ class Resource:
     """A held lock, or a semaphore, as read from Redis.
 
     ``key`` is the resource name (what you pass to ``lock(key)`` or ``permit(key)``),
-    ``redis_key`` the Redis key read. ``kind`` is ``"lock"`` or ``"semaphore"``. A lock has
+    ``redis_key`` the Redis key read. ``kind`` is ``LeaseKind.MUTEX`` (a lock) or
+    ``LeaseKind.SEMAPHORE`` (``to_dict`` names them ``"lock"`` and ``"semaphore"``). A lock has
     one holder and its current ``fencing_token``; a semaphore has ``total``, ``acquired`` and
     ``available`` permits and one :class:`Holder` per permit held.
     """
 
     key: str
-    kind: str
+    kind: LeaseKind
     redis_key: str
     holders: tuple[Holder, ...] = field(default_factory=tuple)
     fencing_token: int | None = None
@@ -97,6 +99,7 @@ class Resource:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["kind"] = self.kind.resource
         data["holders"] = [h.to_dict() for h in self.holders]
         data["remaining"] = self.remaining
         data["stale"] = self.stale
@@ -156,7 +159,7 @@ def _read_locks(client: Any, keys: KeySpace, names: list[str]) -> Iterator[Resou
                 continue  # released since the scan
             remaining = int(pttl) / 1000 if int(pttl) >= 0 else None
             yield Resource(
-                key=name, kind="lock", redis_key=k.lock,
+                key=name, kind=LeaseKind.MUTEX, redis_key=k.lock,
                 holders=(_holder(as_text(holder), remaining),),
                 fencing_token=int(fence) if fence else None,
             )
@@ -178,7 +181,7 @@ def _read_semaphores(client: Any, keys: KeySpace, names: list[str]) -> Iterator[
             )
             count = int(total)
             yield Resource(
-                key=name, kind="semaphore", redis_key=k.holders, holders=holders,
+                key=name, kind=LeaseKind.SEMAPHORE, redis_key=k.holders, holders=holders,
                 total=count, acquired=len(holders), available=max(0, count - len(holders)),
             )
 
@@ -188,7 +191,7 @@ def read_resources(
     prefix: str = "rediskit",
     pattern: str = "*",
     *,
-    kinds: Iterable[str] = ("lock", "semaphore"),
+    kinds: Iterable[LeaseKind | str] = (LeaseKind.MUTEX, LeaseKind.SEMAPHORE),
     include_idle: bool = False,
 ) -> list[Resource]:
     """Every held lock and every semaphore under ``prefix`` whose name matches ``pattern``.
@@ -196,20 +199,21 @@ def read_resources(
     ``pattern`` is a glob over resource names (``*``, ``?``, ``[abc]``), applied by the
     server in SCAN's MATCH. Semaphores with no permit held are left out unless
     ``include_idle``. Locks come first, each kind sorted by key. Raises redis-py's errors
-    when Redis can't be reached.
+    when Redis can't be reached. ``kinds`` are :class:`LeaseKind` members or their resource
+    names (``"lock"``, ``"semaphore"``).
     """
     space = KeySpace(prefix)
     base = glob_escape(space.prefix)
-    wanted = set(kinds)
+    wanted = {k if isinstance(k, LeaseKind) else LeaseKind.from_resource(k) for k in kinds}
     out: list[Resource] = []
-    if "lock" in wanted:
+    if LeaseKind.MUTEX in wanted:
         head, tail = f"{space.prefix}:lock:{{", "}"
         names = {
             name for key in scan_keys(client, f"{base}:lock:{{{pattern}}}")
             if (name := _name_between(key, head, tail)) is not None
         }
         out.extend(_read_locks(client, space, sorted(names)))
-    if "semaphore" in wanted:
+    if LeaseKind.SEMAPHORE in wanted:
         head, tail = f"{space.prefix}:sem:{{", "}:total"
         names = {
             name for key in scan_keys(client, f"{base}:sem:{{{pattern}}}:total")

@@ -53,6 +53,7 @@ def main() -> None:
 def run(url: str) -> None:
     import tasks  # the example app, configured from the environment set above
 
+    from celery_rediskit import LeaseKind
     from celery_rediskit.integration.control import lock_report
 
     app = tasks.app
@@ -92,12 +93,12 @@ def run(url: str) -> None:
     export = tasks.nightly_export.delay()
     deadline = time.monotonic() + 10
     report = lock_report(app, ping_timeout=2.0)
-    while not any(r.kind == "lock" for r in report.resources) and time.monotonic() < deadline:
+    while not any(r.kind is LeaseKind.MUTEX for r in report.resources) and time.monotonic() < deadline:
         time.sleep(0.05)  # the worker has not picked the task up yet
         report = lock_report(app, ping_timeout=2.0)
     print("4. Lock report while nightly_export runs (what `celery rediskit locks` shows):")
     for res in report.resources:
-        if res.kind == "lock":
+        if res.kind is LeaseKind.MUTEX:
             for h in res.holders:
                 state = "STALE" if h.stale else "alive"
                 print(f"   lock {res.key}: task {h.task_name}[{h.task_id}] on {h.worker} "
@@ -108,7 +109,7 @@ def run(url: str) -> None:
     token = export.get(timeout=30)
     after = lock_report(app, ping=False)
     print(f"   nightly_export finished with fencing token {token}; locks held now: "
-          f"{sum(1 for r in after.resources if r.kind == 'lock')}.")
+          f"{sum(1 for r in after.resources if r.kind is LeaseKind.MUTEX)}.")
 
 
 if __name__ == "__main__":

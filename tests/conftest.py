@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from celery_rediskit.devserver import PrivateServer
+from celery_rediskit.renewal import renewer
+from tests.processes import Holder
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +54,43 @@ def private_server() -> Iterator[PrivateServer]:
     """A server of the test's own, for fault tests that stop and restart it."""
     with PrivateServer() as server:
         yield server
+
+
+@pytest.fixture
+def spawn_holder() -> Iterator[type[Holder]]:
+    """Start holder processes (tests/holder_proc.py); each is killed at the end of the test."""
+    made: list[Holder] = []
+
+    class Tracked(Holder):
+        def __init__(self, *args: str) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    yield Tracked
+    for holder in made:
+        holder.close()
+
+
+@pytest.fixture
+def no_stray_leases() -> Iterator[None]:
+    """Release whatever a test left registered with the process's renewer."""
+    yield
+    for lease in renewer().held():
+        lease_release = getattr(lease, "release", None)
+        if lease_release:
+            lease_release()
+
+
+def storage_fixtures(memory: Callable[[], Any], on_redis: Callable[..., Any]) -> tuple[Any, Any]:
+    """The fixture pair of a storage kind: ``storage``, run once on Redis and once in memory
+    (for the semantics both share), and ``redis_storage``. Each test gets its own prefix."""
+
+    @pytest.fixture(name="storage", params=["redis", "memory"])
+    def storage(request: pytest.FixtureRequest, client: redis.Redis, prefix: str) -> Any:
+        return memory() if request.param == "memory" else on_redis(client, prefix=prefix)
+
+    @pytest.fixture(name="redis_storage")
+    def redis_storage(client: redis.Redis, prefix: str) -> Any:
+        return on_redis(client, prefix=prefix)
+
+    return storage, redis_storage

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..durations import parse_duration
+from .base import MISSING, CacheProvider, CacheUnavailable, Claim
 from .breaker import CircuitBreaker
-from .durations import parse_duration
 from .encoding import UnencodableArgument, cache_key_for, encode_value
 from .memo import (
     DEFAULT_LEASE,
@@ -16,18 +17,12 @@ from .memo import (
     cache_tag,
     cached,
     compute_cached,
-    revalidate_tag,
-)
-from .provider import (
-    MISSING,
-    CacheProvider,
-    CacheUnavailable,
-    Claim,
-    MemoryCacheProvider,
     get_cache_provider,
+    revalidate_tag,
     set_cache_provider,
 )
-from .redis_provider import RedisCacheProvider
+from .memory import MemoryCacheProvider
+from .redis import RedisCacheProvider
 from .serializers import Serializer
 
 __all__ = [

@@ -16,24 +16,21 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from .._validate import positive_seconds
-from ..errors import CacheError
-from .durations import parse_duration
+from ..durations import parse_duration
+from ..errors import CacheError, ConfigurationError
+from .base import MISSING, CacheProvider, CacheUnavailable, Claim, check_tags
 from .encoding import ArgumentEncoder, digest, function_name, key_name
-from .provider import (
-    MISSING,
-    CacheProvider,
-    CacheUnavailable,
-    Claim,
-    check_tags,
-    get_cache_provider,
-)
+from .memory import MemoryCacheProvider
 
 __all__ = [
+    "get_cache_provider",
+    "set_cache_provider",
     "DEFAULT_LEASE",
     "DEFAULT_TTL",
     "DEFAULT_WAIT",
@@ -46,6 +43,29 @@ __all__ = [
     "compute_cached",
     "revalidate_tag",
 ]
+
+_provider: CacheProvider | None = None
+_provider_lock = threading.Lock()
+
+
+def set_cache_provider(provider: CacheProvider) -> None:
+    """Make ``provider`` the process-wide cache of memoised functions without their own."""
+    if not isinstance(provider, CacheProvider):
+        raise ConfigurationError(f"expected a CacheProvider, got {provider!r}")
+    global _provider
+    _provider = provider
+
+
+def get_cache_provider() -> CacheProvider:
+    """The process-wide provider; a :class:`MemoryCacheProvider` until one is set."""
+    global _provider
+    provider = _provider
+    if provider is None:
+        with _provider_lock:
+            if _provider is None:
+                _provider = MemoryCacheProvider()
+            provider = _provider
+    return provider
 
 log = logging.getLogger("celery_rediskit.cache")
 
@@ -128,7 +148,7 @@ class _Policy:
         provider: CacheProvider | None,
     ) -> None:
         self.label = label
-        self.ttl = DEFAULT_TTL if ttl is None else parse_duration(ttl)
+        self.ttl = DEFAULT_TTL if ttl is None else parse_duration(ttl, "ttl")
         self.tags = check_tags(tags)
         self.wait = float(wait) if wait == 0 else positive_seconds("wait", wait)
         self.lease = positive_seconds("lease", lease)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..scripts import call
+from .._redis.scripts import call
 
 __all__ = ["ClaimStore", "Releaser", "holder_line", "parse_record"]
 
@@ -43,7 +43,7 @@ class ClaimStore:
     def key(self, task_id: str) -> str:
         return f"{self.prefix}:claims:{task_id}"
 
-    def record(self, task_id: str, records: list[tuple[str, str, str]],
+    def record(self, task_id: str, records: Sequence[tuple[str, str, str]],
                ttl: float | None = None, holder: str = "") -> None:
         """Make ``records`` the claims of ``task_id`` for ``ttl`` seconds (one command).
 
@@ -52,7 +52,7 @@ class ClaimStore:
         """
         call(self.client, *self.record_command(task_id, records, ttl, holder))
 
-    def record_command(self, task_id: str, records: list[tuple[str, str, str]],
+    def record_command(self, task_id: str, records: Sequence[tuple[str, str, str]],
                        ttl: float | None = None, holder: str = "") -> tuple[Any, ...]:
         """The command :meth:`record` sends, to send it along with others in one round trip
         (``scripts.call_many``)."""

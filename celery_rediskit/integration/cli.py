@@ -24,13 +24,19 @@ from celery.bin.base import CeleryCommand
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ..cache import CacheUnavailable, RedisCacheProvider
 from ..errors import RedisKitError
-from ..mutex_redis import RedisMutexStorage
-from ..report import Holder, Resource
-from ..semaphore_redis import RedisSemaphoreStorage
-from . import control  # registers the rediskit_leases inspect command in this process
+from ..lease import LeaseKind
+from ..mutex.redis import RedisMutexStorage
+from ..report import Holder, Resource, glob_escape, scan_keys
+from ..semaphore.redis import RedisSemaphoreStorage
+from . import control
+from .runtime import kit_of
 
 __all__ = ["rediskit"]
+
+# `celery inspect rediskit_leases` must be known to the command line that sends it.
+control.register()
 
 class Failure(click.ClickException):
     """A one-line error (``Error: ...`` on stderr), exit status 1."""
@@ -70,13 +76,11 @@ class Ops:
     """The app's settings and a Redis client for one command (short timeouts, no retries)."""
 
     def __init__(self, ctx: click.Context) -> None:
-        from .extension import RedisKit
-
         app = ctx.obj.app if ctx.obj is not None else None
         if app is None:
             _fail("no Celery app: run as 'celery -A proj rediskit ...'")
         try:
-            kit = RedisKit.of(app)
+            kit = kit_of(app)
         except RedisKitError as exc:
             _fail(str(exc))
         self.app = app
@@ -171,7 +175,7 @@ def _render(resources: list[Resource]) -> str:
     header = ["KIND", "KEY", "HOLDER", "WORKER", "PID", "SINCE", "LEASE", "TOKEN", "STATE"]
     rows = [header]
     for r in resources:
-        if r.kind == "lock":
+        if r.kind is LeaseKind.MUTEX:
             h = r.holders[0]
             rows.append(["lock", r.key, _who(h), h.worker or h.host or "-",
                          str(h.pid or "-"), _since(h.since, now), _seconds(h.remaining),
@@ -340,8 +344,6 @@ def cache() -> None:
 @click.pass_context
 def cache_clear(ctx: click.Context, tag: str | None) -> None:
     """Delete every cached entry (or those tagged TAG). Found with SCAN under the prefix only."""
-    from ..cache import CacheUnavailable, RedisCacheProvider
-
     ops = _ops(ctx)
     with ops.redis_errors():
         ops.client.ping()  # fail here, in one line, rather than through the cache's breaker
@@ -367,8 +369,6 @@ def cache_clear(ctx: click.Context, tag: str | None) -> None:
 @click.pass_context
 def cache_stats(ctx: click.Context, as_json: bool, top: int) -> None:
     """Count cached entries (by function), tags and computations in flight."""
-    from ..report import glob_escape, scan_keys
-
     ops = _ops(ctx)
     base = glob_escape(ops.prefix)
     entry_head = f"{ops.prefix}:cache:e:{{cache/"

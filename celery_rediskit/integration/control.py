@@ -5,8 +5,8 @@
   described with the task that holds it (task id and name, worker, pid, since when) and,
   unless ``ping=False``, marked stale when its worker does not answer a ping.
 - ``celery inspect rediskit_leases`` (:func:`rediskit_leases`): each worker answers with the
-  leases it holds now and when each was last renewed. Importing this module registers the
-  command; ``RedisKit(app)`` and the ``celery rediskit`` CLI plugin both import it, so it is
+  leases it holds now and when each was last renewed. :func:`register` registers the
+  command; ``RedisKit(app)`` and the ``celery rediskit`` CLI plugin both call it, so it is
   known to workers and to the ``celery`` command line (which refuses unknown names).
 
 Task metadata comes from the claims records (``claims.py``): a running task's record lists
@@ -24,12 +24,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
+from .._redis.scripts import call_many
+from ..lease import Lease, LeaseKind
 from ..renewal import renewer
 from ..report import Holder, Resource, glob_escape, read_resources, scan_keys
-from ..scripts import call_many
 from .claims import parse_record
+from .runtime import APP_ATTRIBUTE, Kit, kit_of
 
 __all__ = ["LockReport", "lock_report", "rediskit_leases", "worker_leases"]
 
@@ -135,7 +138,7 @@ def lock_report(
     ping: bool = True,
     ping_timeout: float = 1.0,
     include_idle: bool = False,
-    kinds: Iterable[str] = ("lock", "semaphore"),
+    kinds: Iterable[LeaseKind | str] = (LeaseKind.MUTEX, LeaseKind.SEMAPHORE),
     client: Any = None,
 ) -> LockReport:
     """Who holds what under the app's prefix (``rediskit_prefix``): a :class:`LockReport`.
@@ -146,9 +149,7 @@ def lock_report(
     ``client`` defaults to the app's own Redis client. Reads Redis directly: works with no
     worker running. Raises redis-py's errors when Redis can't be reached.
     """
-    from .extension import RedisKit
-
-    kit = RedisKit.of(app)
+    kit = kit_of(app)
     client = client if client is not None else kit.runtime().client
     prefix = kit.settings.prefix
     resources = read_resources(client, prefix, pattern, kinds=kinds, include_idle=include_idle)
@@ -160,11 +161,7 @@ def lock_report(
 
 # -- the inspect command ---------------------------------------------------------------------
 
-def _kind(code: str) -> str:
-    return "lock" if code == "m" else "permit"
-
-
-def worker_leases(kit: Any) -> list[dict[str, Any]]:
+def worker_leases(kit: Kit) -> list[dict[str, Any]]:
     """The leases held now by this worker's processes, as plain dicts (JSON-ready).
 
     Leases of this process come from its renewer (``last_renewed`` exactly). Tasks running in
@@ -178,18 +175,18 @@ def worker_leases(kit: Any) -> list[dict[str, Any]]:
     seen: set[str] = set()
     me = os.getpid()
     for lease in renewer().held():
+        if not isinstance(lease, Lease):
+            continue
         task, task_id = rt.owners.get(lease.owner, (None, None))
         ago = max(0.0, mono - lease.last_renewed)
         seen.add(lease.owner)
         out.append({
-            "key": lease.key, "kind": getattr(lease, "kind", "lease"), "owner": lease.owner,
+            "key": lease.key, "kind": lease.kind.grant, "owner": lease.owner,
             "task_id": task_id, "task_name": getattr(task, "name", None), "pid": me,
             "fencing_token": getattr(lease, "fencing_token", None),
             "lease": lease.lease_seconds, "remaining": max(0.0, lease.lease_seconds - ago),
             "last_renewed": now - ago, "last_renewed_ago": ago,
         })
-    from celery.worker import state as worker_state
-
     others = [r for r in list(worker_state.active_requests)
               if r.worker_pid is not None and r.worker_pid != me]
     if not others:
@@ -206,11 +203,11 @@ def worker_leases(kit: Any) -> list[dict[str, Any]]:
             seen.add(owner)
             token: int | None = None
             remaining: float
-            if code == "m":
+            if code == LeaseKind.MUTEX:
                 info = rt.mutex_storage.get_lock_info(key)
                 remaining = info.ttl if info.holder == owner else 0.0
                 token = info.fencing_token
-            elif code == "s":
+            elif code == LeaseKind.SEMAPHORE:
                 remaining = rt.semaphore_storage.holder_ttl(key, owner)
             else:
                 continue
@@ -218,7 +215,7 @@ def worker_leases(kit: Any) -> list[dict[str, Any]]:
                 continue  # released, or not taken by this run
             since: float | None = seconds - remaining if remaining <= seconds else None
             out.append({
-                "key": key, "kind": _kind(code), "owner": owner, "task_id": request.id,
+                "key": key, "kind": LeaseKind(code).grant, "owner": owner, "task_id": request.id,
                 "task_name": request.name,
                 "pid": (meta or {}).get("pid") or request.worker_pid,
                 "fencing_token": token, "lease": seconds, "remaining": remaining,
@@ -228,11 +225,10 @@ def worker_leases(kit: Any) -> list[dict[str, Any]]:
     return out
 
 
-@inspect_command(default_timeout=1.0)  # type: ignore[untyped-decorator]
 def rediskit_leases(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
     """The rediskit leases this worker holds now and when each was last renewed."""
     app = state.consumer.app
-    kit = getattr(app, "_rediskit", None)
+    kit: Kit | None = getattr(app, APP_ATTRIBUTE, None)
     if kit is None:
         return []
     try:
@@ -240,3 +236,8 @@ def rediskit_leases(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
     except Exception as exc:
         log.exception("rediskit: rediskit_leases failed")
         return [{"error": f"{type(exc).__name__}: {exc}"}]
+
+
+def register() -> None:
+    """Register ``rediskit_leases`` as a ``celery inspect`` command (in this process)."""
+    inspect_command(default_timeout=1.0)(rediskit_leases)

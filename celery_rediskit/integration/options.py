@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..durations import parse_duration
 from ..errors import ConfigurationError
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "TaskPolicy",
     "canonical",
     "digest",
-    "parse_duration",
     "parse_policy",
 ]
 
@@ -45,8 +45,6 @@ OPTION_NAMES = (
 SCOPES = ("running", "queued")
 ON_LOCKED = ("retry", "skip", "raise")
 ON_LIMITED = ("retry", "wait")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def canonical(value: Any) -> Any:
@@ -86,22 +84,6 @@ def digest(value: Any) -> str:
 def safe_name(text: str) -> str:
     """``text`` usable inside a lock key: braces (the Cluster hash tag) become parentheses."""
     return text.replace("{", "(").replace("}", ")") or "_"
-
-
-def parse_duration(name: str, value: Any) -> float:
-    """Seconds from a number or a text like ``"300"``, ``"5m"``, ``"2h"``, ``"1d"``."""
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, (int, float)) and value > 0 and value == value:
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m and float(m.group(1)) > 0:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ConfigurationError(
-        f"{name} must be a positive number of seconds or a text like '30s', '5m', '2h', '1d', "
-        f"got {value!r}"
-    )
 
 
 def _template_fields(option: str, template: str) -> tuple[str, ...]:
@@ -204,9 +186,11 @@ class TaskPolicy:
         data = self._key_data(self.singleton_key, arguments, args, kwargs)
         return f"singleton:{safe_name(task_name)}:{digest(data)}"
 
-    def cache_data(self, arguments: Mapping[str, Any], args: Sequence[Any],
-                   kwargs: Mapping[str, Any]) -> Any:
-        return canonical(self._key_data(self.cache_key, arguments, args, kwargs))
+    def cache_name(self, task_name: str, arguments: Mapping[str, Any],
+                   args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """The cache entry of this call's result: by ``cache_key`` (default: every argument)."""
+        data = canonical(self._key_data(self.cache_key, arguments, args, kwargs))
+        return f"task:{safe_name(task_name)}:{digest(data)}"
 
     def limit_names(self, arguments: Mapping[str, Any]) -> list[tuple[str, int]]:
         """(semaphore name, permits) of every limit, sorted by name: the order of acquisition,
@@ -344,10 +328,10 @@ def parse_policy(options: Mapping[str, Any], fun: Callable[..., Any] | None,
                      "a template may only name the task's arguments, e.g. 'tenant:{tenant_id}:2'")
     on_limited = _choice("on_limited", options.get("on_limited", "retry"), ON_LIMITED)
     lt = options.get("limit_timeout")
-    limit_timeout = None if lt is None else parse_duration("limit_timeout", lt)
+    limit_timeout = None if lt is None else parse_duration(lt, "limit_timeout")
 
     ttl = options.get("cache_ttl")
-    cache_ttl = None if ttl is None else parse_duration("cache_ttl", ttl)
+    cache_ttl = None if ttl is None else parse_duration(ttl, "cache_ttl")
     ckey = _key_spec("cache_key", options.get("cache_key"))
     if isinstance(ckey, tuple):
         _check_names("cache_key", ckey, sig, "use a tuple of argument names")

@@ -9,18 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .._validate import positive_seconds
+from .._redis.keys import KeySpace
+from ..durations import parse_duration
 from ..errors import ConfigurationError
-from ..keys import KeySpace
 
-__all__ = ["REDIS_SCHEMES", "Settings", "read_settings"]
+__all__ = ["DURATIONS", "REDIS_SCHEMES", "Settings", "read_settings"]
+
+DURATIONS = ("lease", "queued_ttl", "retry_delay", "limit_timeout", "socket_timeout",
+             "claims_ttl")
+"""The settings that are durations (seconds)."""
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", "valkey://", "valkeys://")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every ``rediskit_*`` setting. Times are seconds.
+    """Every ``rediskit_*`` setting. Times are seconds: numbers, or text in the library's one
+    duration grammar (``"30"``, ``"30s"``, ``"5m"``; see :mod:`celery_rediskit.durations`),
+    as environment variables and Django settings give them.
 
     - ``url``: Redis for locks, permits, claims and the cache (default: the broker URL when it
       is a Redis URL).
@@ -54,9 +60,10 @@ class Settings:
                 f"got {self.url!r}"
             )
         KeySpace(self.prefix)  # validates the prefix
-        for name in ("lease", "queued_ttl", "retry_delay", "limit_timeout", "socket_timeout",
-                     "claims_ttl"):
-            positive_seconds(f"rediskit_{name}", getattr(self, name))
+        for name in DURATIONS:
+            object.__setattr__(
+                self, name, parse_duration(getattr(self, name), f"rediskit_{name}")
+            )
 
 
 def _broker_redis_url(conf: Any) -> str | None:

@@ -12,23 +12,24 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Retry
+from celery.result import EagerResult
 from celery.utils import uuid
 
+from .._redis.scripts import call
 from .._validate import resource_key
-from ..errors import LockError, LockTimeout
-from ..lease import Lease
+from ..errors import ConfigurationError, LockError, LockTimeout
+from ..lease import Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
 from ..renewal import renewer
-from ..scripts import call
 from ..semaphore import Permit
-from ..wakeup import new_owner_id
 from .claims import holder_line
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
+from .runtime import Kit, Runtime, kit_of
 
 __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
 
@@ -85,20 +86,18 @@ def _delay_of(options: Mapping[str, Any]) -> float:
         return max(0.0, float(countdown))
     eta = options.get("eta")
     if eta is not None:
-        from datetime import datetime
-
         when = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
         now = datetime.now(when.tzinfo or UTC) if when.tzinfo else datetime.now()
         return max(0.0, (when - now).total_seconds())
     return 0.0
 
 
-def _try_acquire(rt: Any, record: tuple[Any, ...] | None, kind: str, name: str, owner: str,
-                 permits: int, seconds: float) -> int:
+def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, name: str,
+                 owner: str, permits: int, seconds: float) -> int:
     """One attempt (without queueing) to take lock (``kind`` "m") or permit ("s") ``name``
     for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
     first in the same round trip."""
-    if kind == "m":
+    if kind is LeaseKind.MUTEX:
         return int(rt.mutex_storage.try_acquire(name, owner, seconds, before=record))
     return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record))
 
@@ -131,10 +130,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     @classmethod
     def bind(cls, app: Any) -> Any:
-        from .extension import RedisKit
-
         if cls._rk_policy.active:
-            RedisKit.of(app)  # SingletonTask used on an app without RedisKit(app): install
+            kit_of(app)  # SingletonTask used on an app without RedisKit(app): install
         return super().bind(app)
 
     # -- what the body can see ------------------------------------------------------------
@@ -159,10 +156,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             return self.run(*args, **kwargs)
         return self._rk_execute(policy, request, args, kwargs)
 
-    def _rk_kit(self) -> Any:
-        from .extension import RedisKit
-
-        return RedisKit.of(self.app)
+    def _rk_kit(self) -> Kit:
+        return kit_of(self.app)
 
     def _rk_execute(self, policy: TaskPolicy, request: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
@@ -170,8 +165,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         rt = kit.runtime()
         task_id: str = request.id
         arguments = policy.bind(args, kwargs)
+        cache_name = None
         if policy.cache_ttl is not None:
-            found, value = rt.cache_lookup(self, policy, arguments, args, kwargs)
+            cache_name = policy.cache_name(self.name, arguments, args, kwargs)
+            found, value = rt.cache_lookup(self.name, cache_name)
             if found:
                 return value
         held: list[Lease] = []
@@ -180,27 +177,28 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_claim = None
         request.rediskit_keep = False
         try:
-            plan: list[tuple[str, str, int]] = []  # (kind, resource name, permits), in order
+            plan: list[tuple[LeaseKind, str, int]] = []  # (kind, resource name, permits), in order
             if policy.singleton:
                 name = policy.singleton_name(self.name, arguments, args, kwargs)
                 if policy.scope == "queued":
                     claim = self._rk_take_claim(rt, name, task_id)
                     request.rediskit_claim = claim
-                plan.append(("m", name, 0))
+                plan.append((LeaseKind.MUTEX, name, 0))
             if policy.limits:
-                plan.extend(("s", sem_name, permits)
+                plan.extend((LeaseKind.SEMAPHORE, sem_name, permits)
                             for sem_name, permits in policy.limit_names(arguments))
             if plan:
                 self._rk_acquire(rt, policy, request, plan, claim, held)
             result = self.run(*args, **kwargs)
-            if policy.cache_ttl is not None:
-                rt.cache_store(self, policy, arguments, args, kwargs, result)
+            if cache_name is not None:
+                rt.cache_store(self.name, cache_name, result, policy.cache_ttl,
+                               policy.tags(arguments))
             return result
         finally:
             self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
 
-    def _rk_acquire(self, rt: Any, policy: TaskPolicy, request: Any,
-                    plan: list[tuple[str, str, int]], claim: MutexLease | None,
+    def _rk_acquire(self, rt: Runtime, policy: TaskPolicy, request: Any,
+                    plan: list[tuple[LeaseKind, str, int]], claim: MutexLease | None,
                     held: list[Lease]) -> None:
         """Take every lock and permit of ``plan`` (in its order) and record them by task id.
 
@@ -217,14 +215,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
         records = [(kind, name, owner) for (kind, name, _), owner in zip(plan, owners,
                                                                          strict=True)]
         if claim is not None:
-            records.append(("m", claim.key, claim.owner))
+            records.append((LeaseKind.MUTEX, claim.key, claim.owner))
         record = rt.claims.record_command(task_id, records, 2 * seconds,
                                           holder_line(self.name, request.hostname))
         pending: tuple[Any, ...] | None = record if claim is None else None
         for (kind, name, permits), owner in zip(plan, owners, strict=True):
             name = resource_key(name)
             lease: Lease
-            if kind == "m":
+            if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
                 pending = None
                 if token < 1:
@@ -252,7 +250,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if claim is not None:
             call(rt.client, *record)
 
-    def _rk_take_claim(self, rt: Any, name: str, task_id: str) -> MutexLease:
+    def _rk_take_claim(self, rt: Runtime, name: str, task_id: str) -> MutexLease:
         """Hold the queued-scope claim of ``task_id`` while it runs (taking it if free)."""
         qname = _queued_name(name)
         owner = "q:" + task_id
@@ -275,7 +273,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         claim.start_renewal()
         return claim
 
-    def _rk_locked(self, rt: Any, policy: TaskPolicy, request: Any, name: str,
+    def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
                    claim: MutexLease | None) -> None:
         holder = rt.mutex_storage.get_lock_info(name).holder if policy.on_locked != "retry" \
             else None
@@ -317,7 +315,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         sig.apply_async()
         raise Retry(f"{why}: re-queued in {countdown:.2f} s", when=countdown, sig=sig)
 
-    def _rk_release_leases(self, rt: Any, request: Any) -> None:
+    def _rk_release_leases(self, rt: Runtime, request: Any) -> None:
         """Release the running leases (lock, permits) now; the queued claim stops renewing."""
         held: list[Lease] = getattr(request, "rediskit_leases", None) or []
         for lease in reversed(held):
@@ -331,7 +329,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if claim is not None:
             renewer().unregister(claim)
 
-    def _rk_finish(self, rt: Any, request: Any, *, keep_claim: bool) -> None:
+    def _rk_finish(self, rt: Runtime, request: Any, *, keep_claim: bool) -> None:
         """End of a run: release everything; a queued claim stays for a re-sent message
         (whose ``apply_async`` has already rewritten the task's claims record)."""
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
@@ -373,11 +371,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except TypeError:
             return super().apply_async(args, kwargs, task_id, **options)  # Celery reports it
         if policy.cache_ttl is not None and not has_callbacks:
-            found, value = rt.cache_lookup(self, policy, arguments, args or (), kwargs or {})
+            name = policy.cache_name(self.name, arguments, args or (), kwargs or {})
+            found, value = rt.cache_lookup(self.name, name)
             if found:
-                from celery import states
-                from celery.result import EagerResult
-
                 return EagerResult(task_id or uuid(), value, states.SUCCESS, name=self.name)
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
@@ -409,7 +405,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 return res
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
-        rt.claims.record(task_id, [("m", qname, owner)], ttl)
+        rt.claims.record(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
         try:
             return super().apply_async(args, kwargs, task_id, **options)
         except BaseException:
@@ -420,12 +416,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         """Drop the cached result of the call ``task(*args, **kwargs)``; True if one existed."""
         policy = self._rk_policy
         if policy.cache_ttl is None:
-            from ..errors import ConfigurationError
-
             raise ConfigurationError(f"task {self.name} has no cache_ttl: nothing to invalidate")
         arguments = policy.bind(args, kwargs)
-        return bool(self._rk_kit().runtime().cache_invalidate(self, policy, arguments, args,
-                                                               kwargs))
+        name = policy.cache_name(self.name, arguments, args, kwargs)
+        return bool(self._rk_kit().runtime().cache.delete(name))
 
 
 class SingletonTask(RedisKitTask):

@@ -1,5 +1,6 @@
 -- Shared library: cache entries and their tag index.
 -- Prepended by scripts.py to every script whose header says "-- needs: _cache_entry".
+-- needs: _clock
 --
 -- An entry is a STRING "<content type>\n<tags>\n<payload>" (tags joined by "\31", maybe none),
 -- with the entry's lifetime as its PX expiry. So an entry remembers its own tags.
@@ -10,11 +11,6 @@
 --
 -- Cluster: tag keys are built here from the tag prefix, so these scripts need every key on
 -- one node; the provider refuses tags on a Redis Cluster client (see redis_provider.py).
-
-local function cache_now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 
 -- The tags recorded in a stored entry (nil or false: none).
 local function cache_tags(value)
@@ -46,7 +42,7 @@ end
 local function cache_index(entry, value, ttl, prefix)
   local tags = cache_tags(value)
   if #tags == 0 then return end
-  local now = cache_now()
+  local now = now_ms()
   local score = '+inf'
   if ttl > 0 then score = now + ttl end
   for _, t in ipairs(tags) do

@@ -1,5 +1,6 @@
 -- Shared library: the FIFO queue of waiters of one lock or semaphore.
 -- Included by scripts.py in every script whose header says "-- needs: _waitqueue".
+-- needs: _clock
 --
 -- A queue is two keys with the resource's hash tag:
 --   queue   LIST of waiter ids, oldest first
@@ -7,11 +8,6 @@
 -- A waiter id is "<process id>:<n>"; grants are published on <channel prefix><process id>
 -- as "<waiter id> <token>". A waiter refreshes its deadline each time it re-checks, so one
 -- that died drops out by itself once its deadline passes.
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 
 -- The first live waiter and the lease it asked for; dead ones met on the way are dropped.
 -- The returned waiter stays in the queue: wq_pop removes it once it is served.

@@ -1,7 +1,8 @@
 -- Single-flight claim: return the entry if it exists, else try to take the entry's fill lock.
 -- needs: _cache_entry
--- This file is a prefix: cache/redis_provider.py runs it followed by mutex_acquire.lua, so the
--- lock part is the mutex's own code (same keys, arguments and result).
+-- then: mutex_acquire
+-- This file is a prefix: the loader appends mutex_acquire.lua, so the lock part is the mutex's
+-- own code (same keys, arguments and result).
 -- KEYS[1..4] the fill lock's mutex keys (lock, fence, queue, waiters; see mutex_acquire.lua)
 -- KEYS[5]    the entry
 -- ARGV[1..5] as mutex_acquire.lua (owner, lease ms, "0" = just try, grace ms, channel prefix)

@@ -1,7 +1,8 @@
 -- Single-flight fill: store the computed entry (optionally), then release the fill lock.
 -- needs: _cache_entry
--- This file is a prefix: cache/redis_provider.py runs it followed by mutex_release.lua, so the
--- release (owner check, handing the lock to the first live waiter, waking it) is the mutex's.
+-- then: mutex_release
+-- This file is a prefix: the loader appends mutex_release.lua, so the release (owner check,
+-- handing the lock to the first live waiter, waking it) is the mutex's.
 -- KEYS[1..4] the fill lock's mutex keys (lock, fence, queue, waiters; see mutex_release.lua)
 -- KEYS[5]    the entry
 -- ARGV[1..4] as mutex_release.lua (owner, channel prefix, process id, force "0")

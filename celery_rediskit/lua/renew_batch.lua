@@ -4,6 +4,7 @@
 -- A lease is renewed only while its owner still holds it: a lock that expired or changed hands,
 -- or a semaphore holder that was reaped or whose lease end passed, is never re-created.
 -- Returns a list: 1 renewed, 0 lost, in the order of KEYS.
+-- needs: _clock
 local out = {}
 local now = nil
 for i = 1, #KEYS do
@@ -15,10 +16,7 @@ for i = 1, #KEYS do
       ok = 1
     end
   else
-    if not now then
-      local t = redis.call('TIME')
-      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
+    if not now then now = now_ms() end
     local ends = redis.call('ZSCORE', KEYS[i], owner)
     if ends and tonumber(ends) > now then
       redis.call('ZADD', KEYS[i], 'XX', now + ms, owner)

@@ -13,8 +13,7 @@
 --         holder bounds the wait), so the caller can bound its wait.
 local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now = now_ms()
 
 local cap = tonumber(redis.call('GET', total))
 if not cap then

@@ -11,8 +11,7 @@
 --   wake, when there are any (then the reply is a list).
 local holders, total, queue, waiters = KEYS[1], KEYS[2], KEYS[4], KEYS[5]
 local owner = ARGV[1]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
 
 -- Fast path: nobody queues (so the caller is not queued either, and nobody is to be served).

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import redis
 from redis.cluster import key_slot
 
 from celery_rediskit import (
@@ -21,21 +20,9 @@ from celery_rediskit import (
     SemaphoreStorage,
     create_semaphore,
 )
-from celery_rediskit.keys import KeySpace
+from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.renewal import renewer
-from tests.primitives.processes import run_contenders
-
-
-@pytest.fixture(params=["redis", "memory"])
-def storage(request: pytest.FixtureRequest, client: redis.Redis, prefix: str) -> SemaphoreStorage:
-    if request.param == "memory":
-        return MemorySemaphoreStorage()
-    return RedisSemaphoreStorage(client, prefix=prefix)
-
-
-@pytest.fixture
-def redis_storage(client: redis.Redis, prefix: str) -> RedisSemaphoreStorage:
-    return RedisSemaphoreStorage(client, prefix=prefix)
+from tests.processes import run_contenders
 
 
 def test_with_permit_and_permit_context_manager(storage: SemaphoreStorage) -> None:

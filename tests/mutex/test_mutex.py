@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,27 +15,14 @@ from redis.cluster import key_slot
 from celery_rediskit import (
     AcquireAborted,
     LockTimeout,
-    MemoryMutexStorage,
     MutexStorage,
     RedisMutexStorage,
     create_mutex,
 )
-from celery_rediskit.keys import KeySpace
-from celery_rediskit.renewal import renewer
-from tests.primitives.processes import run_contenders
-from tests.roundtrips import counting_client
+from celery_rediskit._redis.keys import KeySpace
+from tests.processes import run_contenders
 
-
-@pytest.fixture(params=["redis", "memory"])
-def storage(request: pytest.FixtureRequest, client: redis.Redis, prefix: str) -> MutexStorage:
-    if request.param == "memory":
-        return MemoryMutexStorage()
-    return RedisMutexStorage(client, prefix=prefix)
-
-
-@pytest.fixture
-def redis_storage(client: redis.Redis, prefix: str) -> RedisMutexStorage:
-    return RedisMutexStorage(client, prefix=prefix)
+pytestmark = pytest.mark.usefixtures("no_stray_leases")
 
 
 def test_with_lock_returns_the_result_and_releases(storage: MutexStorage) -> None:
@@ -212,25 +198,6 @@ def test_processes_never_overlap(redis_url: str, prefix: str) -> None:
     assert len(tokens) == 120 and len(set(tokens)) == 120
 
 
-def test_release_wakes_a_waiter_at_once_not_at_lease_end(redis_storage: RedisMutexStorage,
-                                                         spawn_holder: type, redis_url: str,
-                                                         prefix: str) -> None:
-    holder = spawn_holder("mutex", redis_url, prefix, "res", "30", "1")
-    mutex = create_mutex(timeout=10, storage=redis_storage)
-    got: dict[str, float] = {}
-
-    def waiter() -> None:
-        with mutex.lock("res"):
-            got["at"] = time.monotonic()
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    while not redis_storage.client.llen(redis_storage.keys.lock("res").queue):
-        time.sleep(0.005)  # wait until the waiter is queued in Redis
-    released_at = time.monotonic()
-    assert holder.command("release").startswith("RELEASED True")
-    thread.join(5)
-    assert got["at"] - released_at < 0.5, "the waiter was not woken by the release"
 
 
 def test_sigkill_of_holder_frees_the_lock_within_lease_plus_1s(
@@ -264,81 +231,14 @@ def test_sigstop_past_the_lease_gives_a_higher_token_and_refuses_the_old_release
     lease.release()
 
 
-def test_every_operation_is_one_evalsha(redis_url: str, prefix: str) -> None:
-    c, sent = counting_client(redis_url)
-    storage = RedisMutexStorage(c, prefix=prefix)
-    mutex = create_mutex(storage=storage)
-    mutex.acquire("warm", auto_renew=False).release()  # loads the scripts
-    sent.clear()
-    for _ in range(10):
-        mutex.acquire("res", auto_renew=False).release()
-    assert sent == ["EVALSHA"] * 20
-    sent.clear()
-    storage.get_lock_info("res")
-    storage.extend_lock("res", 1)
-    storage.force_release("res")
-    assert sent == ["EVALSHA"] * 3
 
 
-def test_one_round_trip_renews_every_held_lease(redis_url: str, prefix: str) -> None:
-    c, sent = counting_client(redis_url)
-    mutex = create_mutex(lease=30, storage=RedisMutexStorage(c, prefix=prefix))
-    leases = [mutex.acquire(f"res{i}") for i in range(5)]
-    renewer().renew_now(leases[:1])  # loads the script on this server
-    sent.clear()
-    renewer().renew_now(leases)
-    assert sent == ["EVALSHA"]
-    assert all(lease.ttl() > 29 and not lease.lost for lease in leases)
-    for lease in leases:
-        lease.release()
 
 
-def test_auto_renew_keeps_a_lease_alive_past_its_length(storage: MutexStorage) -> None:
-    mutex = create_mutex(lease=0.4, storage=storage)
-    with mutex.lock("res") as lease:
-        time.sleep(1.3)  # three lease lengths: only renewal keeps it
-        assert not lease.lost
-        assert storage.get_lock_info("res").holder == lease.owner
-    assert not storage.is_locked("res")
 
 
-def test_a_lease_taken_away_is_reported_lost_and_never_recreated(storage: MutexStorage) -> None:
-    lost = threading.Event()
-    reasons: list[str] = []
-
-    def on_lost(lease: object, reason: str) -> None:
-        reasons.append(reason)
-        lost.set()
-
-    mutex = create_mutex(lease=5, storage=storage, on_lost=on_lost)
-    lease = mutex.acquire("res")
-    storage.force_release("res")
-    renewer().renew_now([lease])
-    assert lost.wait(5) and lease.lost and reasons
-    assert not storage.is_locked("res"), "renewal must not re-create a lost lock"
-    assert lease.release() is False
 
 
-def test_lost_wakeup_costs_at_most_one_bounded_wait(
-    redis_storage: RedisMutexStorage, spawn_holder: type, redis_url: str, prefix: str
-) -> None:
-    """Drop every pub/sub connection while a waiter waits: it still gets the lock."""
-    holder = spawn_holder("mutex", redis_url, prefix, "res", "2.0", "1")
-    mutex = create_mutex(timeout=15, storage=redis_storage)
-    got = threading.Event()
-
-    def waiter() -> None:
-        with mutex.lock("res"):
-            got.set()
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    while not redis_storage.client.llen(redis_storage.keys.lock("res").queue):
-        time.sleep(0.005)
-    redis_storage.client.client_kill_filter(_type="pubsub")
-    holder.command("release")
-    assert got.wait(2.0 + 2.5)
-    thread.join()
 
 
 @pytest.mark.parametrize("name", ["db", "db:main", "tenant/42", "}x"])
@@ -352,63 +252,9 @@ def test_lock_keys_share_one_cluster_slot(name: str) -> None:
     assert all(f"{{{name}}}" in k for k in keys)
 
 
-def test_scripts_reload_after_a_server_restart(private_server: object, prefix: str) -> None:
-    c = redis.Redis.from_url(private_server.url)  # type: ignore[attr-defined]
-    mutex = create_mutex(storage=RedisMutexStorage(c, prefix=prefix))
-    mutex.acquire("res", auto_renew=False).release()
-    private_server.restart()  # type: ignore[attr-defined]
-    with mutex.lock("res") as lease:
-        assert lease.fencing_token == 1  # a fresh server: the counter starts again
 
 
-@pytest.fixture(autouse=True)
-def _no_stray_leases() -> Iterator[None]:
-    yield
-    for lease in renewer().held():
-        lease_release = getattr(lease, "release", None)
-        if lease_release:
-            lease_release()
 
 
-def test_an_outage_marks_held_leases_lost_and_new_locks_work_after_it(
-    private_server: object, prefix: str
-) -> None:
-    server = private_server
-    c = redis.Redis.from_url(server.url, socket_connect_timeout=0.2)  # type: ignore[attr-defined]
-    lost = threading.Event()
-    mutex = create_mutex(lease=0.6, storage=RedisMutexStorage(c, prefix=prefix),
-                         on_lost=lambda lease, reason: lost.set())
-    lease = mutex.acquire("res")
-    server.stop()  # type: ignore[attr-defined]
-    assert lost.wait(5), "a lease that can't be renewed must be reported lost"
-    assert lease.lost
-    server.start()  # type: ignore[attr-defined]
-    with mutex.lock("res", timeout=5) as again:
-        assert again.fencing_token >= 1 and not again.lost
 
 
-def test_a_discarded_client_leaves_no_wakeup_connection_or_pipe(redis_url: str,
-                                                                 prefix: str) -> None:
-    import gc
-
-    from celery_rediskit import wakeup
-
-    hubs: list[wakeup.WakeupHub] = []
-
-    def contend_once() -> None:
-        c = redis.Redis.from_url(redis_url)
-        mutex = create_mutex(timeout=5, storage=RedisMutexStorage(c, prefix))
-        held = mutex.acquire("res")
-        waiter = threading.Thread(target=lambda: mutex.acquire("res").release())
-        waiter.start()
-        while not c.llen(f"{prefix}:lock:{{res}}:queue"):
-            time.sleep(0.001)  # until the waiter is queued: it opens the pub/sub connection
-        held.release()
-        waiter.join(5)
-        hubs.append(wakeup.hub_for(c))  # the hub holds the client only weakly
-
-    for _ in range(5):
-        contend_once()
-    gc.collect()
-    assert all(hub.closed for hub in hubs), "a hub outlived its client"
-    assert not any(hub in (entry[1] for entry in wakeup._state.hubs.values()) for hub in hubs)

@@ -12,11 +12,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._validate import positive_seconds, resource_key
-from .errors import AcquireAborted, LockTimeout
-from .lease import Lease
-from .mutex import LockInfo, MutexStorage
-from .waiting import ABORT_CHECK
+from .._validate import positive_seconds, resource_key
+from ..errors import AcquireAborted, LockTimeout
+from ..lease import ABORT_CHECK, Lease
+from .base import LockInfo, MutexStorage
 
 __all__ = ["MemoryMutexStorage"]
 

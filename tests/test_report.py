@@ -8,9 +8,9 @@ import time
 
 import redis
 
-from celery_rediskit import RedisMutexStorage, RedisSemaphoreStorage
+from celery_rediskit import LeaseKind, RedisMutexStorage, RedisSemaphoreStorage
+from celery_rediskit.lease import new_owner_id
 from celery_rediskit.report import glob_escape, parse_owner, read_resources
-from celery_rediskit.wakeup import new_owner_id
 
 
 def test_parse_owner() -> None:
@@ -40,8 +40,9 @@ def test_locks_and_semaphores_with_holders(client: redis.Redis, prefix: str) -> 
 
     found = read_resources(client, prefix)
     assert [(r.kind, r.key) for r in found] == [
-        ("lock", "export"), ("lock", "other"), ("semaphore", "db"),
+        (LeaseKind.MUTEX, "export"), (LeaseKind.MUTEX, "other"), (LeaseKind.SEMAPHORE, "db"),
     ]
+    assert [r.to_dict()["kind"] for r in found] == ["lock", "lock", "semaphore"]
     export = found[0]
     assert export.fencing_token == token
     assert export.redis_key == f"{prefix}:lock:{{export}}"

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from threading import Event
 from typing import Any
 
-from .errors import AcquireAborted, LockTimeout
+from ..errors import AcquireAborted, LockTimeout
 from .scripts import LuaScript
-from .wakeup import ABORT_CHECK, WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
+from .wakeup import WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
-__all__ = ["ABORT_CHECK", "WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
+__all__ = ["WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
 
 WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait (ms)
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._validate import resource_key
-from .errors import ConfigurationError
+from .._validate import resource_key
+from ..errors import ConfigurationError
 
 __all__ = ["KeySpace", "LockKeys", "SemaphoreKeys"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._validate import to_ms
-from .lease import Lease
+from .._validate import to_ms
+from ..lease import Lease
 from .scripts import load_script
 
 __all__ = ["renew_in_batches"]

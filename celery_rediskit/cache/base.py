@@ -1,8 +1,8 @@
-"""The cache provider interface, the in-memory default, and the process-wide provider.
+"""The cache provider contract (:class:`CacheProvider`) and what every provider shares.
 
-A provider stores values under string keys with an optional lifetime (seconds) and tags.
-Besides CommandKit's ``get``/``set``/``delete``/``exists``/``expire``/``clear`` it offers
-``revalidate_tag`` and the single-flight protocol used by memoised functions:
+A provider stores values under string keys with an optional lifetime (seconds) and tags:
+``get``/``set``/``delete``/``exists``/``expire``/``clear``, ``revalidate_tag``, and the
+single-flight protocol used by memoised functions:
 ``claim(key)`` returns a hit, or makes the caller the one who computes (then ``fill`` or
 ``abandon``), or tells it to compute without the cache (``bypass``).
 """
@@ -10,24 +10,18 @@ Besides CommandKit's ``get``/``set``/``delete``/``exists``/``expire``/``clear`` 
 from __future__ import annotations
 
 import threading
-import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Final
 
-from .._validate import positive_int, resource_key
 from ..errors import CacheError, ConfigurationError
-from .durations import optional_duration
 
 __all__ = [
     "MISSING",
     "CacheProvider",
     "CacheUnavailable",
     "Claim",
-    "MemoryCacheProvider",
-    "get_cache_provider",
-    "set_cache_provider",
+    "check_tags",
 ]
 
 
@@ -197,123 +191,3 @@ class CacheProvider(ABC):
             claim.handle = None
             slot[0].release()
             flights.leave(claim.key, slot)
-
-
-class MemoryCacheProvider(CacheProvider):
-    """A cache in this process's memory: at most ``max_entries`` entries, least recently used
-    evicted first, lifetimes honoured (monotonic clock). Thread-safe. Values are kept as the
-    objects themselves (not copied): do not mutate what you get back.
-    """
-
-    def __init__(self, max_entries: int = 1024) -> None:
-        self.max_entries = positive_int("max_entries", max_entries)
-        self._lock = threading.Lock()
-        # key -> (value, expires_at monotonic or None, tags)
-        self._data: OrderedDict[str, tuple[Any, float | None, tuple[str, ...]]] = OrderedDict()
-        self._tags: dict[str, set[str]] = {}
-
-    def _drop(self, key: str) -> None:
-        _value, _expires, tags = self._data.pop(key)
-        for tag in tags:
-            keys = self._tags.get(tag)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._tags[tag]
-
-    def _live(self, key: str) -> tuple[Any, float | None, tuple[str, ...]] | None:
-        entry = self._data.get(key)
-        if entry is None:
-            return None
-        if entry[1] is not None and entry[1] <= time.monotonic():
-            self._drop(key)
-            return None
-        return entry
-
-    def get(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            entry = self._live(resource_key(key))
-            if entry is None:
-                return default
-            self._data.move_to_end(key)
-            return entry[0]
-
-    def set(
-        self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
-    ) -> None:
-        key = resource_key(key)
-        seconds = optional_duration(ttl)
-        tag_list = check_tags(tags)
-        expires = None if seconds is None else time.monotonic() + seconds
-        with self._lock:
-            if key in self._data:
-                self._drop(key)
-            self._data[key] = (value, expires, tag_list)
-            for tag in tag_list:
-                self._tags.setdefault(tag, set()).add(key)
-            while len(self._data) > self.max_entries:
-                self._drop(next(iter(self._data)))
-
-    def delete(self, key: str) -> bool:
-        with self._lock:
-            if self._live(resource_key(key)) is None:
-                return False
-            self._drop(key)
-            return True
-
-    def exists(self, key: str) -> bool:
-        with self._lock:
-            return self._live(resource_key(key)) is not None
-
-    def expire(self, key: str, ttl: float | str | None) -> bool:
-        seconds = optional_duration(ttl)
-        with self._lock:
-            entry = self._live(resource_key(key))
-            if entry is None:
-                return False
-            expires = None if seconds is None else time.monotonic() + seconds
-            self._data[key] = (entry[0], expires, entry[2])
-            return True
-
-    def clear(self) -> int:
-        with self._lock:
-            count = len(self._data)
-            self._data.clear()
-            self._tags.clear()
-            return count
-
-    def revalidate_tag(self, tag: str) -> int:
-        (tag,) = check_tags((tag,))
-        with self._lock:
-            keys = list(self._tags.get(tag, ()))
-            for key in keys:
-                self._drop(key)
-            return len(keys)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._data)
-
-
-_provider: CacheProvider | None = None
-_provider_lock = threading.Lock()
-
-
-def set_cache_provider(provider: CacheProvider) -> None:
-    """Make ``provider`` the process-wide cache of memoised functions without their own."""
-    if not isinstance(provider, CacheProvider):
-        raise ConfigurationError(f"expected a CacheProvider, got {provider!r}")
-    global _provider
-    _provider = provider
-
-
-def get_cache_provider() -> CacheProvider:
-    """The process-wide provider; a :class:`MemoryCacheProvider` until one is set."""
-    global _provider
-    provider = _provider
-    if provider is None:
-        with _provider_lock:
-            if _provider is None:
-                _provider = MemoryCacheProvider()
-            provider = _provider
-    return provider

@@ -25,7 +25,7 @@ from celery import Celery
 from celery_rediskit import RedisMutexStorage, RedisSemaphoreStorage
 from celery_rediskit.cache import RedisCacheProvider
 from celery_rediskit.devserver import free_port
-from celery_rediskit.wakeup import new_owner_id
+from celery_rediskit.lease import new_owner_id
 
 from .workerapp import build
 

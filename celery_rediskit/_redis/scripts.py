@@ -1,10 +1,11 @@
 """Loads the Lua scripts from ``lua/*.lua`` and runs them by EVALSHA.
 
-A script whose header has ``-- needs: NAME`` gets ``lua/NAME.lua`` (and what that needs)
-prepended, so shared Lua (the waiter queue, the semaphore state) is written once. Calls go
-through ``execute_command("EVALSHA", ...)`` directly: the ``Script`` object of redis-py adds
-microseconds per call on the hot path. When the server has forgotten a script (restart,
-a script cache reset), it is loaded again and re-run.
+Scripts are put together by :func:`compose`: ``-- needs: NAME`` includes a library
+(``lua/NAME.lua``) and ``-- then: NAME`` continues into another script, so shared Lua (the
+clock, the waiter queue, the semaphore state, the mutex's acquire and release) is written
+once. Calls go through ``execute_command("EVALSHA", ...)`` directly: the ``Script`` object of
+redis-py adds microseconds per call on the hot path. When the server has forgotten a script
+(restart, a script cache reset), it is loaded again and re-run.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Any
 
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-__all__ = ["LuaScript", "as_text", "call", "call_many", "load_script"]
+__all__ = ["LuaScript", "as_text", "call", "call_many", "compose", "load_script"]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
+_THEN = re.compile(r"^-- then: (\w+)\s*$", re.MULTILINE)
+_EARLY = re.compile(r"^-- early:", re.MULTILINE)
 _PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
 
 
@@ -111,7 +114,7 @@ def call(client: Any, *args: Any) -> Any:
 
 
 def _read(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("celery_rediskit").joinpath("lua", f"{name}.lua").read_text()
 
 
 def _with_libraries(name: str, seen: list[str]) -> None:
@@ -123,21 +126,47 @@ def _with_libraries(name: str, seen: list[str]) -> None:
         seen.append(name)
 
 
+def compose(name: str) -> str:
+    """The source of script ``name`` with its libraries and the scripts it continues into.
+
+    The one way scripts are put together:
+
+    - ``-- needs: LIB`` includes ``lua/LIB.lua`` (and what it needs) once per composed script.
+      Libraries go where the script has a line ``-- libraries here``, else at its top; a
+      library whose header says ``-- early:`` always goes at the top (the clock, which fast
+      paths use). Lua creates a script's local functions on every call, so a script keeps its
+      fast path above that line and pays for the libraries only when it gets past it.
+    - ``-- then: NAME`` appends script ``NAME`` (with its own libraries, less those included
+      already): a prefix such as the cache's claim runs, then falls into the mutex's own code.
+    """
+    included: list[str] = []
+    pieces: list[str] = []
+    part: str | None = name
+    while part is not None:
+        raw = body = _read(part)
+        order: list[str] = []
+        _with_libraries(part, order)
+        libraries = [lib for lib in order[:-1] if lib not in included]
+        included.extend(libraries)
+        early = [_read(lib) for lib in libraries if _EARLY.search(_read(lib))]
+        late = "\n".join(_read(lib) for lib in libraries if not _EARLY.search(_read(lib)))
+        marker = _PLACE.search(body)
+        if marker is not None:
+            before, _, after = body.partition(marker.group(0))
+            body = before + late + after
+        elif late:
+            body = late + "\n" + body
+        pieces.extend(early)
+        pieces.append(body)
+        follows = _THEN.search(raw)
+        part = follows.group(1) if follows else None
+    return "\n".join(pieces)
+
+
 @cache
 def load_script(name: str) -> LuaScript:
-    """The script ``lua/<name>.lua`` with its ``-- needs:`` libraries (cached).
-
-    Libraries go where the script has a line ``-- libraries here``, else at the top. Lua
-    creates a script's local functions on every call, so a script can keep its fast path above
-    that line and pay for the libraries only when it gets past it.
-    """
-    order: list[str] = []
-    _with_libraries(name, order)
-    libraries = "\n".join(_read(part) for part in order[:-1])
-    body = _read(name)
-    if _PLACE.search(body):
-        return LuaScript(name, _PLACE.sub(lambda _: libraries, body, count=1))
-    return LuaScript(name, "\n".join(filter(None, [libraries, body])))
+    """The script ``lua/<name>.lua`` as :func:`compose` puts it together (cached)."""
+    return LuaScript(name, compose(name))
 
 
 def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:

@@ -4,7 +4,7 @@ Release scripts hand ownership straight to the first live waiter in Redis and th
 by publishing ``"<waiter id> <token>"`` on the waiter's process channel, or, when the waiter
 lives in the releasing process, by returning that text so the releaser wakes it directly.
 
-Each process has one id (``process_id()``, new after ``fork``), one registry of local waiters,
+Each process has one id (``lease.process_id()``, new after ``fork``), one registry of local waiters,
 and, per Redis client, one pub/sub connection. There is no listener thread: one of the waiting
 threads reads the connection (leader/follower), delivers what it reads to the others and,
 when its own grant arrives, hands the reading over. A process with a single waiter (a Celery
@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import itertools
 import logging
 import os
-import secrets
 import select
-import socket
 import threading
 import time
 import weakref
@@ -31,32 +28,21 @@ from typing import Any
 
 import redis
 
+from ..lease import ABORT_CHECK, process_id
+
 __all__ = [
     "WaitSlot",
     "WakeupHub",
     "hand_over_local",
     "hub_for",
-    "new_owner_id",
-    "process_id",
     "wake_local",
 ]
-
-ABORT_CHECK = 0.02  # seconds: how often a wait looks at the caller's abort event
 
 log = logging.getLogger(__name__)
 
 
-def _make_process_id() -> str:
-    # Readable in reports (host and pid) and unique across restarts (random part).
-    # ':' separates it from the counter in owner ids and ' ' ends it in messages: keep them out.
-    host = socket.gethostname().replace(":", "_").replace(" ", "_")[:40]
-    return f"{host}/{os.getpid()}/{secrets.token_hex(3)}"
-
-
 class _ProcessState:
     def __init__(self) -> None:
-        self.process_id = _make_process_id()
-        self.counter = itertools.count(1)
         self.slots: dict[str, WaitSlot] = {}
         self.hubs: dict[int, tuple[weakref.ref[Any], WakeupHub]] = {}
         self.lock = threading.Lock()
@@ -66,24 +52,12 @@ _state = _ProcessState()
 
 
 def _after_fork_in_child() -> None:
-    # A child inherits neither the listener threads nor the parent's waiters; its grants must
-    # go to its own channel, so it gets a fresh identity.
+    # A child inherits neither the parent's waiters nor its pub/sub connections.
     global _state
     _state = _ProcessState()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def process_id() -> str:
-    """This process's id: ``"<host>/<pid>/<random>"``."""
-    return _state.process_id
-
-
-def new_owner_id() -> str:
-    """A fresh owner id for one acquisition: ``"<process id>:<n>"``."""
-    state = _state
-    return f"{state.process_id}:{next(state.counter)}"
 
 
 class WaitSlot:

@@ -53,12 +53,15 @@ def contend(kind: str, url: str, prefix: str, key: str, permits: str, rounds: st
     seen, tokens, waits = [], [], []
     for _ in range(int(rounds)):
         started = time.monotonic()
-        with granter.hold(key) as held:
+        held = granter.acquire(key)
+        try:
             waits.append(time.monotonic() - started)
             seen.append(int(client.incr(counter)))
             tokens.append(held.fencing_token)
             time.sleep(0.001)  # the work being protected
             client.decr(counter)
+        finally:
+            held.release()
     print(json.dumps({"seen": seen, "tokens": tokens, "waits": waits}), flush=True)
 
 

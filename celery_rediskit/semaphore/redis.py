@@ -12,14 +12,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ._validate import positive_int, resource_key, to_ms
-from .keys import KeySpace
-from .lease import Lease
-from .redis_renewal import renew_in_batches
-from .scripts import as_text, load_script
-from .semaphore import SemaphoreInfo, SemaphoreStorage
-from .waiting import WAITER_GRACE_MS, acquire_queued
-from .wakeup import hand_over_local, process_id
+from .._redis.keys import KeySpace
+from .._redis.renew_batch import renew_in_batches
+from .._redis.scripts import as_text, load_script
+from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
+from .._redis.wakeup import hand_over_local
+from .._validate import positive_int, resource_key, to_ms
+from ..lease import Lease, process_id
+from .base import SemaphoreInfo, SemaphoreStorage
 
 __all__ = ["RedisSemaphoreStorage"]
 

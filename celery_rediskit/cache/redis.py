@@ -25,17 +25,18 @@ from typing import Any
 
 from redis.cluster import RedisCluster
 
+from .._redis.keys import KeySpace
+from .._redis.scripts import LuaScript, call, load_script
+from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
+from ..durations import optional_duration
 from ..errors import ConfigurationError, LockError, SerializationError
-from ..keys import KeySpace
-from ..mutex import MutexLease
-from ..mutex_redis import RedisMutexStorage
+from ..lease import new_owner_id
+from ..mutex.base import MutexLease
+from ..mutex.redis import RedisMutexStorage
 from ..renewal import renewer
-from ..scripts import LuaScript, call, load_script
-from ..wakeup import hand_over_local, new_owner_id
+from .base import MISSING, CacheProvider, CacheUnavailable, Claim, check_tags
 from .breaker import OUTAGE_ERRORS, CircuitBreaker
-from .durations import optional_duration
-from .provider import MISSING, CacheProvider, CacheUnavailable, Claim, check_tags
 from .serializers import Serializer
 
 __all__ = ["RedisCacheProvider"]
@@ -45,16 +46,9 @@ log = logging.getLogger("celery_rediskit.cache")
 FENCE_TTL_MS = 86_400_000  # a fill lock's fencing counter is dropped a day after its last use
 
 
-def _composed(prefix: str, mutex_script: str) -> LuaScript:
-    """``lua/<prefix>.lua`` followed by the mutex's own script: reuse, not a copy."""
-    source = load_script(prefix).source + "\n" + load_script(mutex_script).source
-    return LuaScript(prefix, source)
-
-
 class _FillLease(MutexLease):
     """The fill lock held while computing an entry; released by the ``cache_unlock`` script."""
 
-    kind = "cache fill lock"
 
     def detach(self) -> None:
         """Stop renewing: the caller releases the lock itself, in a combined script."""
@@ -101,8 +95,8 @@ class RedisCacheProvider(CacheProvider):
         self._delete = load_script("cache_delete")
         self._expire = load_script("cache_expire")
         self._revalidate = load_script("cache_revalidate")
-        self._claim = _composed("cache_claim", "mutex_acquire")
-        self._unlock = _composed("cache_unlock", "mutex_release")
+        self._claim = load_script("cache_claim")  # continues into mutex_acquire.lua
+        self._unlock = load_script("cache_unlock")  # continues into mutex_release.lua
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -153,7 +147,7 @@ class RedisCacheProvider(CacheProvider):
         self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
     ) -> None:
         entry = self.entry_key(key)
-        seconds = optional_duration(ttl)
+        seconds = optional_duration(ttl, "ttl")
         payload = self.serializer.dumps(value, self._check_tags(tags))
         ttl_ms = 0 if seconds is None else to_ms(seconds)
         self._run(self._set, [entry], [payload, ttl_ms, self._tag_prefix])
@@ -171,7 +165,7 @@ class RedisCacheProvider(CacheProvider):
             raise self._outage(exc) from exc
 
     def expire(self, key: str, ttl: float | str | None) -> bool:
-        seconds = optional_duration(ttl)
+        seconds = optional_duration(ttl, "ttl")
         ttl_ms = 0 if seconds is None else to_ms(seconds)
         return bool(self._run(self._expire, [self.entry_key(key)], [ttl_ms, self._tag_prefix]))
 
@@ -272,7 +266,7 @@ class RedisCacheProvider(CacheProvider):
         self, claim: Claim, value: Any, ttl: float | str | None, tags: Iterable[str] = ()
     ) -> None:
         try:
-            seconds = optional_duration(ttl)
+            seconds = optional_duration(ttl, "ttl")
             payload = self.serializer.dumps(value, self._check_tags(tags))
         except BaseException:
             self.abandon(claim)

@@ -12,11 +12,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._validate import positive_int, resource_key
-from .errors import AcquireAborted, LockTimeout
-from .lease import Lease
-from .semaphore import SemaphoreInfo, SemaphoreStorage
-from .waiting import ABORT_CHECK
+from .._validate import positive_int, resource_key
+from ..errors import AcquireAborted, LockTimeout
+from ..lease import ABORT_CHECK, Lease
+from .base import SemaphoreInfo, SemaphoreStorage
 
 __all__ = ["MemorySemaphoreStorage"]
 
