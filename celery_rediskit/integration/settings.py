@@ -16,8 +16,8 @@ from ..errors import ConfigurationError
 
 __all__ = ["DURATIONS", "REDIS_SCHEMES", "Settings", "read_settings"]
 
-DURATIONS = ("lease", "queued_ttl", "retry_delay", "limit_timeout", "socket_timeout",
-             "claims_ttl")
+DURATIONS = ("lease", "queued_ttl", "retry_delay", "retry_delay_max", "limit_timeout",
+             "socket_timeout", "claims_ttl")
 """The settings that are durations (seconds)."""
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", "valkey://", "valkeys://")
@@ -41,8 +41,10 @@ class Settings:
     - ``queued_ttl``: lifetime of a ``singleton_scope="queued"`` claim while its message waits
       in the queue (countdown/ETA are added). Nothing renews a queued message, so a message
       that is lost blocks duplicates for at most this long.
-    - ``retry_delay``: base countdown when a locked or limited task is re-queued; each
-      re-queue waits ``retry_delay`` × a random factor in [0.5, 1.5).
+    - ``retry_delay``: countdown of the first re-queue of a locked or limited task; each
+      further re-queue of the same message doubles it, up to ``retry_delay_max``, jittered
+      within the upper half of the step (tasks with Celery's ``retry_backoff`` use theirs).
+    - ``retry_delay_max``: the ceiling of that backoff.
     - ``limit_timeout``: how long ``on_limited="wait"`` blocks for a permit by default.
     - ``socket_timeout``: socket and connect timeout of the integration's Redis client.
     - ``claims_ttl``: lifetime of the record of what a task holds (task id → keys), which lets
@@ -55,6 +57,7 @@ class Settings:
     lease: float = 30.0
     queued_ttl: float = 3600.0
     retry_delay: float = 1.0
+    retry_delay_max: float = 30.0
     limit_timeout: float = 60.0
     socket_timeout: float = 5.0
     claims_ttl: float = 86400.0
