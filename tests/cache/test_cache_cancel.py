@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
 
 import pytest
 import redis
@@ -124,27 +126,50 @@ def test_cancelled_wait_abandons_the_claim(
     _assert_nothing_left(provider, client, key, fetch, computed)
 
 
+class _WatchedExecutor(ThreadPoolExecutor):
+    """The loop's default executor, keeping the futures of the work it was given, so a test
+    can wait for the worker thread to finish while the loop is held."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.futures: list[Future[Any]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future = super().submit(fn, *args, **kwargs)
+        self.futures.append(future)
+        return future
+
+
+@pytest.mark.parametrize("moment", ["thread-holds-the-lock", "thread-returned-it"])
 def test_lock_obtained_as_the_call_is_cancelled_is_given_back(
-    provider: RedisCacheProvider, client: redis.Redis
+    provider: RedisCacheProvider, client: redis.Redis, moment: str
 ) -> None:
-    """The worker thread has the lock (its lease registered with the renewer) but the
-    coroutine has not resumed yet when it is cancelled: that claim must not be lost."""
+    """The worker thread got the lock, but the coroutine has not resumed when it is
+    cancelled: the thread holds the lock (its lease is registered with the renewer), or has
+    even returned it as the call's claim. Either way the claim must not be lost."""
     computed: list[int] = []
     fetch = _function(provider, computed)
     key = fetch.key_for(1)
     queue = _queue_key(provider, key)
+    executor = _WatchedExecutor()
 
     async def scenario() -> None:
+        asyncio.get_running_loop().set_default_executor(executor)
         other = _hold(provider, key)
         task = asyncio.ensure_future(fetch(1))
         await _until(lambda: client.llen(queue) >= 1, "the call queues for the fill lock")
         # From here on the loop does not run until the task is cancelled: the thread's
-        # result can only arrive after the cancellation.
+        # result can only reach the coroutine after the cancellation.
         provider.abandon(other)  # the lock is handed to the waiting thread
-        deadline = time.monotonic() + BOUND
-        while not _fill_leases(provider, key):  # the thread now holds (and renews) it
-            assert time.monotonic() < deadline, "the waiting thread never got the lock"
-            time.sleep(0.005)  # the loop is held on purpose: no await
+        if moment == "thread-returned-it":
+            done, _ = wait(executor.futures, timeout=BOUND)
+            assert len(done) == 1, "the waiting thread did not return"
+            assert _fill_leases(provider, key), "the thread returned without the lock"
+        else:
+            deadline = time.monotonic() + BOUND
+            while not _fill_leases(provider, key):  # the thread now holds (and renews) it
+                assert time.monotonic() < deadline, "the waiting thread never got the lock"
+                time.sleep(0.005)  # the loop is held on purpose: no await
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
