@@ -25,11 +25,11 @@ from typing import Any
 
 from redis.cluster import RedisCluster
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import LuaScript, call, load_script
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
-from ..durations import optional_duration
+from ..durations import Duration, optional_duration
 from ..errors import ConfigurationError, LockError, SerializationError
 from ..lease import new_owner_id
 from ..mutex.base import MutexLease
@@ -42,8 +42,6 @@ from .serializers import Serializer
 __all__ = ["RedisCacheProvider"]
 
 log = logging.getLogger("celery_rediskit.cache")
-
-FENCE_TTL_MS = 86_400_000  # a fill lock's fencing counter is dropped a day after its last use
 
 
 class _FillLease(MutexLease):
@@ -67,6 +65,9 @@ class RedisCacheProvider(CacheProvider):
     ``yaml`` are refused unless ``allow_unsafe=True``: their loaders run code, so anyone able to
     write to this Redis could run code in every process reading it.
 
+    ``idle_ttl`` (seconds or a duration text, default a week) is how long a fill lock's keys
+    outlive its last grant.
+
     During a Redis outage every operation raises :class:`CacheUnavailable` at once (after the
     first failure, until a background probe every ``cooldown`` seconds finds Redis back);
     memoised functions then just run. One warning is logged per outage.
@@ -81,14 +82,15 @@ class RedisCacheProvider(CacheProvider):
         accept: Iterable[str] | None = None,
         allow_unsafe: bool = False,
         cooldown: float = 2.0,
+        idle_ttl: Duration = IDLE_TTL,
     ) -> None:
         self.client = redis_client
-        self.keys = KeySpace(prefix)
+        self.keys = KeySpace(prefix, idle_ttl)
         self.serializer = Serializer(serializer, accept=accept, allow_unsafe=allow_unsafe)
         self.breaker = CircuitBreaker(redis_client.ping, positive_seconds("cooldown", cooldown),
                                       name=prefix)
         self.is_cluster = isinstance(redis_client, RedisCluster)
-        self._locks = RedisMutexStorage(redis_client, prefix)
+        self._locks = RedisMutexStorage(redis_client, prefix, idle_ttl=idle_ttl)
         self._tag_prefix = self.keys.cache_tag_prefix
         self._entry_prefix = f"{self.keys.prefix}:cache:e:{{cache/"
         self._set = load_script("cache_set")
@@ -219,7 +221,7 @@ class RedisCacheProvider(CacheProvider):
         lease = positive_seconds("lease", lease)
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
-        args = [*self._locks.acquire_argv(owner, lease), FENCE_TTL_MS]
+        args = self._locks.acquire_argv(owner, lease)
         try:
             result = self._run(self._claim, keys, args)
         except CacheUnavailable:

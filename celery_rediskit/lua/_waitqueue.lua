@@ -45,9 +45,11 @@ end
 
 -- Tell a waiter it was granted. Returns "<waiter> <token>" instead of publishing when the
 -- waiter lives in the calling process (local_proc), which then wakes it without a network hop.
+-- The token is written in full (%.0f): Lua's own number to text would round a 16-digit token.
 local function wq_notify(chan_prefix, local_proc, w, token)
   local proc = string.match(w, '^[^:]+')
-  if proc == local_proc then return w .. ' ' .. token end
-  redis.call('PUBLISH', chan_prefix .. proc, w .. ' ' .. token)
+  local msg = w .. ' ' .. string.format('%.0f', token)
+  if proc == local_proc then return msg end
+  redis.call('PUBLISH', chan_prefix .. proc, msg)
   return nil
 end
