@@ -4,9 +4,18 @@ All keys of one lock or semaphore share the hash tag ``{name}`` so that a Lua sc
 them all runs on one Redis Cluster node (scripts may only touch keys declared as their key
 arguments, all in one slot).
 
-A lock's fence key (the last fencing token) expires ``idle_ttl`` after the last grant's lease.
-A fence that expired costs nothing: tokens come from the server's clock when it is gone, so
-they keep rising (see ``lua/_fence.lua``).
+Every key the library writes expires: none is left behind by a name that is never used again
+(per-user lock names, ``tenant:{id}`` templates). What each key lives:
+
+- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl`` after
+  the last grant's lease. A fence that expired costs nothing: tokens come from the server's
+  clock when it is gone, so they keep rising (see ``lua/_fence.lua``).
+- a semaphore's ``total`` and ``initial``: ``idle_ttl`` after the last acquire or admin
+  change; then the next acquire initialises it again from the permits it declares. Its
+  ``holders``: until the last holder's lease ends.
+- the queue of waiters (``queue``, ``waiters``): until the last queued waiter's deadline.
+- cache entries: their ``ttl``, and ``idle_ttl`` when stored without one; a tag set lives as
+  long as its longest-lived entry. Claims records (the Celery layer): ``rediskit_claims_ttl``.
 """
 
 from __future__ import annotations

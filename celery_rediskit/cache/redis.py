@@ -65,8 +65,9 @@ class RedisCacheProvider(CacheProvider):
     ``yaml`` are refused unless ``allow_unsafe=True``: their loaders run code, so anyone able to
     write to this Redis could run code in every process reading it.
 
-    ``idle_ttl`` (seconds or a duration text, default a week) is how long a fill lock's keys
-    outlive its last grant.
+    ``idle_ttl`` (seconds or a duration text, default a week) is the lifetime of an entry
+    stored without ``ttl`` (``ttl=None``, ``expire(key, None)``): every key this provider
+    writes expires, so entries of functions or arguments no longer used do not pile up.
 
     During a Redis outage every operation raises :class:`CacheUnavailable` at once (after the
     first failure, until a background probe every ``cooldown`` seconds finds Redis back);
@@ -105,6 +106,10 @@ class RedisCacheProvider(CacheProvider):
     def entry_key(self, key: str) -> str:
         """The Redis key holding entry ``key``."""
         return self._entry_prefix + resource_key(key) + "}"
+
+    def _lifetime_ms(self, seconds: float | None) -> int:
+        """An entry's lifetime in ms: ``seconds``, or the idle lifetime for None."""
+        return self.keys.idle_ms if seconds is None else to_ms(seconds)
 
     def _unavailable(self) -> CacheUnavailable:
         return CacheUnavailable("Redis is unavailable: the cache is bypassed until it is back")
@@ -151,7 +156,7 @@ class RedisCacheProvider(CacheProvider):
         entry = self.entry_key(key)
         seconds = optional_duration(ttl, "ttl")
         payload = self.serializer.dumps(value, self._check_tags(tags))
-        ttl_ms = 0 if seconds is None else to_ms(seconds)
+        ttl_ms = self._lifetime_ms(seconds)
         self._run(self._set, [entry], [payload, ttl_ms, self._tag_prefix])
 
     def delete(self, key: str) -> bool:
@@ -167,12 +172,12 @@ class RedisCacheProvider(CacheProvider):
             raise self._outage(exc) from exc
 
     def expire(self, key: str, ttl: float | str | None) -> bool:
-        seconds = optional_duration(ttl, "ttl")
-        ttl_ms = 0 if seconds is None else to_ms(seconds)
+        ttl_ms = self._lifetime_ms(optional_duration(ttl, "ttl"))
         return bool(self._run(self._expire, [self.entry_key(key)], [ttl_ms, self._tag_prefix]))
 
     def ttl(self, key: str) -> float | None:
-        """Remaining lifetime of ``key`` in seconds; None if it has no expiry or is absent."""
+        """Remaining lifetime of ``key`` in seconds; None if it is absent (or has no expiry,
+        which only a key written by other means can lack)."""
         if self.breaker.is_open:
             raise self._unavailable()
         try:
@@ -273,7 +278,7 @@ class RedisCacheProvider(CacheProvider):
         except BaseException:
             self.abandon(claim)
             raise
-        self._finish(claim, [b"1", payload, 0 if seconds is None else to_ms(seconds)])
+        self._finish(claim, [b"1", payload, self._lifetime_ms(seconds)])
 
     def abandon(self, claim: Claim) -> None:
         self._finish(claim, [b"0", b"", 0])

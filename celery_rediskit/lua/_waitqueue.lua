@@ -1,10 +1,12 @@
 -- Shared library: the FIFO queue of waiters of one lock or semaphore.
 -- Included by scripts.py in every script whose header says "-- needs: _waitqueue".
 -- needs: _clock
+-- needs: _expiry
 --
 -- A queue is two keys with the resource's hash tag:
 --   queue   LIST of waiter ids, oldest first
 --   waiters HASH waiter id -> "<deadline ms (server clock)>:<lease ms it asked for>"
+-- Both expire at the latest deadline of a waiter that joined: past it, every waiter is dead.
 -- A waiter id is "<process id>:<n>"; grants are published on <channel prefix><process id>
 -- as "<waiter id> <token>". A waiter refreshes its deadline each time it re-checks, so one
 -- that died drops out by itself once its deadline passes.
@@ -35,6 +37,8 @@ local function wq_join(queue, waiters, w, deadline, lease)
   if redis.call('HSET', waiters, w, deadline .. ':' .. lease) == 1 then
     redis.call('RPUSH', queue, w)
   end
+  keep_until(queue, deadline)
+  keep_until(waiters, deadline)
 end
 
 local function wq_leave(queue, waiters, w)

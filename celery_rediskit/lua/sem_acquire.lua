@@ -8,6 +8,7 @@
 -- ARGV[4] grace, ms: how long past its bounded wait a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
 -- ARGV[6] permits to initialise with when the semaphore does not exist yet
+-- ARGV[7] idle lifetime, ms: total and initial expire this long after the last acquire
 -- Returns 1 when the caller holds a permit (newly, or granted earlier by a release);
 --         otherwise -1 - (ms until the nearest holder's lease ends; half the grace when no
 --         holder bounds the wait), so the caller can bound its wait.
@@ -15,11 +16,14 @@ local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
 
-local cap = tonumber(redis.call('GET', total))
+local idle = tonumber(ARGV[7])
+local cap = tonumber(redis.call('GETEX', total, 'PX', idle))  -- read and keep alive
 if not cap then
-  cap = tonumber(ARGV[6])
-  redis.call('SET', total, cap)
-  redis.call('SET', initial, cap)
+  cap = tonumber(ARGV[6])  -- new, or expired while idle: the permits the caller declares
+  redis.call('SET', total, cap, 'PX', idle)
+  redis.call('SET', initial, cap, 'PX', idle)
+else
+  redis.call('PEXPIRE', initial, idle)
 end
 redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
 
@@ -27,6 +31,7 @@ redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give th
 if redis.call('LLEN', queue) == 0 then
   if redis.call('ZCARD', holders) < cap then
     redis.call('ZADD', holders, now + lease, owner)
+    keep_until(holders, now + lease)
     return 1
   end
   if redis.call('ZSCORE', holders, owner) then return 1 end
@@ -41,6 +46,7 @@ sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
 if redis.call('ZSCORE', holders, owner) then return 1 end
 if redis.call('LLEN', queue) == 0 and redis.call('ZCARD', holders) < cap then
   redis.call('ZADD', holders, now + lease, owner)
+  keep_until(holders, now + lease)
   return 1
 end
 
