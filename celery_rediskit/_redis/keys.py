@@ -7,12 +7,15 @@ arguments, all in one slot).
 Every key the library writes expires: none is left behind by a name that is never used again
 (per-user lock names, ``tenant:{id}`` templates). What each key lives:
 
-- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl`` after
-  the last grant's lease. A fence that expired costs nothing: tokens come from the server's
-  clock when it is gone, so they keep rising (see ``lua/_fence.lua``).
-- a semaphore's ``total`` and ``initial``: ``idle_ttl`` after the last acquire or admin
-  change; then the next acquire initialises it again from the permits it declares. Its
-  ``holders``: until the last holder's lease ends.
+- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl / 2`` to
+  ``idle_ttl`` after the last grant's lease (keys touched on every grant renew their expiry
+  only when less than half is left: setting one costs as much as the rest of a grant). A
+  fence that expired costs nothing: tokens come from the server's clock when it is gone, so
+  they keep rising (see ``lua/_fence.lua``).
+- a semaphore's ``total`` and ``initial``: ``idle_ttl / 2`` to ``idle_ttl`` after the last
+  acquire, ``idle_ttl`` after an admin change; then the next acquire initialises it again
+  from the permits it declares. Its ``holders``: as long, and never before the last holder's
+  lease ends.
 - the queue of waiters (``queue``, ``waiters``): until the last queued waiter's deadline.
 - cache entries: their ``ttl``, and ``idle_ttl`` when stored without one; a tag set lives as
   long as its longest-lived entry. Claims records (the Celery layer): ``rediskit_claims_ttl``.

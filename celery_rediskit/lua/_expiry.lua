@@ -1,8 +1,19 @@
 -- Shared library: key lifetimes.
--- early: the semaphore's fast path adds a holder, so it needs this above its fast path.
+-- early: fast paths grant, so they need this above them.
 --
--- Every key the library writes expires. Keys whose content ends at known times (a semaphore's
--- holders, a queue of waiters) live until the last of those times; see _redis/keys.py.
+-- Every key the library writes expires (see _redis/keys.py for what lives how long). Setting
+-- an expiry costs about as much as the rest of a fast path, so keys touched on every grant
+-- renew theirs only when less than half of it is left (keep_for).
+
+-- Keep `key` alive at least `ms` more: when less than `ms + spare / 2` is left (or it has no
+-- expiry), make it `ms + spare`. Never shortens a later expiry. Returns true when renewed.
+local function keep_for(key, ms, spare)
+  if redis.call('PTTL', key) < ms + spare / 2 then
+    redis.call('PEXPIRE', key, ms + spare)
+    return true
+  end
+  return false
+end
 
 -- Make `key` live at least until `at` (ms since the epoch, server clock, later than now),
 -- never shortening a later expiry. A key without one gets it.

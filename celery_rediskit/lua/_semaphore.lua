@@ -1,8 +1,10 @@
 -- Shared library: the state of one semaphore (included after _waitqueue by scripts.py).
 -- needs: _waitqueue
 -- Keys (all with the semaphore's hash tag):
---   holders ZSET owner id -> lease end, ms on the server's clock; expires with the last end
---   total   string: the number of permits now; expires after the idle lifetime unless used
+--   holders ZSET owner id -> lease end, ms on the server's clock; expires half to all of the
+--           idle lifetime after the last acquire, never before the last lease end
+--   total   string: the number of permits now; expires half to all of the idle lifetime
+--           after the last acquire or admin change
 --   initial string: the number of permits it was initialised with (for reset); same lifetime
 --   queue / waiters: the FIFO of waiters (see _waitqueue.lua)
 

@@ -33,7 +33,8 @@ local w, lease = wq_head(queue, waiters, now_ms())
 if w then
   wq_pop(queue, waiters, w)
   redis.call('SET', lock, w, 'PX', lease)
-  local handed = wq_notify(ARGV[2], ARGV[3], w, fence_next(fence, tonumber(ARGV[5]) + lease))
+  local token = fence_next(fence, lease, tonumber(ARGV[5]))
+  local handed = wq_notify(ARGV[2], ARGV[3], w, token)
   if handed then return handed end
   return 2
 end

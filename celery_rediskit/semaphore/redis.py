@@ -5,9 +5,10 @@ set of owner ids scored by their lease end on the server's clock, ``...:total`` 
 ``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters. Every script
 first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
 
-Every key expires: ``total`` and ``initial`` ``idle_ttl`` after the last acquire or admin
-change (the next acquire then initialises the semaphore again from the permits it declares),
-``holders`` when the last holder's lease ends, the queue with its last waiter's deadline.
+Every key expires: ``total``, ``initial`` and ``holders`` ``idle_ttl / 2`` to ``idle_ttl``
+after the last acquire (the next acquire then initialises the semaphore again from the permits
+it declares; ``holders`` never before the last holder's lease ends), the queue with its last
+waiter's deadline.
 """
 
 from __future__ import annotations

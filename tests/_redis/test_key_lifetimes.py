@@ -152,6 +152,35 @@ def test_a_lock_whose_fence_expired_keeps_rising_tokens(client: redis.Redis,
     assert again.fencing_token > first.fencing_token
 
 
+def test_a_lock_in_use_keeps_its_fence(client: redis.Redis, prefix: str) -> None:
+    storage = RedisMutexStorage(client, prefix, idle_ttl=0.6)
+    mutex = create_mutex(timeout=5, lease=0.1, storage=storage)
+    fence = storage.keys.lock("res").fence
+    in_use_until = time.monotonic() + 1.5
+    while time.monotonic() < in_use_until:
+        mutex.acquire("res", auto_renew=False).release()
+        # Renewed whenever less than half is left: lease + idle_ttl / 2 at least.
+        assert 100 + 300 - 150 <= client.pttl(fence) <= 100 + 600  # less a slow round trip
+        time.sleep(0.05)  # grants spread over more than idle_ttl
+
+
+def test_while_the_clock_is_behind_each_grant_keeps_the_last_token(client: redis.Redis,
+                                                                   prefix: str) -> None:
+    storage = RedisMutexStorage(client, prefix, idle_ttl=0.6)
+    mutex = create_mutex(timeout=5, lease=0.1, storage=storage)
+    seconds, micros = client.time()
+    ahead = int(seconds) * 1_000_000 + int(micros) + 3_600_000_000  # as if the clock fell back
+    client.set(storage.keys.lock("res").fence, ahead, px=700)
+    tokens = []
+    in_use_until = time.monotonic() + 1.5
+    while time.monotonic() < in_use_until:
+        lease = mutex.acquire("res", auto_renew=False)
+        lease.release()
+        tokens.append(lease.fencing_token)
+        time.sleep(0.05)  # grants spread over more than idle_ttl
+    assert tokens == list(range(ahead + 1, ahead + 1 + len(tokens)))
+
+
 def test_a_semaphore_whose_total_expired_reinitialises_from_its_permits(
     client: redis.Redis, prefix: str
 ) -> None:
