@@ -3,7 +3,7 @@
 --
 -- Every key the library writes expires (see _redis/keys.py for what lives how long). Setting
 -- an expiry costs about as much as the rest of a fast path, so keys touched on every grant
--- renew theirs only when less than half of it is left (keep_for).
+-- renew theirs at most once per half of it (keep_for here; fence_next in _fence.lua).
 
 -- Keep `key` alive at least `ms` more: when less than `ms + spare / 2` is left (or it has no
 -- expiry), make it `ms + spare`. Never shortens a later expiry. Returns true when renewed.

@@ -159,8 +159,9 @@ def test_a_lock_in_use_keeps_its_fence(client: redis.Redis, prefix: str) -> None
     in_use_until = time.monotonic() + 1.5
     while time.monotonic() < in_use_until:
         mutex.acquire("res", auto_renew=False).release()
-        # Renewed whenever less than half is left: lease + idle_ttl / 2 at least.
-        assert 100 + 300 - 150 <= client.pttl(fence) <= 100 + 600  # less a slow round trip
+        # Renewed at least once per half of lease + idle_ttl, so at least that half is left
+        # (less a slow round trip).
+        assert (100 + 600) / 2 - 150 <= client.pttl(fence) <= 100 + 600
         time.sleep(0.05)  # grants spread over more than idle_ttl
 
 
@@ -218,6 +219,20 @@ def test_cache_entries_stored_without_a_lifetime_live_the_idle_ttl(
     claim = cache.claim("b")
     cache.fill(claim, 2, None)
     assert cache.ttl("b") == pytest.approx(7200, abs=60) and cache.get("b") == 2
+
+
+def test_keys_of_an_older_version_get_an_expiry_when_next_used(client: redis.Redis,
+                                                              prefix: str) -> None:
+    mutexes, sems = RedisMutexStorage(client, prefix), RedisSemaphoreStorage(client, prefix)
+    lock, sem = mutexes.keys.lock("old"), sems.keys.semaphore("old")
+    client.set(lock.fence, 41)  # a counter of the INCR era, without expiry
+    client.mset({sem.total: 3, sem.initial: 3})
+    lease = create_mutex(timeout=5, storage=mutexes).acquire("old", auto_renew=False)
+    lease.release()
+    create_semaphore(permits=3, timeout=5, storage=sems).acquire("old", auto_renew=False).release()
+    assert lease.fencing_token > 41
+    for name in (lock.fence, sem.total, sem.initial):
+        assert client.pttl(name) > 0, name
 
 
 @pytest.mark.parametrize("bad", [0, -1, "forever", None])
