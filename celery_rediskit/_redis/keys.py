@@ -3,16 +3,36 @@
 All keys of one lock or semaphore share the hash tag ``{name}`` so that a Lua script touching
 them all runs on one Redis Cluster node (scripts may only touch keys declared as their key
 arguments, all in one slot).
+
+Every key the library writes expires: none is left behind by a name that is never used again
+(per-user lock names, ``tenant:{id}`` templates). What each key lives:
+
+- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl / 2`` to
+  ``idle_ttl`` after the last grant's lease (keys touched on every grant renew their expiry
+  at most once per half of it: setting one costs as much as the rest of a grant). A
+  fence that expired costs nothing: tokens come from the server's clock when it is gone, so
+  they keep rising (see ``lua/_fence.lua``).
+- a semaphore's ``total`` and ``initial``: ``idle_ttl / 2`` to ``idle_ttl`` after the last
+  acquire, ``idle_ttl`` after an admin change; then the next acquire initialises it again
+  from the permits it declares. Its ``holders``: as long, and never before the last holder's
+  lease ends.
+- the queue of waiters (``queue``, ``waiters``): until the last queued waiter's deadline.
+- cache entries: their ``ttl``, and ``idle_ttl`` when stored without one; a tag set lives as
+  long as its longest-lived entry. Claims records (the Celery layer): ``rediskit_claims_ttl``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._validate import resource_key
+from .._validate import resource_key, to_ms
+from ..durations import Duration, parse_duration
 from ..errors import ConfigurationError
 
-__all__ = ["KeySpace", "LockKeys", "SemaphoreKeys"]
+__all__ = ["IDLE_TTL", "KeySpace", "LockKeys", "SemaphoreKeys"]
+
+IDLE_TTL = 7 * 86400.0
+"""Seconds a key outlives its last use by default (a week): see the module docstring."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +71,13 @@ class SemaphoreKeys:
 
 @dataclass(frozen=True)
 class KeySpace:
-    """Names of keys and channels under ``prefix`` (default ``"rediskit"``)."""
+    """Names of keys and channels under ``prefix`` (default ``"rediskit"``), and how long
+    keys outlive their last use: ``idle_ttl`` seconds, or a duration text such as ``"7d"``
+    (default :data:`IDLE_TTL`, a week). ``idle_ms`` is the same in milliseconds."""
 
     prefix: str = "rediskit"
+    idle_ttl: Duration = IDLE_TTL
+    idle_ms: int = field(init=False, compare=False, repr=False)
     # Hot path: key lists are built once per resource name (bounded; see _cached).
     _lists: dict[tuple[str, str], list[str]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -67,6 +91,9 @@ class KeySpace:
                 f"prefix must not contain '{{' or '}}' (hash tags are added per resource), "
                 f"got {self.prefix!r}"
             )
+        seconds = parse_duration(self.idle_ttl, "idle_ttl")
+        object.__setattr__(self, "idle_ttl", seconds)
+        object.__setattr__(self, "idle_ms", to_ms(seconds))
 
     def lock(self, name: str) -> LockKeys:
         base = f"{self.prefix}:lock:{{{resource_key(name)}}}"

@@ -131,7 +131,8 @@ class CacheProvider(ABC):
     """Where cached values live. Keys are non-empty strings without braces; times in seconds.
 
     ``ttl`` arguments take seconds (float) or a duration string (``"30s"``, ``"5m"``, ``"1h"``,
-    ``"2d"``); ``None`` means no expiry.
+    ``"2d"``); ``None`` means no expiry (``RedisCacheProvider``: its ``idle_ttl``, a week by
+    default, since every key it writes expires).
     """
 
     @abstractmethod
@@ -145,7 +146,7 @@ class CacheProvider(ABC):
     def set(
         self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
     ) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds (None: no expiry), with ``tags``."""
+        """Store ``value`` under ``key`` for ``ttl`` seconds (None: see above), with ``tags``."""
 
     @abstractmethod
     def delete(self, key: str) -> bool:
@@ -157,7 +158,7 @@ class CacheProvider(ABC):
 
     @abstractmethod
     def expire(self, key: str, ttl: float | str | None) -> bool:
-        """Set the remaining lifetime of ``key`` to ``ttl`` seconds (None: no expiry).
+        """Set the remaining lifetime of ``key`` to ``ttl`` seconds (None: see above).
 
         Returns False when ``key`` does not exist.
         """

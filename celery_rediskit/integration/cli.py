@@ -254,8 +254,8 @@ def release(ctx: click.Context, key: str, yes: bool, kind: str | None,
     """
     ops = _ops(ctx)
     name = ops.resource_name(key)
-    mutexes = RedisMutexStorage(ops.client, prefix=ops.prefix)
-    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix)
+    mutexes = RedisMutexStorage(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
+    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
     with ops.redis_errors():
         lock = mutexes.get_lock_info(name)
         sem = sems.get_semaphore_info(name)
@@ -319,7 +319,7 @@ def permits(ctx: click.Context, key: str, set_to: int | None, increase: int | No
     if len(chosen) > 1:
         _fail(f"choose one of --set, --increase, --decrease, --reset (got {', '.join(chosen)})",
               2)
-    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix)
+    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
     with ops.redis_errors():
         before = sems.get_semaphore_info(name)
         if not before.initialized:
@@ -361,7 +361,7 @@ def cache_clear(ctx: click.Context, tag: str | None) -> None:
     ops = _ops(ctx)
     with ops.redis_errors():
         ops.client.ping()  # fail here, in one line, rather than through the cache's breaker
-    provider = RedisCacheProvider(ops.client, prefix=ops.prefix)
+    provider = RedisCacheProvider(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
     try:
         with ops.redis_errors():
             if tag is not None:

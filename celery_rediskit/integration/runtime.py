@@ -74,8 +74,10 @@ class Runtime:
             s.url, socket_timeout=s.socket_timeout, socket_connect_timeout=s.socket_timeout,
             **s.tls_options(),
         )
-        self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix)
-        self.semaphore_storage = RedisSemaphoreStorage(self.client, prefix=s.prefix)
+        self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
+        self.semaphore_storage = RedisSemaphoreStorage(
+            self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
+        )
         self.mutex: Mutex = create_mutex(
             timeout=None, lease=s.lease, storage=self.mutex_storage, on_lost=self._on_lost
         )
@@ -111,7 +113,9 @@ class Runtime:
         """The app's ``RedisCacheProvider`` (results stored with the ``json`` serializer)."""
         provider = self._cache
         if provider is None:
-            provider = self._cache = RedisCacheProvider(self.client, prefix=self.settings.prefix)
+            provider = self._cache = RedisCacheProvider(
+                self.client, prefix=self.settings.prefix, idle_ttl=self.settings.idle_ttl
+            )
         return provider
 
     def cache_lookup(self, task_name: str, name: str) -> tuple[bool, Any]:

@@ -10,14 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from ..durations import parse_duration
 from ..errors import ConfigurationError
 
 __all__ = ["DURATIONS", "REDIS_SCHEMES", "Settings", "read_settings"]
 
 DURATIONS = ("lease", "queued_ttl", "retry_delay", "retry_delay_max", "limit_timeout",
-             "socket_timeout", "claims_ttl")
+             "socket_timeout", "claims_ttl", "idle_ttl")
 """The settings that are durations (seconds)."""
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", "valkey://", "valkeys://")
@@ -49,6 +49,9 @@ class Settings:
     - ``socket_timeout``: socket and connect timeout of the integration's Redis client.
     - ``claims_ttl``: lifetime of the record of what a task holds (task id → keys), which lets
       any process release by task id (revoke, hard time limit).
+    - ``idle_ttl``: how long the keys of a lock, semaphore or cache entry outlive their last
+      use (default a week), so names used once (per-user locks, ``tenant:{id}`` templates)
+      leave nothing behind; a semaphore idle that long starts again from its declared permits.
     """
 
     url: str
@@ -61,6 +64,7 @@ class Settings:
     limit_timeout: float = 60.0
     socket_timeout: float = 5.0
     claims_ttl: float = 86400.0
+    idle_ttl: float = IDLE_TTL
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(REDIS_SCHEMES):

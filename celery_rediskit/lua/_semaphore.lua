@@ -1,9 +1,11 @@
 -- Shared library: the state of one semaphore (included after _waitqueue by scripts.py).
 -- needs: _waitqueue
 -- Keys (all with the semaphore's hash tag):
---   holders ZSET owner id -> lease end, ms on the server's clock
---   total   string: the number of permits now
---   initial string: the number of permits it was initialised with (for reset)
+--   holders ZSET owner id -> lease end, ms on the server's clock; expires half to all of the
+--           idle lifetime after the last acquire, never before the last lease end
+--   total   string: the number of permits now; expires half to all of the idle lifetime
+--           after the last acquire or admin change
+--   initial string: the number of permits it was initialised with (for reset); same lifetime
 --   queue / waiters: the FIFO of waiters (see _waitqueue.lua)
 --   pinned  string, present while the total is one an operator set (sem_admin "init", "inc",
 --           "dec"): acquires with declared permits leave it alone until "reset"
@@ -23,6 +25,7 @@ local function sem_serve(holders, total, queue, waiters, now, chan_prefix, local
     if not w then break end
     wq_pop(queue, waiters, w)
     redis.call('ZADD', holders, now + lease, w)
+    keep_until(holders, now + lease)
     free = free - 1
     local msg = wq_notify(chan_prefix, local_proc, w, 1)
     if msg then locals[#locals + 1] = msg end

@@ -5,6 +5,7 @@
 -- or a semaphore holder that was reaped or whose lease end passed, is never re-created.
 -- Returns a list: 1 renewed, 0 lost, in the order of KEYS.
 -- needs: _clock
+-- needs: _expiry
 local out = {}
 local now = nil
 for i = 1, #KEYS do
@@ -20,6 +21,7 @@ for i = 1, #KEYS do
     local ends = redis.call('ZSCORE', KEYS[i], owner)
     if ends and tonumber(ends) > now then
       redis.call('ZADD', KEYS[i], 'XX', now + ms, owner)
+      keep_until(KEYS[i], now + ms)  -- the holders key outlives every lease in it
       ok = 1
     end
   end

@@ -11,6 +11,8 @@
 -- ARGV[4] grace, ms: how long past its bounded wait a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
 -- ARGV[6] permits to initialise with when the semaphore does not exist yet
+-- ARGV[7] idle lifetime, ms: total, initial and holders expire half to all of it after the
+--         last acquire (holders never before the last holder's lease ends)
 -- Returns 1 when the caller holds a permit (newly, or granted earlier by a release);
 --         otherwise -1 - (ms until the nearest holder's lease ends; half the grace when no
 --         holder bounds the wait), so the caller can bound its wait.
@@ -21,11 +23,14 @@ local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[
 local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
 
+local idle = tonumber(ARGV[7])
 local cap = tonumber(redis.call('GET', total))
 if not cap then
-  cap = tonumber(ARGV[6])
-  redis.call('SET', total, cap)
-  redis.call('SET', initial, cap)
+  cap = tonumber(ARGV[6])  -- new, or expired while idle: the permits the caller declares
+  redis.call('SET', total, cap, 'PX', idle)
+  redis.call('SET', initial, cap, 'PX', idle)
+elseif keep_for(total, 0, idle) then
+  redis.call('PEXPIRE', initial, idle)
 end
 redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
 
@@ -52,6 +57,7 @@ end
 if redis.call('LLEN', queue) == 0 then
   if redis.call('ZCARD', holders) < cap then
     redis.call('ZADD', holders, now + lease, owner)
+    keep_for(holders, lease, idle)
     return 1
   end
   if redis.call('ZSCORE', holders, owner) then return 1 end
@@ -66,6 +72,7 @@ sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
 if redis.call('ZSCORE', holders, owner) then return 1 end
 if redis.call('LLEN', queue) == 0 and redis.call('ZCARD', holders) < cap then
   redis.call('ZADD', holders, now + lease, owner)
+  keep_for(holders, lease, idle)
   return 1
 end
 

@@ -11,6 +11,7 @@
 --   "reset"       total back to initial and unpinned; holders kept
 --   "clear"       delete the semaphore; its holders find their permits lost
 -- ARGV[2] n, ARGV[3] wake channel prefix, ARGV[4] permits to initialise with
+-- ARGV[5] idle lifetime, ms: total and initial expire this long after the change
 -- Returns the total after the change (0 after clear; -1 for reset of a missing semaphore).
 local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local pinned = KEYS[6]
@@ -39,6 +40,8 @@ else
     redis.call('SET', total, left)
   end
 end
+redis.call('PEXPIRE', total, ARGV[5])
+redis.call('PEXPIRE', initial, ARGV[5])
 sem_serve(holders, total, queue, waiters, now, ARGV[3], '')
 if op ~= 'reset' then sem_pin(total, pinned) end  -- last: it takes the total's expiry
 return tonumber(redis.call('GET', total))

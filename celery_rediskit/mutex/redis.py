@@ -1,9 +1,11 @@
 """``RedisMutexStorage``: locks in Redis, one Lua script (one round trip) per operation.
 
 Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the owner id with
-the lease as PX expiry (the server's clock), ``...:fence`` the fencing counter (INCR per grant,
-never expires), ``...:queue`` / ``...:waiters`` the FIFO of waiters. Release hands the lock
-straight to the first live waiter, so nobody can jump the queue.
+the lease as PX expiry (the server's clock), ``...:fence`` the last fencing token (each grant
+takes ``max(last + 1, server clock in µs)``, so tokens keep rising when the key is lost; it
+expires ``idle_ttl / 2`` to ``idle_ttl`` after the last grant's lease), ``...:queue`` /
+``...:waiters`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
+the lock straight to the first live waiter, so nobody can jump the queue.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
+from ..durations import Duration
 from ..lease import Lease, process_id
 from .base import LockInfo, MutexStorage
 
@@ -27,11 +30,16 @@ class RedisMutexStorage(MutexStorage):
     """Mutex storage on a redis-py client (``redis.Redis`` or ``redis.RedisCluster``).
 
     ``prefix`` (default ``"rediskit"``) starts every key and channel this storage uses.
+    ``idle_ttl`` (seconds or a duration text, default a week) is how long a lock's keys
+    outlive its last grant: a name never used again leaves nothing behind.
     """
 
-    def __init__(self, client: Any, prefix: str = "rediskit") -> None:
+    def __init__(
+        self, client: Any, prefix: str = "rediskit", *, idle_ttl: Duration = IDLE_TTL
+    ) -> None:
         self.client = client
-        self.keys = KeySpace(prefix)
+        self.keys = KeySpace(prefix, idle_ttl)
+        self._idle_ms = self.keys.idle_ms
         self._renewal = renewal_target(client)
         self._channel_prefix = self.keys.wake_channel_prefix
         self._acquire = load_script("mutex_acquire")
@@ -58,11 +66,11 @@ class RedisMutexStorage(MutexStorage):
     def acquire_argv(self, owner: str, lease: float) -> list[Any]:
         """ARGV of ``mutex_acquire.lua`` for one try without queueing (index 2 is the "join
         the queue" flag); the cache's single-flight script reuses this layout."""
-        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix]
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, self._idle_ms]
 
     def release_argv(self, owner: str, *, force: bool = False) -> list[Any]:
         """ARGV of ``mutex_release.lua`` (also reused by the cache's fill script)."""
-        return [owner, self._channel_prefix, process_id(), "1" if force else "0"]
+        return [owner, self._channel_prefix, process_id(), "1" if force else "0", self._idle_ms]
 
     def try_acquire(
         self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None

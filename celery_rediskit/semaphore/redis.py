@@ -5,6 +5,11 @@ set of owner ids scored by their lease end on the server's clock, ``...:total`` 
 ``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters, and
 ``...:pinned`` is present while the total is one an operator set (see ``base.py``). Every
 script first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
+
+Every key expires: ``total``, ``initial`` and ``holders`` ``idle_ttl / 2`` to ``idle_ttl``
+after the last acquire (the next acquire then initialises the semaphore again from the permits
+it declares; ``holders`` never before the last holder's lease ends), the queue with its last
+waiter's deadline.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_int, resource_key, to_ms
+from ..durations import Duration
 from ..errors import LockTimeout
 from ..lease import Lease, process_id
 from .base import SemaphoreInfo, SemaphoreStorage, note_declared
@@ -30,11 +36,22 @@ class RedisSemaphoreStorage(SemaphoreStorage):
 
     ``prefix`` (default ``"rediskit"``) starts every key and channel this storage uses.
     ``permits`` is the total used when an admin call meets a semaphore not yet initialised.
+    ``idle_ttl`` (seconds or a duration text, default a week) is how long a semaphore's
+    permits outlive its last use; then it starts again from the permits an acquire declares
+    (so a permit count changed by ``increase_permits`` and the like is forgotten).
     """
 
-    def __init__(self, client: Any, prefix: str = "rediskit", *, permits: int = 1) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str = "rediskit",
+        *,
+        permits: int = 1,
+        idle_ttl: Duration = IDLE_TTL,
+    ) -> None:
         self.client = client
-        self.keys = KeySpace(prefix)
+        self.keys = KeySpace(prefix, idle_ttl)
+        self._idle_ms = self.keys.idle_ms
         self._renewal = renewal_target(client)
         self.default_permits = positive_int("permits", permits)
         self._channel_prefix = self.keys.wake_channel_prefix
@@ -72,7 +89,8 @@ class RedisSemaphoreStorage(SemaphoreStorage):
 
     def _acquire_argv(self, owner: str, permits: int, lease: float) -> list[Any]:
         # ARGV of sem_acquire.lua for one try without queueing (index 2: "join the queue").
-        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits]
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits,
+                self._idle_ms]
 
     def try_acquire(
         self,
@@ -159,7 +177,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
 
     def _admin_op(self, key: str, op: str, n: int = 0) -> int:
         keys = self._pin_list(resource_key(key))
-        args = [op, n, self._channel_prefix, self.default_permits]
+        args = [op, n, self._channel_prefix, self.default_permits, self._idle_ms]
         return int(self._admin.run(self.client, keys, args))
 
     def initialize(self, key: str, permits: int) -> None:
