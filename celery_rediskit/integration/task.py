@@ -36,13 +36,29 @@ __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
 log = logging.getLogger("celery_rediskit")
 
 SKIPPED = "SKIPPED"
-"""State of a task that finished without running because its singleton lock was held."""
+"""State a monitor (``celery.events.State``, Flower) gives a task on its ``task-skipped``
+event. The task itself ends SUCCESS with the result None: see ``_rk_skip``."""
+
+SKIPPED_EVENT = "task-skipped"
+"""The custom task event sent when a task is skipped (fields ``reason``, ``lock``,
+``holder``)."""
+
+CLAIM_ATTEMPTS = 50
+"""How many times ``apply_async`` tries to take a queued-scope claim that others keep
+taking and releasing, before it gives up with ``TaskLocked`` (having published nothing)."""
 
 _CALLBACK_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 
 
 class TaskLocked(LockError):
-    """A singleton task met its lock held (``on_locked="raise"``)."""
+    """A singleton task met its lock held (``on_locked="raise"``); or a task that cannot be
+    re-queued (``apply()``, eager mode) met its lock held or its limit full with
+    ``on_locked``/``on_limited="retry"``; or ``apply_async`` could not take a queued-scope
+    claim that kept changing hands. ``key`` names the lock, claim or semaphore."""
+
+
+class _Skipped(Exception):
+    """Raised inside ``_rk_execute`` to end a skipped run with the result None."""
 
 
 class TaskDuplicated(LockError):
@@ -194,6 +210,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 rt.cache_store(self.name, cache_name, result, policy.cache_ttl,
                                policy.tags(arguments))
             return result
+        except _Skipped:
+            return None
         finally:
             self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
 
@@ -261,13 +279,11 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except LockTimeout:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
-            log.info("rediskit: %s[%s] skipped: a duplicate of %s, queued or running",
-                     self.name, task_id, other)
             if self._rk_policy.on_locked == "raise":
                 raise TaskLocked(
                     f"{self.name}[{task_id}] is a duplicate of task {other}", qname
                 ) from None
-            self._rk_skip(task_id, qname, other)
+            self._rk_skip(self.request, "duplicate", qname, other)
         claim = MutexLease(storage, qname, owner, lease, fencing_token=token,
                            on_lost=rt.mutex.on_lost)
         claim.start_renewal()
@@ -290,14 +306,31 @@ class RedisKitTask(Task):  # type: ignore[misc]
             self._rk_requeue(request, f"singleton lock {name!r} is held")
         if policy.on_locked == "raise":
             raise TaskLocked(f"{self.name}: singleton lock {name!r} is held by {holder}", name)
-        log.info("rediskit: %s[%s] skipped: singleton lock %r is held by %s",
-                 self.name, request.id, name, holder)
-        self._rk_skip(request.id, name, holder)
+        self._rk_skip(request, "locked", name, holder)
 
-    def _rk_skip(self, task_id: str, key: str, holder: str | None) -> None:
-        self.update_state(task_id=task_id, state=SKIPPED,
-                          meta={"reason": "locked", "key": key, "holder": holder})
-        raise Ignore()
+    def _rk_skip(self, request: Any, reason: str, key: str, holder: str | None) -> None:
+        """End this run without running the body: it finishes as SUCCESS with the result
+        None (raises ``_Skipped``, which ``_rk_execute`` turns into that return).
+
+        SUCCESS is the only ready state that lets the task's group and chord complete and
+        its chain go on (a failure would fail them, and a custom state is never ready, so
+        ``get()`` would hang). Why it was skipped goes to the log and, for monitors, to a
+        ``task-skipped`` event (``reason`` "locked" or "duplicate", the ``lock`` or claim
+        name and its ``holder``). The event is sent whether or not task events are on: a
+        pool process cannot see ``celery control enable_events`` (which Flower sends), and
+        an event nobody listens to is dropped by the broker. Not for eager runs, which send
+        no events.
+        """
+        log.info("rediskit: %s[%s] skipped (%s): %r is held by %s",
+                 self.name, request.id, reason, key, holder)
+        if not request.is_eager and self.send_events:
+            try:
+                self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
+                                holder=holder)
+            except Exception:
+                log.warning("rediskit: sending the %s event of %s failed", SKIPPED_EVENT,
+                            request.id, exc_info=True)
+        raise _Skipped()
 
     def _rk_requeue(self, request: Any, why: str) -> None:
         """Send the task again with a jittered countdown, keeping its id and its retry count
@@ -374,7 +407,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = policy.cache_name(self.name, arguments, args or (), kwargs or {})
             found, value = rt.cache_lookup(self.name, name)
             if found:
-                return EagerResult(task_id or uuid(), value, states.SUCCESS, name=self.name)
+                return self._rk_cached_result(task_id or uuid(), value, options)
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
         given = task_id is not None
@@ -384,7 +417,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         ttl = kit.settings.queued_ttl + _delay_of(options)
         storage = rt.mutex_storage
-        for _ in range(3):
+        # Taking the claim and reading its holder are two round trips: between them the
+        # holder may finish ("released meanwhile"), and others may take it again. Try again
+        # until the claim is ours or a holder is seen; never publish without the claim.
+        for _ in range(CLAIM_ATTEMPTS):
             try:
                 storage.acquire(qname, owner, ttl, 0)
                 break
@@ -403,6 +439,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 res = self.AsyncResult(existing)
                 res.rediskit_duplicate = True
                 return res
+        else:
+            raise TaskLocked(
+                f"{self.name}[{task_id}] was not sent: its queued-scope claim {qname!r} was "
+                f"taken and released by others {CLAIM_ATTEMPTS} times while it tried to take "
+                f"it or see who holds it; send it again", qname,
+            )
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
         rt.claims.record(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
@@ -411,6 +453,15 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except BaseException:
             storage.release(qname, owner)
             raise
+
+    def _rk_cached_result(self, task_id: str, value: Any, options: Mapping[str, Any]) -> Any:
+        """The result of a call served from the cache at send time: stored in the result
+        backend under ``task_id`` (as a worker would store it), so that anyone asking for
+        ``AsyncResult(task_id)`` later finds it, and returned ready."""
+        ignore = options.get("ignore_result")
+        if not (self.ignore_result if ignore is None else ignore):
+            self.backend.store_result(task_id, value, states.SUCCESS)
+        return EagerResult(task_id, value, states.SUCCESS, name=self.name)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of the call ``task(*args, **kwargs)``; True if one existed."""

@@ -46,16 +46,19 @@ def app(redis_url: str, prefix: str) -> Iterator[Celery]:
 WorkerFactory = Callable[..., AbstractContextManager[Any]]
 
 
+def in_process_worker(a: Celery, pool: str = "threads",
+                      concurrency: int = 4) -> AbstractContextManager[Any]:
+    """``with in_process_worker(app):`` a worker in this process (define the tasks first).
+    Modules that share one worker between their tests call it from a module fixture."""
+    a.finalize()
+    return start_worker(
+        a, pool=pool, concurrency=concurrency, perform_ping_check=False,
+        loglevel=logging.WARNING, shutdown_timeout=10.0,
+        hostname=f"w-{uuid.uuid4().hex[:6]}@test",
+    )
+
+
 @pytest.fixture
 def worker() -> WorkerFactory:
     """``with worker(app, pool="threads", concurrency=4):`` an in-process worker."""
-
-    def factory(a: Celery, pool: str = "threads", concurrency: int = 4) -> Any:
-        a.finalize()
-        return start_worker(
-            a, pool=pool, concurrency=concurrency, perform_ping_check=False,
-            loglevel=logging.WARNING, shutdown_timeout=10.0,
-            hostname=f"w-{uuid.uuid4().hex[:6]}@test",
-        )
-
-    return factory
+    return in_process_worker
