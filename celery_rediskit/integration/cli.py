@@ -89,7 +89,7 @@ class Ops:
         timeout = min(kit.settings.socket_timeout, 3.0)
         self.client = redis.Redis.from_url(
             kit.settings.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 0), **kit.settings.tls_options(),
         )
 
     @property

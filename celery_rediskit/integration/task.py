@@ -9,7 +9,6 @@ a killed child) is released by task id from the claims recorded in Redis (``clai
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from ..lease import Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
 from ..renewal import renewer
 from ..semaphore import Permit
+from .backoff import requeue_countdown
 from .claims import holder_line
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
@@ -333,14 +333,16 @@ class RedisKitTask(Task):  # type: ignore[misc]
         raise _Skipped()
 
     def _rk_requeue(self, request: Any, why: str) -> None:
-        """Send the task again with a jittered countdown, keeping its id and its retry count
-        (a re-queue is not a user retry), then end this run with ``Retry``."""
-        kit = self._rk_kit()
+        """Send the task again with a backoff countdown (``backoff.py``), keeping its id and
+        its retry count (a re-queue is not a user retry), then end this run with ``Retry``."""
+        settings = self._rk_kit().settings
         if request.is_eager:
             raise TaskLocked(f"{self.name}: {why} (eager tasks cannot be re-queued)")
-        countdown = kit.settings.retry_delay * random.uniform(0.5, 1.5)
         headers = dict(request.headers or {})
-        headers["rediskit_requeues"] = int(headers.get("rediskit_requeues") or 0) + 1
+        requeues = int(headers.get("rediskit_requeues") or 0)
+        countdown = requeue_countdown(self, requeues, first=settings.retry_delay,
+                                      ceiling=settings.retry_delay_max)
+        headers["rediskit_requeues"] = requeues + 1
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers,
         )
