@@ -12,9 +12,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
+from celery._state import _task_stack
 from celery.exceptions import Ignore, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
@@ -49,12 +50,25 @@ taking and releasing, before it gives up with ``TaskLocked`` (having published n
 
 _CALLBACK_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 
+_INLINE_RUNNERS = frozenset({"celery.map", "celery.starmap"})
+"""Celery's builtin tasks that run their items as direct calls, ``task(*item)``: ``map``,
+``starmap`` and ``chunks`` (a group of ``starmap`` tasks). Such a call honours the options."""
+
 
 class TaskLocked(LockError):
     """A singleton task met its lock held (``on_locked="raise"``); or a task that cannot be
     re-queued (``apply()``, eager mode) met its lock held or its limit full with
     ``on_locked``/``on_limited="retry"``; or ``apply_async`` could not take a queued-scope
     claim that kept changing hands. ``key`` names the lock, claim or semaphore."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message, key)
+        # Every field in args: a result backend stores an exception only if
+        # ``type(exc)(*exc.args)`` rebuilds it (else Celery stores a base class instead).
+        self.args = (message, key)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class _Skipped(Exception):
@@ -69,9 +83,13 @@ class TaskDuplicated(LockError):
     duplicate would otherwise be silently dropped.
     """
 
-    def __init__(self, message: str, key: str, task_id: str) -> None:
+    def __init__(self, message: str, key: str | None = None, task_id: str | None = None) -> None:
         super().__init__(message, key)
         self.task_id = task_id
+        self.args = (message, key, task_id)  # see TaskLocked
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _policy_of_class(cls: type) -> TaskPolicy:
@@ -167,6 +185,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
         policy = self._rk_policy
         request = self.request
         if request.called_directly:
+            # A direct call ``task(...)`` is a plain function call (no lock, permit or
+            # cache), except the items of map/starmap/chunks, which Celery runs that way.
+            runner = self.app.current_task if policy.active else None
+            if (runner is not None and runner.name in _INLINE_RUNNERS
+                    and not runner.request.called_directly):
+                return self._rk_run_inline(policy, runner.request, args, kwargs)
             return super().__call__(*args, **kwargs)
         if not policy.active:
             return self.run(*args, **kwargs)
@@ -174,6 +198,23 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     def _rk_kit(self) -> Kit:
         return kit_of(self.app)
+
+    def _rk_run_inline(self, policy: TaskPolicy, outer: Any, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        """Run one item of a map/starmap/chunks task under the options, as part of that
+        task: its leases are recorded under the outer task's id (so a revoke or hard time
+        limit of it releases them), and it cannot be re-queued on its own, so where a
+        message would be re-queued (``on_locked``/``on_limited="retry"``) the item waits
+        for the lock or permit, up to ``limit_timeout``. It stays a direct call for the
+        body (``self.request.called_directly``; ``self.retry()`` raises at once)."""
+        _task_stack.push(self)
+        self.push_request(args=args, kwargs=kwargs, id=outer.id, hostname=outer.hostname,
+                          is_eager=outer.is_eager, rediskit_inline=True)
+        try:
+            return self._rk_execute(policy, self.request, args, kwargs)
+        finally:
+            self.pop_request()
+            _task_stack.pop()
 
     def _rk_execute(self, policy: TaskPolicy, request: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
@@ -229,6 +270,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         settings = rt.settings
         seconds = settings.lease
         task_id: str = request.id
+        inline = bool(getattr(request, "rediskit_inline", False))
         owners = [new_owner_id() for _ in plan]
         records = [(kind, name, owner) for (kind, name, _), owner in zip(plan, owners,
                                                                          strict=True)]
@@ -243,13 +285,18 @@ class RedisKitTask(Task):  # type: ignore[misc]
             if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
                 pending = None
-                if token < 1:
-                    self._rk_locked(rt, policy, request, name, claim)  # raises
-                lease = MutexLease(rt.mutex_storage, name, owner, seconds,
-                                   fencing_token=token, on_lost=rt.mutex.on_lost)
-                lease.start_renewal()
+                if token >= 1:
+                    lease = MutexLease(rt.mutex_storage, name, owner, seconds,
+                                       fencing_token=token, on_lost=rt.mutex.on_lost)
+                    lease.start_renewal()
+                elif inline and policy.on_locked == "retry":
+                    lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
+                                             or settings.limit_timeout, lease=seconds,
+                                             owner=owner)
+                else:
+                    self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
-                wait = policy.on_limited == "wait"
+                wait = policy.on_limited == "wait" or inline
                 if _try_acquire(rt, pending, kind, name, owner, permits, seconds) >= 1:
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
                                    fencing_token=1, on_lost=rt.mutex.on_lost)
@@ -290,7 +337,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         return claim
 
     def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
-                   claim: MutexLease | None) -> None:
+                   claim: MutexLease | None) -> NoReturn:
         holder = rt.mutex_storage.get_lock_info(name).holder if policy.on_locked != "retry" \
             else None
         if claim is not None:
@@ -308,7 +355,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             raise TaskLocked(f"{self.name}: singleton lock {name!r} is held by {holder}", name)
         self._rk_skip(request, "locked", name, holder)
 
-    def _rk_skip(self, request: Any, reason: str, key: str, holder: str | None) -> None:
+    def _rk_skip(self, request: Any, reason: str, key: str, holder: str | None) -> NoReturn:
         """End this run without running the body: it finishes as SUCCESS with the result
         None (raises ``_Skipped``, which ``_rk_execute`` turns into that return).
 
@@ -323,7 +370,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         """
         log.info("rediskit: %s[%s] skipped (%s): %r is held by %s",
                  self.name, request.id, reason, key, holder)
-        if not request.is_eager and self.send_events:
+        inline = getattr(request, "rediskit_inline", False)  # the event would name the outer task
+        if not request.is_eager and not inline and self.send_events:
             try:
                 self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
                                 holder=holder)
@@ -431,11 +479,15 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if holder is None:
                     continue  # released meanwhile: try again
                 existing = holder[2:] if holder.startswith("q:") else holder
-                if has_callbacks:
+                if has_callbacks or given:
+                    # Returning the existing task's result would drop the callbacks, or
+                    # leave the id the caller chose (a canvas froze it) unresolved forever.
+                    why = ("its callbacks (chain/group/link) would be lost" if has_callbacks
+                           else f"its id {task_id} was chosen by the caller (a chain link, or "
+                                f"task_id=) and would never get a result")
                     raise TaskDuplicated(
                         f"{self.name}[{task_id}] was not sent: it duplicates task {existing}, "
-                        f"queued or running, and its callbacks (chain/group/link) would be lost",
-                        qname, existing,
+                        f"queued or running, and {why}", qname, existing,
                     ) from None
                 log.info("rediskit: %s not sent: duplicate of %s", self.name, existing)
                 res = self.AsyncResult(existing)

@@ -17,6 +17,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
+from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.integration import RedisKit
 
 
@@ -34,6 +35,14 @@ def make_app(redis_url: str, prefix: str, **settings: Any) -> Celery:
     settings.setdefault("retry_delay", 0.1)
     RedisKit(app, prefix=prefix, **settings)
     return app
+
+
+def waiting(client: Any, prefix: str, name: str, *, lock: bool) -> int:
+    """How many callers queue in Redis for lock (``lock=True``) or semaphore ``name``: a
+    blocked ``acquire`` is visible there, so tests wait for it instead of sleeping."""
+    keys = KeySpace(prefix)
+    queue = keys.lock(name).queue if lock else keys.semaphore(name).queue
+    return int(client.llen(queue))
 
 
 @pytest.fixture
