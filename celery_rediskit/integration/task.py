@@ -130,10 +130,12 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
                  owner: str, permits: int, seconds: float) -> int:
     """One attempt (without queueing) to take lock (``kind`` "m") or permit ("s") ``name``
     for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
-    first in the same round trip."""
+    first in the same round trip. A limit's ``permits`` are declared: they become the
+    semaphore's total at this attempt, unless an operator set it (``rediskit permits``)."""
     if kind is LeaseKind.MUTEX:
         return int(rt.mutex_storage.try_acquire(name, owner, seconds, before=record))
-    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record))
+    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
+                                                declared=True))
 
 
 class RedisKitTask(Task):  # type: ignore[misc]
@@ -305,6 +307,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     self._rk_release_leases(rt, request)
                     self._rk_requeue(request, f"concurrency limit {name!r} is full")
                 else:
+                    # The try above applied the declared permits: wait with the total as is.
                     timeout = policy.limit_timeout or settings.limit_timeout
                     lease = rt.semaphore(permits).acquire(
                         name, timeout=timeout, lease=seconds, owner=owner,
