@@ -9,6 +9,7 @@ its own ``run`` id, so keys and probes never mix.
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -91,6 +92,9 @@ def env(redis_url: str) -> Iterator[Env]:
     try:
         with in_process_worker(app, concurrency=4):
             yield e
+            # Canvas results sit in reference cycles; collected at interpreter exit, after
+            # the private Redis is gone, each one's __del__ would retry a dead connection.
+            gc.collect()
     finally:
         signals.task_retry.disconnect(on_retry)
         app.close()

@@ -157,6 +157,6 @@ def test_queued_claim_that_keeps_changing_hands_is_an_error(
         for t in hammers:
             t.join(10)
         app.close()
-    assert error is not None, "the claim never changed hands between two reads"
+    assert error is not None, "apply_async never gave up on a claim that changed hands"
     assert error.key == qname and "was not sent" in str(error)
     assert client.llen(queue) == published
