@@ -12,9 +12,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
+from celery._state import _task_stack
 from celery.exceptions import Ignore, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
@@ -36,13 +37,42 @@ __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
 log = logging.getLogger("celery_rediskit")
 
 SKIPPED = "SKIPPED"
-"""State of a task that finished without running because its singleton lock was held."""
+"""State a monitor (``celery.events.State``, Flower) gives a task on its ``task-skipped``
+event. The task itself ends SUCCESS with the result None: see ``_rk_skip``."""
+
+SKIPPED_EVENT = "task-skipped"
+"""The custom task event sent when a task is skipped (fields ``reason``, ``lock``,
+``holder``)."""
+
+CLAIM_ATTEMPTS = 50
+"""How many times ``apply_async`` tries to take a queued-scope claim that others keep
+taking and releasing, before it gives up with ``TaskLocked`` (having published nothing)."""
 
 _CALLBACK_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 
+_INLINE_RUNNERS = frozenset({"celery.map", "celery.starmap"})
+"""Celery's builtin tasks that run their items as direct calls, ``task(*item)``: ``map``,
+``starmap`` and ``chunks`` (a group of ``starmap`` tasks). Such a call honours the options."""
+
 
 class TaskLocked(LockError):
-    """A singleton task met its lock held (``on_locked="raise"``)."""
+    """A singleton task met its lock held (``on_locked="raise"``); or a task that cannot be
+    re-queued (``apply()``, eager mode) met its lock held or its limit full with
+    ``on_locked``/``on_limited="retry"``; or ``apply_async`` could not take a queued-scope
+    claim that kept changing hands. ``key`` names the lock, claim or semaphore."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message, key)
+        # Every field in args: a result backend stores an exception only if
+        # ``type(exc)(*exc.args)`` rebuilds it (else Celery stores a base class instead).
+        self.args = (message, key)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Skipped(Exception):
+    """Raised inside ``_rk_execute`` to end a skipped run with the result None."""
 
 
 class TaskDuplicated(LockError):
@@ -53,9 +83,13 @@ class TaskDuplicated(LockError):
     duplicate would otherwise be silently dropped.
     """
 
-    def __init__(self, message: str, key: str, task_id: str) -> None:
+    def __init__(self, message: str, key: str | None = None, task_id: str | None = None) -> None:
         super().__init__(message, key)
         self.task_id = task_id
+        self.args = (message, key, task_id)  # see TaskLocked
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _policy_of_class(cls: type) -> TaskPolicy:
@@ -153,6 +187,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
         policy = self._rk_policy
         request = self.request
         if request.called_directly:
+            # A direct call ``task(...)`` is a plain function call (no lock, permit or
+            # cache), except the items of map/starmap/chunks, which Celery runs that way.
+            runner = self.app.current_task if policy.active else None
+            if (runner is not None and runner.name in _INLINE_RUNNERS
+                    and not runner.request.called_directly):
+                return self._rk_run_inline(policy, runner.request, args, kwargs)
             return super().__call__(*args, **kwargs)
         if not policy.active:
             return self.run(*args, **kwargs)
@@ -160,6 +200,23 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     def _rk_kit(self) -> Kit:
         return kit_of(self.app)
+
+    def _rk_run_inline(self, policy: TaskPolicy, outer: Any, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        """Run one item of a map/starmap/chunks task under the options, as part of that
+        task: its leases are recorded under the outer task's id (so a revoke or hard time
+        limit of it releases them), and it cannot be re-queued on its own, so where a
+        message would be re-queued (``on_locked``/``on_limited="retry"``) the item waits
+        for the lock or permit, up to ``limit_timeout``. It stays a direct call for the
+        body (``self.request.called_directly``; ``self.retry()`` raises at once)."""
+        _task_stack.push(self)
+        self.push_request(args=args, kwargs=kwargs, id=outer.id, hostname=outer.hostname,
+                          is_eager=outer.is_eager, rediskit_inline=True)
+        try:
+            return self._rk_execute(policy, self.request, args, kwargs)
+        finally:
+            self.pop_request()
+            _task_stack.pop()
 
     def _rk_execute(self, policy: TaskPolicy, request: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
@@ -196,6 +253,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 rt.cache_store(self.name, cache_name, result, policy.cache_ttl,
                                policy.tags(arguments))
             return result
+        except _Skipped:
+            return None
         finally:
             self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
 
@@ -213,6 +272,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         settings = rt.settings
         seconds = settings.lease
         task_id: str = request.id
+        inline = bool(getattr(request, "rediskit_inline", False))
         owners = [new_owner_id() for _ in plan]
         records = [(kind, name, owner) for (kind, name, _), owner in zip(plan, owners,
                                                                          strict=True)]
@@ -227,13 +287,18 @@ class RedisKitTask(Task):  # type: ignore[misc]
             if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
                 pending = None
-                if token < 1:
-                    self._rk_locked(rt, policy, request, name, claim)  # raises
-                lease = MutexLease(rt.mutex_storage, name, owner, seconds,
-                                   fencing_token=token, on_lost=rt.mutex.on_lost)
-                lease.start_renewal()
+                if token >= 1:
+                    lease = MutexLease(rt.mutex_storage, name, owner, seconds,
+                                       fencing_token=token, on_lost=rt.mutex.on_lost)
+                    lease.start_renewal()
+                elif inline and policy.on_locked == "retry":
+                    lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
+                                             or settings.limit_timeout, lease=seconds,
+                                             owner=owner)
+                else:
+                    self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
-                wait = policy.on_limited == "wait"
+                wait = policy.on_limited == "wait" or inline
                 if _try_acquire(rt, pending, kind, name, owner, permits, seconds) >= 1:
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
                                    fencing_token=1, on_lost=rt.mutex.on_lost)
@@ -264,20 +329,18 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except LockTimeout:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
-            log.info("rediskit: %s[%s] skipped: a duplicate of %s, queued or running",
-                     self.name, task_id, other)
             if self._rk_policy.on_locked == "raise":
                 raise TaskLocked(
                     f"{self.name}[{task_id}] is a duplicate of task {other}", qname
                 ) from None
-            self._rk_skip(task_id, qname, other)
+            self._rk_skip(self.request, "duplicate", qname, other)
         claim = MutexLease(storage, qname, owner, lease, fencing_token=token,
                            on_lost=rt.mutex.on_lost)
         claim.start_renewal()
         return claim
 
     def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
-                   claim: MutexLease | None) -> None:
+                   claim: MutexLease | None) -> NoReturn:
         holder = rt.mutex_storage.get_lock_info(name).holder if policy.on_locked != "retry" \
             else None
         if claim is not None:
@@ -293,14 +356,32 @@ class RedisKitTask(Task):  # type: ignore[misc]
             self._rk_requeue(request, f"singleton lock {name!r} is held")
         if policy.on_locked == "raise":
             raise TaskLocked(f"{self.name}: singleton lock {name!r} is held by {holder}", name)
-        log.info("rediskit: %s[%s] skipped: singleton lock %r is held by %s",
-                 self.name, request.id, name, holder)
-        self._rk_skip(request.id, name, holder)
+        self._rk_skip(request, "locked", name, holder)
 
-    def _rk_skip(self, task_id: str, key: str, holder: str | None) -> None:
-        self.update_state(task_id=task_id, state=SKIPPED,
-                          meta={"reason": "locked", "key": key, "holder": holder})
-        raise Ignore()
+    def _rk_skip(self, request: Any, reason: str, key: str, holder: str | None) -> NoReturn:
+        """End this run without running the body: it finishes as SUCCESS with the result
+        None (raises ``_Skipped``, which ``_rk_execute`` turns into that return).
+
+        SUCCESS is the only ready state that lets the task's group and chord complete and
+        its chain go on (a failure would fail them, and a custom state is never ready, so
+        ``get()`` would hang). Why it was skipped goes to the log and, for monitors, to a
+        ``task-skipped`` event (``reason`` "locked" or "duplicate", the ``lock`` or claim
+        name and its ``holder``). The event is sent whether or not task events are on: a
+        pool process cannot see ``celery control enable_events`` (which Flower sends), and
+        an event nobody listens to is dropped by the broker. Not for eager runs, which send
+        no events.
+        """
+        log.info("rediskit: %s[%s] skipped (%s): %r is held by %s",
+                 self.name, request.id, reason, key, holder)
+        inline = getattr(request, "rediskit_inline", False)  # the event would name the outer task
+        if not request.is_eager and not inline and self.send_events:
+            try:
+                self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
+                                holder=holder)
+            except Exception:
+                log.warning("rediskit: sending the %s event of %s failed", SKIPPED_EVENT,
+                            request.id, exc_info=True)
+        raise _Skipped()
 
     def _rk_requeue(self, request: Any, why: str) -> None:
         """Send the task again with a backoff countdown (``backoff.py``), keeping its id and
@@ -379,7 +460,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = policy.cache_name(self.name, arguments, args or (), kwargs or {})
             found, value = rt.cache_lookup(self.name, name)
             if found:
-                return EagerResult(task_id or uuid(), value, states.SUCCESS, name=self.name)
+                return self._rk_cached_result(task_id or uuid(), value, options)
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
         given = task_id is not None
@@ -389,7 +470,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         ttl = kit.settings.queued_ttl + _delay_of(options)
         storage = rt.mutex_storage
-        for _ in range(3):
+        # Taking the claim and reading its holder are two round trips: between them the
+        # holder may finish ("released meanwhile"), and others may take it again. Try again
+        # until the claim is ours or a holder is seen; never publish without the claim.
+        for _ in range(CLAIM_ATTEMPTS):
             try:
                 storage.acquire(qname, owner, ttl, 0)
                 break
@@ -398,16 +482,26 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if holder is None:
                     continue  # released meanwhile: try again
                 existing = holder[2:] if holder.startswith("q:") else holder
-                if has_callbacks:
+                if has_callbacks or given:
+                    # Returning the existing task's result would drop the callbacks, or
+                    # leave the id the caller chose (a canvas froze it) unresolved forever.
+                    why = ("its callbacks (chain/group/link) would be lost" if has_callbacks
+                           else f"its id {task_id} was chosen by the caller (a chain link, or "
+                                f"task_id=) and would never get a result")
                     raise TaskDuplicated(
                         f"{self.name}[{task_id}] was not sent: it duplicates task {existing}, "
-                        f"queued or running, and its callbacks (chain/group/link) would be lost",
-                        qname, existing,
+                        f"queued or running, and {why}", qname, existing,
                     ) from None
                 log.info("rediskit: %s not sent: duplicate of %s", self.name, existing)
                 res = self.AsyncResult(existing)
                 res.rediskit_duplicate = True
                 return res
+        else:
+            raise TaskLocked(
+                f"{self.name}[{task_id}] was not sent: its queued-scope claim {qname!r} was "
+                f"taken and released by others {CLAIM_ATTEMPTS} times while it tried to take "
+                f"it or see who holds it; send it again", qname,
+            )
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
         rt.claims.record(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
@@ -416,6 +510,15 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except BaseException:
             storage.release(qname, owner)
             raise
+
+    def _rk_cached_result(self, task_id: str, value: Any, options: Mapping[str, Any]) -> Any:
+        """The result of a call served from the cache at send time: stored in the result
+        backend under ``task_id`` (as a worker would store it), so that anyone asking for
+        ``AsyncResult(task_id)`` later finds it, and returned ready."""
+        ignore = options.get("ignore_result")
+        if not (self.ignore_result if ignore is None else ignore):
+            self.backend.store_result(task_id, value, states.SUCCESS)
+        return EagerResult(task_id, value, states.SUCCESS, name=self.name)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of the call ``task(*args, **kwargs)``; True if one existed."""
