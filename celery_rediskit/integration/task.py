@@ -124,6 +124,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     _rk_policy: ClassVar[TaskPolicy] = TaskPolicy()
 
+    #: tells the worker's main process which child runs which task (``children.py``)
+    Request = "celery_rediskit.integration.request:TrackedRequest"
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._rk_policy = _policy_of_class(cls)
