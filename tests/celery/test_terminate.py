@@ -95,13 +95,14 @@ def test_terminated_body_that_survives_keeps_its_lock(workers: Workers, how: str
     # the main process has announced the revoke (task_revoked) by the time it is stored
     workers.wait_for(lambda: first.state in ("REVOKED", "SUCCESS"))
     name = workers.lock_name("trapping", run=run, how=how)
-    held_after_revoke = workers.locked(name)
+    # the lock must not be free while the body is still cleaning up (probe still entered)
+    released_early = not workers.locked(name) and workers.probe(run).current == 1
     dup = app.tasks["trapping"].delay(run, "none")
     assert dup.get(timeout=WAIT) > 0
     probe = workers.probe(run)
     assert probe.runs == 2
     assert probe.peak == 1, "the duplicate ran beside the body cleaning up after the signal"
-    assert held_after_revoke
+    assert not released_early, "released while the body was still cleaning up"
     assert not workers.locked(name)
 
 
