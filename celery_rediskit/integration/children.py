@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +95,8 @@ class ChildWatch:
         self._running: dict[int, str] = {}  # child pid -> the task it started last
         self._pending: dict[int, _Pending] = {}  # child pid -> releases waiting for it
         self._timer: Any = None
-        self._scheduled = False
+        self._due: float | None = None  # monotonic time of the next look, if one is set
+        self._token = 0  # names the look that is due; superseded looks run but keep _due
         self._interval = FIRST_CHECK
 
     # -- fed by the worker ------------------------------------------------------------------
@@ -102,7 +104,7 @@ class ChildWatch:
         """Use ``timer`` (the worker's: ``call_after(seconds, fun)``) to look at children."""
         with self._lock:
             self._timer = timer
-            self._scheduled = False
+            self._due = None
             pending = bool(self._pending)
         if pending:
             self._schedule(reset=True)
@@ -180,24 +182,32 @@ class ChildWatch:
 
     # -- internals --------------------------------------------------------------------------
     def _schedule(self, reset: bool = False) -> None:
+        """Look again after the current interval (doubling it), unless a look is already
+        due by then; ``reset`` starts over from :data:`FIRST_CHECK` (a new deferral)."""
         with self._lock:
             if reset:
                 self._interval = FIRST_CHECK
-            if self._scheduled or self._timer is None or not self._pending:
+            if self._timer is None or not self._pending:
                 return
-            self._scheduled = True
             timer, delay = self._timer, self._interval
+            when = time.monotonic() + delay
+            if self._due is not None and self._due <= when:
+                return
+            self._due = when
             self._interval = min(LAST_CHECK, self._interval * 2)
+            self._token += 1
+            token = self._token
         try:
-            timer.call_after(delay, self._tick)
+            timer.call_after(delay, self._tick, (token,))
         except Exception:
             with self._lock:
-                self._scheduled = False
+                self._due = None
             log.exception("rediskit: scheduling the check of terminated children failed")
 
-    def _tick(self) -> None:
+    def _tick(self, token: int) -> None:
         with self._lock:
-            self._scheduled = False
+            if token == self._token:  # the look that was due (not one superseded by it)
+                self._due = None
         try:
             self.check()
         except Exception:
