@@ -72,10 +72,29 @@ class ClaimStore:
             return []
         return parse_record(raw)[0]
 
-    def release_all(self, task_id: str, storages: Mapping[str, Releaser]) -> int:
-        """Release everything ``task_id`` holds (owner-checked); the number released."""
+    def holder_pid(self, task_id: str) -> int | None:
+        """The pid of the process that recorded the claims of ``task_id`` (its holder
+        line), or None when there is no record or it has no holder line."""
+        raw = self.client.get(self.key(task_id))
+        meta = parse_record(raw)[1] if raw else None
+        return None if meta is None else int(meta["pid"])
+
+    def release_all(self, task_id: str, storages: Mapping[str, Releaser],
+                    pid: int | None = None) -> int:
+        """Release everything ``task_id`` holds (owner-checked); the number released.
+
+        With ``pid``, only a record written by process ``pid`` (or one without a holder
+        line: a queued-scope claim not yet taken up) is acted on: a later run of the same
+        task id in another process keeps what it holds.
+        """
+        raw = self.client.get(self.key(task_id))
+        if not raw:
+            return 0
+        records, meta = parse_record(raw)
+        if pid is not None and meta is not None and meta["pid"] != pid:
+            return 0
         released = 0
-        for kind, key, owner in self.held(task_id):
+        for kind, key, owner in records:
             storage = storages.get(kind)
             if storage is None:
                 continue

@@ -139,6 +139,7 @@ class Runtime:
         except Exception:
             log.exception("rediskit: caching the result of %s failed", task_name)
 
-    def release_task(self, task_id: str) -> int:
-        """Release everything ``task_id`` holds, from any process (owner-checked)."""
-        return self.claims.release_all(task_id, self.storages)
+    def release_task(self, task_id: str, pid: int | None = None) -> int:
+        """Release everything ``task_id`` holds, from any process (owner-checked); with
+        ``pid``, only what process ``pid`` recorded (``ClaimStore.release_all``)."""
+        return self.claims.release_all(task_id, self.storages, pid)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
 from celery._state import _task_stack
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
 
@@ -159,6 +159,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
     cache_tags: ClassVar[Any] = None
 
     _rk_policy: ClassVar[TaskPolicy] = TaskPolicy()
+
+    #: tells the worker's main process which child runs which task (``children.py``)
+    Request = "celery_rediskit.integration.request:TrackedRequest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -416,36 +419,80 @@ class RedisKitTask(Task):  # type: ignore[misc]
             renewer().unregister(claim)
 
     def _rk_finish(self, rt: Runtime, request: Any, *, keep_claim: bool) -> None:
-        """End of a run: release everything; a queued claim stays for a re-sent message
-        (whose ``apply_async`` has already rewritten the task's claims record)."""
+        """End of a run: release everything, then send the retry ``retry()`` asked for
+        (:meth:`_rk_hold_retry`); a queued claim stays for the re-sent message (whose
+        ``apply_async`` rewrites the task's claims record)."""
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
-        if not getattr(request, "rediskit_leases", None) and claim is None:
+        resend: tuple[Any, Any, str, dict[str, Any]] | None = getattr(
+            request, "rediskit_resend", None)
+        if not getattr(request, "rediskit_leases", None) and claim is None and resend is None:
             return
         self._rk_release_leases(rt, request)
+        failed: Exception | None = None
+        if resend is not None:
+            request.rediskit_resend = None
+            args, kwargs, task_id, options = resend
+            try:
+                self.apply_async(args, kwargs, task_id, **options)
+            except Exception as exc:  # as Celery's retry(): a failed publish fails the task
+                failed, keep_claim = exc, False
         if claim is not None and not keep_claim:
             try:
                 claim.release()
             except Exception:
                 log.exception("rediskit: releasing the claim of %s failed", request.id)
         request.rediskit_claim = None
+        if failed is not None:
+            raise Reject(failed, requeue=False) from failed
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``retry``, with the retry sent once this run has released its leases.
+
+        Celery decides first: past ``max_retries`` it raises ``MaxRetriesExceededError`` (or
+        ``exc``) and sends nothing, so a fallback in ``except MaxRetriesExceededError`` still
+        runs under the lock. When Celery does send the retry (its ``apply_async`` of this
+        task id), the message is held back (:meth:`_rk_hold_retry`) and sent at the end of
+        the run, right after the leases are released: the retried run (even with
+        ``countdown=0``) neither meets its own lock nor overlaps what still runs after
+        ``retry()`` here (``finally`` blocks, the rest of a ``throw=False`` body). A failed
+        send fails the task, as in Celery (``Reject``). A queued-scope claim is kept for the
+        retry. An eager run is re-run by Celery without sending anything.
+        """
         request = self.request
-        if getattr(request, "rediskit_leases", None) or getattr(request, "rediskit_claim", None):
-            # Release the running lock before the retry is published: a retry with
-            # countdown=0 must not meet its own lock. A queued-scope claim is kept.
-            self._rk_release_leases(self._rk_kit().runtime(), request)
+        held = bool(getattr(request, "rediskit_leases", None)
+                    or getattr(request, "rediskit_claim", None))
+        if held:
+            request.rediskit_retrying = True  # consumed by _rk_hold_retry
         try:
             result = super().retry(*args, **kwargs)
         except Retry:
             request.rediskit_keep = True
             raise
+        finally:
+            if held:
+                request.rediskit_retrying = False
         request.rediskit_keep = True
         return result
+
+    def _rk_hold_retry(self, args: Any, kwargs: Any, task_id: str | None,
+                       options: dict[str, Any]) -> bool:
+        """Called first in :meth:`apply_async`: when this is Celery's ``retry()`` sending
+        the running task again (same task id) while it holds leases, keep the message on
+        the request for :meth:`_rk_finish` to send, and return True."""
+        if task_id is None:
+            return False
+        request = self.request
+        if not (getattr(request, "rediskit_retrying", False) and request.id == task_id):
+            return False
+        request.rediskit_retrying = False
+        request.rediskit_resend = (args, kwargs, task_id, options)
+        return True
 
     # -- sending --------------------------------------------------------------------------
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *a: Any, **options: Any) -> Any:
+        if self._rk_hold_retry(args, kwargs, task_id, options):
+            return self.AsyncResult(task_id)  # sent by _rk_finish
         policy = self._rk_policy
         if not policy.active or self.app.conf.task_always_eager or a:
             return super().apply_async(args, kwargs, task_id, *a, **options)
