@@ -154,6 +154,13 @@ class Lease:
     last successful renewal, or its grant, plus its length, less a small margin) if no renewal
     got through by then; once True it stays True. A lost lease is never re-created behind the
     holder's back.
+
+    ``companion_keys`` (Redis storages; may be set at any time while held) are other keys, on
+    the same Redis, that must live as long as the lease: a record about the holder, say. Each
+    renewal of the lease also extends their expiry to no less than ``lease_seconds``, in the
+    same script and round trip (``_redis/renew_batch.py``). They are never created, never
+    shortened, and not touched by ``release()``: delete them when done, or they expire one
+    lease after the last renewal.
     """
 
     kind: ClassVar[LeaseKind]
@@ -167,6 +174,7 @@ class Lease:
         *,
         fencing_token: int = 0,
         on_lost: LostCallback | None = None,
+        companion_keys: Sequence[str] = (),
     ) -> None:
         self.storage = storage
         self.key = key
@@ -174,6 +182,7 @@ class Lease:
         self.lease_seconds = lease_seconds
         self.fencing_token = fencing_token
         self.on_lost = on_lost
+        self.companion_keys: tuple[str, ...] = tuple(companion_keys)
         # time.monotonic() when the last successful renewal was sent (at first: the grant's
         # reply, a moment after the server made it; renewal.deadline_margin covers that)
         self.last_renewed = time.monotonic()

@@ -19,19 +19,29 @@ stuck, and makes the common case one round trip:
   every other client of the server for milliseconds.
 - After a timeout or a connection error the connection is dropped (its state is unknown) and
   the next call opens a new one. After ``fork`` a child never uses its parent's connection.
+- A lease's ``companion_keys`` (records that must live as long as the lease, such as the
+  Celery layer's claims record of a task) ride in the same script as the lease: when the
+  lease is renewed, each gets an expiry of no less than the lease (``PEXPIRE ... GT``; never
+  created, never shortened). So they cost no extra round trip, and they stop being renewed
+  with the lease: once it is released or lost they expire on their own unless deleted first.
+  They must live on the lease's Redis (the same client).
 - A ``RedisCluster`` client has no single pool to copy: its leases are renewed through the
   client itself (one call per hash slot, as a script may only touch keys of one slot), with
   the client's own timeouts and retries. Renewal of other clients is still not delayed, and
-  a lease is still marked lost by its deadline (``renewal.py``).
+  a lease is still marked lost by its deadline (``renewal.py``). A companion key in another
+  hash slot than its lease cannot go in the lease's script: after the scripts, those of the
+  leases renewed get their ``PEXPIRE ... GT`` in one more pipelined call (which is allowed to
+  fail: the leases' results stand).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from redis.backoff import NoBackoff
@@ -50,6 +60,8 @@ __all__ = [
     "renewal_target",
     "renewal_timeout",
 ]
+
+log = logging.getLogger(__name__)
 
 BATCH_SIZE = 250
 """Leases per ``renew_batch`` script call (about 1 ms of server time each)."""
@@ -90,13 +102,40 @@ def _chunks(indexes: list[int]) -> list[list[int]]:
 
 
 def _call_args(
-    leases: Sequence[Lease], items: list[tuple[str, str]], indexes: list[int]
+    leases: Sequence[Lease], items: list[tuple[str, str]], indexes: list[int],
+    companions: Callable[[int], Sequence[str]] | None = None,
 ) -> tuple[list[str], list[Any]]:
+    # KEYS and ARGV of one renew_batch.lua call: the leases' keys, then their companion keys
+    # (``companions(i)``, default: all of lease i's); four values per lease.
     keys = [items[i][0] for i in indexes]
     args: list[Any] = []
     for i in indexes:
-        args += [items[i][1], leases[i].owner, to_ms(leases[i].lease_seconds)]
+        extra = leases[i].companion_keys if companions is None else companions(i)
+        args += [items[i][1], leases[i].owner, to_ms(leases[i].lease_seconds), len(extra)]
+        keys += extra
     return keys, args
+
+
+def _renew_elsewhere(client: Any, leases: Sequence[Lease], pending: list[tuple[int, str]],
+                     results: list[bool]) -> None:
+    # Cluster: the companion keys of other hash slots than their leases' (lease index, key),
+    # for the leases just renewed, in one pipelined call. A failure is logged, not raised: the
+    # leases were renewed, and a companion not extended now is extended at the next tick.
+    pipe = client.pipeline(transaction=False)
+    sent = 0
+    for i, key in pending:
+        if results[i]:
+            pipe.execute_command("PEXPIRE", key, to_ms(leases[i].lease_seconds), "GT")
+            sent += 1
+    if not sent:
+        return
+    try:
+        for reply in pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception):
+                raise reply
+    except Exception as exc:
+        log.warning("rediskit: extending %d companion key(s) of renewed leases failed: %s",
+                    sent, exc)
 
 
 def renew_in_batches(
@@ -104,18 +143,32 @@ def renew_in_batches(
 ) -> list[bool]:
     """Renew ``leases`` through ``client`` itself (its timeouts and retries); ``items`` gives
     (key, kind). One script call per hash slot on a cluster client, and per ``BATCH_SIZE``
-    leases."""
+    leases; then one pipelined call for companion keys in other slots than their lease."""
     script = load_script("renew_batch")
     groups: dict[Any, list[int]] = {}
     slot_of = getattr(client, "keyslot", None)
-    for i, (key, _kind) in enumerate(items):
-        groups.setdefault(slot_of(key) if slot_of else 0, []).append(i)
+    slots = [slot_of(key) if slot_of else 0 for key, _kind in items]
+    for i, slot in enumerate(slots):
+        groups.setdefault(slot, []).append(i)
+    elsewhere: list[tuple[int, str]] = []  # companion keys of another slot than their lease
+
+    def same_slot(i: int) -> list[str]:
+        mine = []
+        for key in leases[i].companion_keys:
+            if slot_of is None or slot_of(key) == slots[i]:
+                mine.append(key)
+            else:
+                elsewhere.append((i, key))
+        return mine
+
     results = [False] * len(leases)
     for indexes in groups.values():
         for chunk in _chunks(indexes):
-            keys, args = _call_args(leases, items, chunk)
+            keys, args = _call_args(leases, items, chunk, same_slot)
             for i, ok in zip(chunk, script.run(client, keys, args), strict=True):
                 results[i] = bool(ok)
+    if elsewhere:
+        _renew_elsewhere(client, leases, elsewhere, results)
     return results
 
 

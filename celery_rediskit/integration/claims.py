@@ -5,6 +5,12 @@ only by the worker's main process, which has no arguments (so cannot recompute k
 lease objects. Each claim is recorded in ``<prefix>:claims:<task id>`` (a string, one
 ``"<kind>|<key>|<owner>"`` line per claim); releasing by task id releases each one,
 owner-checked, so a stale record can never release someone else's lock.
+
+The record of a running task lives as long as its leases: each of them names the record as a
+companion key (``Lease.companion_keys``), so every renewal of the leases extends the record
+too, in the same script and round trip. It is deleted when the run ends (:meth:`forget`, in
+the run's own path, or by the release by task id); if the process dies unseen, it expires one
+lease after the last renewal, with the leases.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from .._redis.scripts import call
+from .._redis.scripts import call, load_script
 
 __all__ = ["ClaimStore", "Releaser", "holder_line", "parse_record"]
 
@@ -31,8 +37,9 @@ class ClaimStore:
 
     ``kind`` is ``"m"`` (lock) or ``"s"`` (permit). A record is rewritten whole by each
     writer and expires on its own: a stale record is harmless, since every release it drives
-    is owner-checked. The worker's record of a running task lives ``2 × lease``: past that, a
-    killed task's leases end by expiry anyway (within one lease).
+    is owner-checked. The worker writes the record of a running task for ``2 × lease``, and
+    the renewals of the task's leases keep it alive as long as any of them is renewed (see
+    the module doc); the run deletes it when it ends (:meth:`forget`).
     """
 
     def __init__(self, client: Any, prefix: str, ttl: float) -> None:
@@ -64,6 +71,14 @@ class ClaimStore:
 
     def drop(self, task_id: str) -> None:
         self.client.delete(self.key(task_id))
+
+    def forget(self, command: tuple[Any, ...]) -> bool:
+        """Delete the record that ``command`` (from :meth:`record_command`) wrote, unless it
+        has been rewritten since: by a re-sent message of the same task id (a retry, a
+        re-queue) or another delivery of it, whose record it now is. One round trip; True
+        when deleted."""
+        _set, key, text = command[:3]
+        return bool(load_script("claims_forget").run(self.client, [key], [text]))
 
     def held(self, task_id: str) -> list[tuple[str, str, str]]:
         """(kind, key, owner) recorded for ``task_id``."""

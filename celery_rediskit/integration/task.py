@@ -238,6 +238,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_leases = held
         request.rediskit_claim = None
         request.rediskit_keep = False
+        request.rediskit_record = None  # the claims record this run wrote (a SET command)
         try:
             plan: list[tuple[LeaseKind, str, int]] = []  # (kind, resource name, permits), in order
             if policy.singleton:
@@ -259,7 +260,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except _Skipped:
             return None
         finally:
-            self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
+            try:
+                self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
+            finally:
+                self._rk_forget_record(rt, request)
 
     def _rk_acquire(self, rt: Runtime, policy: TaskPolicy, request: Any,
                     plan: list[tuple[LeaseKind, str, int]], claim: MutexLease | None,
@@ -271,6 +275,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
         harmless: every release by task id is owner-checked.) A queued-scope run writes its
         record after its acquisitions instead: when it meets its own lock held, another run
         of the same task id is running, whose record must not be overwritten.
+
+        Every lease names the record as a companion key, so the renewals that keep the leases
+        alive keep the record too (in the same round trip), however long the task runs.
         """
         settings = rt.settings
         seconds = settings.lease
@@ -283,7 +290,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
             records.append((LeaseKind.MUTEX, claim.key, claim.owner))
         record = rt.claims.record_command(task_id, records, 2 * seconds,
                                           holder_line(self.name, request.hostname))
+        companions = (rt.claims.key(task_id),)
         pending: tuple[Any, ...] | None = record if claim is None else None
+        if claim is None:
+            request.rediskit_record = record
         for (kind, name, permits), owner in zip(plan, owners, strict=True):
             name = resource_key(name)
             lease: Lease
@@ -292,19 +302,21 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 pending = None
                 if token >= 1:
                     lease = MutexLease(rt.mutex_storage, name, owner, seconds,
-                                       fencing_token=token, on_lost=rt.mutex.on_lost)
+                                       fencing_token=token, on_lost=rt.mutex.on_lost,
+                                       companion_keys=companions)
                     lease.start_renewal()
                 elif inline and policy.on_locked == "retry":
                     lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
                                              or settings.limit_timeout, lease=seconds,
-                                             owner=owner)
+                                             owner=owner, companion_keys=companions)
                 else:
                     self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
                 wait = policy.on_limited == "wait" or inline
                 if _try_acquire(rt, pending, kind, name, owner, permits, seconds) >= 1:
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
-                                   fencing_token=1, on_lost=rt.mutex.on_lost)
+                                   fencing_token=1, on_lost=rt.mutex.on_lost,
+                                   companion_keys=companions)
                     lease.start_renewal()
                 elif not wait:
                     self._rk_release_leases(rt, request)
@@ -314,12 +326,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     timeout = policy.limit_timeout or settings.limit_timeout
                     lease = rt.semaphore(permits).acquire(
                         name, timeout=timeout, lease=seconds, owner=owner,
+                        companion_keys=companions,
                     )
                 pending = None
             held.append(lease)
             rt.owners[owner] = (self, task_id)
         if claim is not None:
             call(rt.client, *record)
+            request.rediskit_record = record
 
     def _rk_take_claim(self, rt: Runtime, name: str, task_id: str) -> MutexLease:
         """Hold the queued-scope claim of ``task_id`` while it runs (taking it if free)."""
@@ -338,7 +352,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 ) from None
             self._rk_skip(self.request, "duplicate", qname, other)
         claim = MutexLease(storage, qname, owner, lease, fencing_token=token,
-                           on_lost=rt.mutex.on_lost)
+                           on_lost=rt.mutex.on_lost, companion_keys=(rt.claims.key(task_id),))
         claim.start_renewal()
         return claim
 
@@ -444,6 +458,19 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_claim = None
         if failed is not None:
             raise Reject(failed, requeue=False) from failed
+
+    def _rk_forget_record(self, rt: Runtime, request: Any) -> None:
+        """The run is over: delete the claims record it wrote (after its releases), unless a
+        re-sent message or another delivery of the task id has rewritten it since."""
+        record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
+        if record is None:
+            return
+        request.rediskit_record = None
+        try:
+            rt.claims.forget(record)
+        except Exception:  # Redis unreachable: the record expires with the leases
+            log.warning("rediskit: deleting the claims record of %s failed", request.id,
+                        exc_info=True)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, with the retry sent once this run has released its leases.
