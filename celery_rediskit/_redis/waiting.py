@@ -8,6 +8,7 @@ wake-up or a crashed holder costs at most one bounded wait before the caller ask
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from threading import Event
@@ -18,6 +19,8 @@ from .scripts import LuaScript
 from .wakeup import WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
 __all__ = ["WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
+
+log = logging.getLogger(__name__)
 
 WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait (ms)
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
@@ -50,8 +53,11 @@ def acquire_queued(
     try:
         first = int(script.run(client, keys, argv))  # positional arguments: this is hot
     except BaseException:
+        # Interrupted, or the reply was lost: the script may have queued the caller or granted
+        # it the key. Leave no trace either way.
         if slot is not None:
             drop_slot(owner)
+        _leave_quietly(lambda: cancel(key, owner, False), kind, key)
         raise
     if first >= 1:
         if slot is not None:
@@ -114,9 +120,17 @@ def wait_for_grant(
             if slot.token is not None:
                 return slot.token
             if abort is not None and abort.is_set():
-                _abandon(cancel)
+                cancel(False)
                 raise AcquireAborted(f"waiting for {kind} {key!r} was aborted", key)
             result = attempt(True)  # bound reached or asked to recheck: ask Redis again
+    except (LockTimeout, AcquireAborted):
+        raise  # the caller has left the queue already
+    except BaseException:
+        # Anything else ends the wait (KeyboardInterrupt, SystemExit, a soft time limit, an
+        # exception thrown into the thread, a Redis error): leave the queue, or give back a
+        # grant made meanwhile, so the next release goes to a live waiter.
+        _leave_quietly(lambda: cancel(False), kind, key)
+        raise
     finally:
         drop_slot(owner)
 
@@ -128,5 +142,11 @@ def _give_up(kind: str, key: str, timeout: float | None, cancel: Callable[[bool]
     raise LockTimeout(f"could not acquire {kind} {key!r} within {timeout} s", key)
 
 
-def _abandon(cancel: Callable[[bool], int]) -> None:
-    cancel(False)
+def _leave_quietly(leave: Callable[[], object], kind: str, key: str) -> None:
+    """Run ``leave`` (cancel without keeping a grant) on the way out of a failed wait; its own
+    failure is logged, not raised, so the exception that ended the wait is the one seen. If it
+    fails, the entry still drops out of the queue by itself once its deadline passes."""
+    try:
+        leave()
+    except BaseException as exc:  # the exception that ended the wait matters more
+        log.warning("rediskit: could not leave the queue of %s %r: %r", kind, key, exc)
