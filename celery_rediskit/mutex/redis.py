@@ -51,7 +51,7 @@ class RedisMutexStorage(MutexStorage):
         return acquire_queued(
             "lock", key, owner, self.client, self._acquire, self._key_list(key),
             self.acquire_argv(owner, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort,
+            timeout, abort, lease,
         )
 
     def acquire_argv(self, owner: str, lease: float) -> list[Any]:
