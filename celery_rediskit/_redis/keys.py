@@ -30,16 +30,23 @@ class LockKeys:
 
 @dataclass(frozen=True)
 class SemaphoreKeys:
-    """The Redis keys of one semaphore: holders (zset of lease ends), total, initial, waiters."""
+    """The Redis keys of one semaphore: holders (zset of lease ends), total, initial, waiters,
+    and ``pinned``: present while the total is one an operator set (``initialize``,
+    ``increase_permits``, ``decrease_permits``), which declared permits leave alone until
+    ``reset``. ``as_list`` is what most scripts take; ``with_pin`` adds ``pinned``."""
 
     holders: str
     total: str
     initial: str
     queue: str
     waiters: str
+    pinned: str
 
     def as_list(self) -> list[str]:
         return [self.holders, self.total, self.initial, self.queue, self.waiters]
+
+    def with_pin(self) -> list[str]:
+        return [*self.as_list(), self.pinned]
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class KeySpace:
         base = f"{self.prefix}:sem:{{{resource_key(name)}}}"
         return SemaphoreKeys(
             base + ":holders", base + ":total", base + ":initial", base + ":queue",
-            base + ":waiters",
+            base + ":waiters", base + ":pinned",
         )
 
     def lock_list(self, name: str) -> list[str]:
@@ -80,11 +87,20 @@ class KeySpace:
         """``semaphore(name).as_list()``, built once per name (do not mutate the list)."""
         return self._lists.get(("s", name)) or self._cached("s", name)
 
+    def semaphore_pin_list(self, name: str) -> list[str]:
+        """``semaphore(name).with_pin()``, built once per name (do not mutate the list)."""
+        return self._lists.get(("p", name)) or self._cached("p", name)
+
     def _cached(self, kind: str, name: str) -> list[str]:
         if len(self._lists) >= 4096:
             self._lists.clear()  # crude but bounded; names repeat far more than they vary
-        keys = self.lock(name) if kind == "m" else self.semaphore(name)
-        made = self._lists[(kind, name)] = keys.as_list()
+        if kind == "m":
+            made = self.lock(name).as_list()
+        elif kind == "s":
+            made = self.semaphore(name).as_list()
+        else:
+            made = self.semaphore(name).with_pin()
+        self._lists[(kind, name)] = made
         return made
 
     @property

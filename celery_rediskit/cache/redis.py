@@ -20,6 +20,7 @@ entries, single-flight and ``clear`` work there.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +31,7 @@ from .._redis.scripts import LuaScript, call, load_script
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
 from ..durations import optional_duration
-from ..errors import ConfigurationError, LockError, SerializationError
+from ..errors import AcquireAborted, ConfigurationError, LockError, SerializationError
 from ..lease import new_owner_id
 from ..mutex.base import MutexLease
 from ..mutex.redis import RedisMutexStorage
@@ -215,7 +216,14 @@ class RedisCacheProvider(CacheProvider):
         name = self.keys.cache_lock_name(key)
         return name, [*self.keys.lock_list(name), self.entry_key(key)]
 
-    def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
+    def claim(
+        self,
+        key: str,
+        *,
+        lease: float = 30.0,
+        wait: float = 30.0,
+        abort: threading.Event | None = None,
+    ) -> Claim:
         lease = positive_seconds("lease", lease)
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
@@ -231,7 +239,9 @@ class RedisCacheProvider(CacheProvider):
         if wait <= 0:
             return Claim(key, "busy")
         try:
-            token = self._locks.acquire(name, owner, lease, wait)
+            token = self._locks.acquire(name, owner, lease, wait, abort)
+        except AcquireAborted:  # the caller left (a cancelled async call): it dequeued itself
+            return Claim(key, "bypass", store=False)
         except LockError:  # LockTimeout: the computer takes too long; compute ourselves
             return Claim(key, "bypass")
         except OUTAGE_ERRORS as exc:

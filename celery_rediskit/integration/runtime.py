@@ -72,6 +72,7 @@ class Runtime:
         self.settings = s
         self.client = redis.Redis.from_url(
             s.url, socket_timeout=s.socket_timeout, socket_connect_timeout=s.socket_timeout,
+            **s.tls_options(),
         )
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix)
         self.semaphore_storage = RedisSemaphoreStorage(self.client, prefix=s.prefix)

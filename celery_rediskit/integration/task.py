@@ -9,7 +9,6 @@ a killed child) is released by task id from the claims recorded in Redis (``clai
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from ..lease import Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
 from ..renewal import renewer
 from ..semaphore import Permit
+from .backoff import requeue_countdown
 from .claims import holder_line
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
@@ -96,10 +96,12 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
                  owner: str, permits: int, seconds: float) -> int:
     """One attempt (without queueing) to take lock (``kind`` "m") or permit ("s") ``name``
     for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
-    first in the same round trip."""
+    first in the same round trip. A limit's ``permits`` are declared: they become the
+    semaphore's total at this attempt, unless an operator set it (``rediskit permits``)."""
     if kind is LeaseKind.MUTEX:
         return int(rt.mutex_storage.try_acquire(name, owner, seconds, before=record))
-    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record))
+    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
+                                                declared=True))
 
 
 class RedisKitTask(Task):  # type: ignore[misc]
@@ -240,6 +242,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     self._rk_release_leases(rt, request)
                     self._rk_requeue(request, f"concurrency limit {name!r} is full")
                 else:
+                    # The try above applied the declared permits: wait with the total as is.
                     timeout = policy.limit_timeout or settings.limit_timeout
                     lease = rt.semaphore(permits).acquire(
                         name, timeout=timeout, lease=seconds, owner=owner,
@@ -300,14 +303,16 @@ class RedisKitTask(Task):  # type: ignore[misc]
         raise Ignore()
 
     def _rk_requeue(self, request: Any, why: str) -> None:
-        """Send the task again with a jittered countdown, keeping its id and its retry count
-        (a re-queue is not a user retry), then end this run with ``Retry``."""
-        kit = self._rk_kit()
+        """Send the task again with a backoff countdown (``backoff.py``), keeping its id and
+        its retry count (a re-queue is not a user retry), then end this run with ``Retry``."""
+        settings = self._rk_kit().settings
         if request.is_eager:
             raise TaskLocked(f"{self.name}: {why} (eager tasks cannot be re-queued)")
-        countdown = kit.settings.retry_delay * random.uniform(0.5, 1.5)
         headers = dict(request.headers or {})
-        headers["rediskit_requeues"] = int(headers.get("rediskit_requeues") or 0) + 1
+        requeues = int(headers.get("rediskit_requeues") or 0)
+        countdown = requeue_countdown(self, requeues, first=settings.retry_delay,
+                                      ceiling=settings.retry_delay_max)
+        headers["rediskit_requeues"] = requeues + 1
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers,
         )

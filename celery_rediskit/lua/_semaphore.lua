@@ -5,6 +5,8 @@
 --   total   string: the number of permits now
 --   initial string: the number of permits it was initialised with (for reset)
 --   queue / waiters: the FIFO of waiters (see _waitqueue.lua)
+--   pinned  string, present while the total is one an operator set (sem_admin "init", "inc",
+--           "dec"): acquires with declared permits leave it alone until "reset"
 
 -- Drop holders whose lease ended; they give their permits back.
 local function sem_reap(holders, now)
@@ -26,4 +28,15 @@ local function sem_serve(holders, total, queue, waiters, now, chan_prefix, local
     if msg then locals[#locals + 1] = msg end
   end
   return locals
+end
+
+-- Mark the total as set by an operator (see "pinned" above). The mark lives no longer than
+-- the total: it takes the total's expiry, if the total has one.
+local function sem_pin(total, pinned)
+  local ttl = redis.call('PTTL', total)
+  if ttl > 0 then
+    redis.call('SET', pinned, '1', 'PX', ttl)
+  else
+    redis.call('SET', pinned, '1')
+  end
 end

@@ -2,6 +2,9 @@
 -- needs: _semaphore
 -- KEYS[1] holders, KEYS[2] total, KEYS[3] initial, KEYS[4] queue, KEYS[5] waiters
 --         (see _semaphore.lua)
+-- KEYS[6] pinned, given only when ARGV[6] is the total the caller's code declares: that
+--         total then replaces a different stored one, unless an operator set it (pinned
+--         exists: it stays until reset, and reset then returns to the declared total)
 -- ARGV[1] owner id ("<process id>:<n>")
 -- ARGV[2] lease, ms
 -- ARGV[3] "1" to join the queue when not granted, "0" to just try
@@ -12,6 +15,9 @@
 --         a release: its lease end is then set to now + ARGV[2] again);
 --         otherwise -1 - (ms until the nearest holder's lease ends; half the grace when no
 --         holder bounds the wait), so the caller can bound its wait.
+--         With KEYS[6], when the stored total differed from the declared one: {stored total,
+--         1 if an operator set it else 0}, without acquiring (the caller notes it and asks
+--         again without KEYS[6]).
 local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
@@ -23,6 +29,25 @@ if not cap then
   redis.call('SET', initial, cap)
 end
 redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
+
+if KEYS[6] then  -- declared permits (see KEYS[6] above)
+  local declared, pin = tonumber(ARGV[6]), KEYS[6]
+  local pinned = redis.call('EXISTS', pin)
+  if pinned == 1 then
+    local ttl = redis.call('PTTL', total)  -- the mark lives no longer than the total
+    if ttl > 0 then redis.call('PEXPIRE', pin, ttl) end
+    if tonumber(redis.call('GET', initial)) ~= declared then
+      redis.call('SET', initial, declared, 'KEEPTTL')  -- what reset returns to
+    end
+  end
+  if cap ~= declared then
+    if pinned == 0 then  -- holders keep their permits; nobody new gets in while they exceed it
+      redis.call('SET', total, declared, 'KEEPTTL')
+      redis.call('SET', initial, declared, 'KEEPTTL')
+    end
+    return {cap, pinned}
+  end
+end
 
 -- Fast path: nobody queues and a permit is free.
 if redis.call('LLEN', queue) == 0 then

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._redis.keys import KeySpace
-from .._redis.renew_batch import renew_in_batches
+from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
@@ -32,6 +32,7 @@ class RedisMutexStorage(MutexStorage):
     def __init__(self, client: Any, prefix: str = "rediskit") -> None:
         self.client = client
         self.keys = KeySpace(prefix)
+        self._renewal = renewal_target(client)
         self._channel_prefix = self.keys.wake_channel_prefix
         self._acquire = load_script("mutex_acquire")
         self._release = load_script("mutex_release")
@@ -109,8 +110,16 @@ class RedisMutexStorage(MutexStorage):
         return self.extend(resource_key(key), "", seconds, add=True)
 
     def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
-        items = [(self._key_list(lease.key)[0], "m") for lease in leases]
-        return renew_in_batches(self.client, leases, items)
+        return self._renewal.renew_leases(leases)
+
+    @property
+    def renewal_target(self) -> RedisRenewal:
+        """Shared by every storage on this client: renews on a connection of its own."""
+        return self._renewal
+
+    def renewal_key(self, key: str) -> str:
+        """The key a ``renew_batch`` entry names for ``key``."""
+        return self._key_list(key)[0]
 
     def get_lock_info(self, key: str) -> LockInfo:
         lock_and_fence = self._key_list(resource_key(key))[:2]

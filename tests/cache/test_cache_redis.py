@@ -222,7 +222,7 @@ def test_an_interrupted_single_flight_wait_leaves_the_queue(
     once instead of waiting for the departed waiter's lease (30 s)."""
     keys = KeySpace(prefix).lock(provider.keys.cache_lock_name("k"))
     queued = provider.client.hlen
-    computer = provider.claim("k", lease=3)  # renewed: waiters re-check within 3 s at most
+    computer = provider.claim("k")
     assert computer.state == "owner"
     live = Background(lambda: provider.claim("k", lease=30, wait=5))
 
@@ -231,8 +231,7 @@ def test_an_interrupted_single_flight_wait_leaves_the_queue(
         live.start()
         wait_until(lambda: queued(keys.waiters) == 2)
 
-    # (the cache takes no abort event: a thrown exception lands when the wait next wakes)
-    interrupt_wait(how, exc, lambda abort: provider.claim("k", lease=30, wait=30),
+    interrupt_wait(how, exc, lambda abort: provider.claim("k", lease=30, wait=30, abort=abort),
                    queue_a_live_waiter_behind)
     waiting = (queued(keys.waiters), provider.client.llen(keys.queue))
     filled_at = time.monotonic()
