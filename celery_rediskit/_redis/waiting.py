@@ -10,11 +10,14 @@ Failure model:
   ``RECHECK_MAX`` seconds, or lease / 3 if smaller) after which the waiter asks Redis again:
   a lost wake-up costs at most one such interval. This is a safety net, not polling: a
   waiter is woken by its grant as soon as it arrives.
-- A grant learned late must not come with its lease partly spent. Asking Redis again renews a
-  grant already made to the caller to its full lease (the acquire scripts' "already granted"
-  path). A grant message says how long after the waiter's last check-in it was made; when the
-  waiter gets it more than ``min(FRESH_MAX, lease / 20)`` later than that, it asks again
-  (one round trip) before returning. The prompt hand-off, the common case, costs nothing more.
+- A grant learned late must not come with its lease partly spent: the renewer counts a lease
+  from the moment acquire returns (less ``renewal.deadline_margin``), so the server must keep
+  it that long. Asking Redis again renews a grant already made to the caller to its full lease
+  (the acquire scripts' "already granted" path). A grant message says how long after the
+  waiter's last check-in it was made; when the waiter gets it later than that by more than
+  ``min(FRESH_MAX, deadline_margin(lease) / 2)`` (measured conservatively, on its own clock),
+  it asks again (one round trip) before returning. The prompt hand-off, the common case,
+  costs nothing more.
 - Any way out of a wait other than a grant (timeout, abort, KeyboardInterrupt, SystemExit,
   a soft time limit, an exception thrown into the thread, a Redis error) leaves the queue in
   Redis, or gives back a grant made meanwhile, so the next release goes to a live waiter.
@@ -29,6 +32,7 @@ from threading import Event
 from typing import Any
 
 from ..errors import AcquireAborted, LockTimeout
+from ..renewal import deadline_margin
 from .scripts import LuaScript
 from .wakeup import WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
@@ -40,7 +44,8 @@ WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded w
 RECHECK_MAX = 2.0
 """Seconds: the longest a waiter sleeps before asking Redis again (lease / 3 if smaller)."""
 FRESH_MAX = 0.05
-"""Seconds: a grant learned later than this (or lease / 20 if smaller) is renewed first."""
+"""Seconds: a grant learned later than this (or half the renewer's deadline margin, if
+smaller) is renewed before acquire returns it."""
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
 
 
@@ -128,7 +133,7 @@ def wait_for_grant(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     recheck = min(RECHECK_MAX, lease / 3)
-    fresh = min(FRESH_MAX, lease / 20)
+    fresh = min(FRESH_MAX, deadline_margin(lease) / 2)
     if slot is None:
         slot = register_slot(owner)
         first = None
