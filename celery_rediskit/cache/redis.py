@@ -262,10 +262,20 @@ class RedisCacheProvider(CacheProvider):
         except CacheUnavailable:
             claim.handle.detach()
             return Claim(key, "bypass", store=False)
+        except BaseException:
+            self._abandon_quietly(claim)  # interrupted: hand the fill lock on
+            raise
         if value is MISSING:
             return claim  # the computer failed or died: our turn
         self.abandon(claim)
         return Claim(key, "hit", value)
+
+    def _abandon_quietly(self, claim: Claim) -> None:
+        try:
+            self.abandon(claim)
+        except BaseException as exc:  # the exception being raised matters more
+            log.warning("rediskit cache: could not release the fill lock of %r: %r",
+                        claim.key, exc)
 
     def _hit(self, key: str, data: bytes) -> Claim:
         try:

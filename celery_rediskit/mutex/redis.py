@@ -60,7 +60,7 @@ class RedisMutexStorage(MutexStorage):
         return acquire_queued(
             "lock", key, owner, self.client, self._acquire, self._key_list(key),
             self.acquire_argv(owner, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort,
+            timeout, abort, lease,
         )
 
     def acquire_argv(self, owner: str, lease: float) -> list[Any]:
@@ -85,11 +85,13 @@ class RedisMutexStorage(MutexStorage):
         return int(self._acquire.run_after(self.client, before, keys, argv))
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
-        token = int(self._cancel.run(self.client, self._key_list(key), [owner]))
-        if token >= 1 and not keep:
-            self.release(key, owner)
+        """A waiter gives up: with ``keep``, the token of a grant made meanwhile (else 0);
+        without, it leaves the queue or hands such a grant on (the release script does both,
+        in one round trip)."""
+        if not keep:
+            self._run_release(key, owner, force=False)
             return 0
-        return token
+        return int(self._cancel.run(self.client, self._key_list(key), [owner]))
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:
         result = self._release.run(

@@ -84,7 +84,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         return acquire_queued(
             "permit", key, owner, self.client, self._acquire, self._key_list(key),
             self._acquire_argv(owner, permits, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort,
+            timeout, abort, lease,
         )
 
     def _acquire_argv(self, owner: str, permits: int, lease: float) -> list[Any]:
