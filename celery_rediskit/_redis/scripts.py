@@ -93,9 +93,15 @@ def call(client: Any, *args: Any) -> Any:
 
     On a plain ``redis.Redis`` this borrows a connection from the client's own pool and talks
     to it directly, skipping redis-py's per-command retry closure and metrics bookkeeping
-    (about a third of its client-side cost). Any connection trouble hands the command to
-    ``client.execute_command``, so redis-py's retry policy still applies; error replies are
-    raised as usual. Other clients (cluster, single-connection) always take the normal path.
+    (about a third of its client-side cost). Error replies are raised as usual.
+
+    After a connection error or timeout the command may or may not have run: the connection is
+    dropped and the command sent again through ``client.execute_command``, so redis-py's retry
+    policy applies from there. Every command the library sends this way gives the same answer
+    when it is sent twice (a release carries a release id for that; see ``release.py``). Any
+    other exception (``KeyboardInterrupt``, Celery's ``SoftTimeLimitExceeded`` raised into the
+    read) drops the connection, whose reply is now unknown, and propagates without a re-send.
+    Other clients (cluster, single-connection) always take the normal path.
     """
     pool = getattr(client, "connection_pool", None)
     if pool is None or getattr(client, "connection", None) is not None:
@@ -106,11 +112,14 @@ def call(client: Any, *args: Any) -> Any:
         return conn.read_response()
     except ResponseError:
         raise  # an error reply: the connection is fine
-    except Exception:
-        conn.disconnect()  # unknown state: drop it and let redis-py retry as it would
-        return client.execute_command(*args)
+    except (ConnectionError, TimeoutError, OSError):
+        conn.disconnect()  # unknown state: drop it and send again (below)
+    except BaseException:
+        conn.disconnect()  # a reply may still be on its way: never reuse this connection
+        raise
     finally:
         pool.release(conn)
+    return client.execute_command(*args)
 
 
 def _read(name: str) -> str:

@@ -282,7 +282,8 @@ class RedisCacheProvider(CacheProvider):
             return
         claim.handle = None
         held.detach()
-        _name, keys = self._lock_keys(claim.key)
+        name = self.keys.cache_lock_name(claim.key)
+        keys = [*self._locks.release_keys(name), self.entry_key(claim.key)]
         args = [*self._locks.release_argv(held.owner), *store, self._tag_prefix]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):

@@ -4,6 +4,9 @@ Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the 
 the lease as PX expiry (the server's clock), ``...:fence`` the fencing counter (INCR per grant,
 never expires), ``...:queue`` / ``...:waiters`` the FIFO of waiters. Release hands the lock
 straight to the first live waiter, so nobody can jump the queue.
+``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
+that a release re-sent after its reply was lost answers truthfully and still wakes a waiter of
+this process (``_redis/release.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._redis.keys import KeySpace
+from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import renew_in_batches
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
@@ -60,8 +64,16 @@ class RedisMutexStorage(MutexStorage):
         return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix]
 
     def release_argv(self, owner: str, *, force: bool = False) -> list[Any]:
-        """ARGV of ``mutex_release.lua`` (also reused by the cache's fill script)."""
-        return [owner, self._channel_prefix, process_id(), "1" if force else "0"]
+        """ARGV of ``mutex_release.lua`` for one release call, with a new release id (also
+        reused by the cache's fill script): every send of one call must use the same list."""
+        return [owner, self._channel_prefix, process_id(), "1" if force else "0", release_id(),
+                RECORD_MS]
+
+    def release_keys(self, key: str) -> list[str]:
+        """KEYS of ``mutex_release.lua``: the lock's keys and the calling thread's release
+        record."""
+        keys = self._key_list(key)
+        return [*keys, record_key(keys[0])]
 
     def try_acquire(
         self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None
@@ -84,7 +96,7 @@ class RedisMutexStorage(MutexStorage):
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:
         result = self._release.run(
-            self.client, self._key_list(key), self.release_argv(owner, force=force)
+            self.client, self.release_keys(key), self.release_argv(owner, force=force)
         )
         if isinstance(result, (bytes, str)):
             hand_over_local(result)  # the next owner waits in this process

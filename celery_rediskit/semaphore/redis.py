@@ -4,6 +4,8 @@ Keys of semaphore ``K`` (all with hash tag ``{K}``): ``<prefix>:sem:{K}:holders`
 set of owner ids scored by their lease end on the server's clock, ``...:total`` and
 ``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters. Every script
 first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
+``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
+that a release re-sent after its reply was lost answers truthfully (``_redis/release.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._redis.keys import KeySpace
+from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import renew_in_batches
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
@@ -84,8 +87,13 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         return 1 if keep and held == 2 else 0
 
     def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
-        args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop"]
-        result = self._release.run(self.client, self._key_list(key), args)
+        # A new release id per call: a re-send of this call after a lost reply finds it
+        # recorded and answers as the first send did (see _redis/release.py).
+        args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop",
+                release_id(), RECORD_MS]
+        keys = self._key_list(key)
+        record = record_key(keys[0].removesuffix(":holders"))
+        result = self._release.run(self.client, [*keys, record], args)
         if isinstance(result, list):
             for message in result[1:]:
                 hand_over_local(message)  # a waiter of this process just got a permit
