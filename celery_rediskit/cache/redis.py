@@ -126,7 +126,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            return script.run(self.client, keys, args)
+            return script.run(self.client, keys, args, raw=True)  # entries are bytes
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
 
@@ -136,7 +136,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}")
+            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}", raw=True)
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
         if data is None:
