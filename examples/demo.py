@@ -93,7 +93,8 @@ def run(url: str) -> None:
     export = tasks.nightly_export.delay()
     deadline = time.monotonic() + 10
     report = lock_report(app, ping_timeout=2.0)
-    while not any(r.kind is LeaseKind.MUTEX for r in report.resources) and time.monotonic() < deadline:
+    while (not any(r.kind is LeaseKind.MUTEX for r in report.resources)
+           and time.monotonic() < deadline):
         time.sleep(0.05)  # the worker has not picked the task up yet
         report = lock_report(app, ping_timeout=2.0)
     print("4. Lock report while nightly_export runs (what `celery rediskit locks` shows):")
