@@ -3,16 +3,30 @@
 All keys of one lock or semaphore share the hash tag ``{name}`` so that a Lua script touching
 them all runs on one Redis Cluster node (scripts may only touch keys declared as their key
 arguments, all in one slot).
+
+Prefixes and names are checked by ``_validate`` (``key_prefix``, ``resource_key``): no braces
+(the hash tag), no control characters, at most ``MAX_NAME_BYTES``; prefixes also without glob
+characters. Every SCAN pattern built from a prefix or a name escapes it with :func:`glob_escape`
+all the same, so a name such as ``report[1]`` matches only itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._validate import resource_key
-from ..errors import ConfigurationError
+from .._validate import MAX_NAME_BYTES, key_prefix, resource_key
 
-__all__ = ["KeySpace", "LockKeys", "SemaphoreKeys"]
+__all__ = ["KeySpace", "LockKeys", "SemaphoreKeys", "glob_escape"]
+
+# Lock and semaphore names: a user's key (checked against MAX_NAME_BYTES where it comes in), or
+# a name derived from one (the fill lock "cache/<key>"), which may be a little longer.
+_DERIVED_LIMIT = MAX_NAME_BYTES + 64
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with SCAN MATCH's special characters (``* ? [ ] \\``) escaped, so that it
+    matches only itself inside a pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 @dataclass(frozen=True)
@@ -53,20 +67,14 @@ class KeySpace:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prefix, str) or not self.prefix:
-            raise ConfigurationError(f"prefix must be a non-empty string, got {self.prefix!r}")
-        if "{" in self.prefix or "}" in self.prefix:
-            raise ConfigurationError(
-                f"prefix must not contain '{{' or '}}' (hash tags are added per resource), "
-                f"got {self.prefix!r}"
-            )
+        key_prefix(self.prefix)
 
     def lock(self, name: str) -> LockKeys:
-        base = f"{self.prefix}:lock:{{{resource_key(name)}}}"
+        base = f"{self.prefix}:lock:{{{resource_key(name, _DERIVED_LIMIT)}}}"
         return LockKeys(base, base + ":fence", base + ":queue", base + ":waiters")
 
     def semaphore(self, name: str) -> SemaphoreKeys:
-        base = f"{self.prefix}:sem:{{{resource_key(name)}}}"
+        base = f"{self.prefix}:sem:{{{resource_key(name, _DERIVED_LIMIT)}}}"
         return SemaphoreKeys(
             base + ":holders", base + ":total", base + ":initial", base + ":queue",
             base + ":waiters",
@@ -109,8 +117,8 @@ class KeySpace:
 
     def cache_pattern(self) -> str:
         """SCAN pattern matching every cache entry and tag set under this prefix."""
-        return f"{self.prefix}:cache:*"
+        return f"{glob_escape(self.prefix)}:cache:*"
 
     def lock_pattern(self) -> str:
         """SCAN pattern matching the owner key of every lock under this prefix."""
-        return f"{self.prefix}:lock:{{*}}"
+        return f"{glob_escape(self.prefix)}:lock:{{*}}"

@@ -212,8 +212,9 @@ class RedisCacheProvider(CacheProvider):
     # -- single flight across processes ---------------------------------------------------------
 
     def _lock_keys(self, key: str) -> tuple[str, list[str]]:
+        entry = self.entry_key(key)  # checks the key itself first
         name = self.keys.cache_lock_name(key)
-        return name, [*self.keys.lock_list(name), self.entry_key(key)]
+        return name, [*self.keys.lock_list(name), entry]
 
     def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
         lease = positive_seconds("lease", lease)
