@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -57,6 +57,7 @@ class Granter(ABC, Generic[L]):
         auto_renew: bool = True,
         blocking: bool = True,
         owner: str | None = None,
+        companion_keys: Sequence[str] = (),
     ) -> L:
         """Acquire ``key`` and return the lease; the caller must ``release()`` it.
 
@@ -67,6 +68,8 @@ class Granter(ABC, Generic[L]):
         ``owner`` (default: a fresh id from :func:`new_owner_id`) lets a caller that records
         its claims elsewhere know the owner id before the grant; it must come from
         ``new_owner_id()`` (grants are delivered to the process it names).
+        ``companion_keys`` become the lease's (:class:`~celery_rediskit.lease.Lease`): kept
+        alive by its renewals.
         """
         key = resource_key(key)
         if not blocking:
@@ -80,7 +83,8 @@ class Granter(ABC, Generic[L]):
             owner = new_owner_id()
         storage, token = self._grant(key, owner, seconds, wait, abort)
         held = self.lease_class(
-            storage, key, owner, seconds, fencing_token=token, on_lost=self.on_lost
+            storage, key, owner, seconds, fencing_token=token, on_lost=self.on_lost,
+            companion_keys=companion_keys,
         )
         if auto_renew:
             held.start_renewal()

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from enum import StrEnum
 from typing import ClassVar
 
 from ._validate import positive_seconds
-from .renewal import renewer
+from .renewal import RenewalTarget, lease_deadline, renewer
 
 __all__ = [
     "ABORT_CHECK",
@@ -100,8 +101,19 @@ def new_owner_id() -> str:
     identity = _identity
     return f"{identity.process_id}:{next(identity.counter)}"
 
+_lost_lock = threading.Lock()  # on_lost runs once even if extend() and the renewer race
+
+
+def _new_lost_lock_in_child() -> None:
+    global _lost_lock
+    _lost_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lost_lock_in_child)
+
 LostCallback = Callable[["Lease", str], None]
-"""Called as ``on_lost(lease, reason)`` from the renewer thread when a lease is lost."""
+"""Called as ``on_lost(lease, reason)`` once, when a lease is found lost: from a renewer thread
+(at the lease's deadline at the latest), or from ``extend()``."""
 
 
 class LeaseStorage(ABC):
@@ -126,12 +138,29 @@ class LeaseStorage(ABC):
     def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
         """Renew each lease to its full length in one call; True where still held."""
 
+    @property
+    def renewal_target(self) -> RenewalTarget:
+        """What the renewer calls to renew this storage's leases: the storage itself, unless
+        leases of several storages are renewed together (the Redis storages of one client
+        share one target, with a connection of its own)."""
+        return self
+
 
 class Lease:
     """A grant of ``key`` to ``owner`` for ``lease_seconds``, renewed while ``auto_renew``.
 
     Use as a context manager (released on exit) or call :meth:`release`. ``lost`` turns True
-    when the renewer finds the lease gone; it is never re-created behind the holder's back.
+    when the renewer finds the lease gone, and, while it is auto-renewed, at its deadline (its
+    last successful renewal, or its grant, plus its length, less a small margin) if no renewal
+    got through by then; once True it stays True. A lost lease is never re-created behind the
+    holder's back.
+
+    ``companion_keys`` (Redis storages; may be set at any time while held) are other keys, on
+    the same Redis, that must live as long as the lease: a record about the holder, say. Each
+    renewal of the lease also extends their expiry to no less than ``lease_seconds``, in the
+    same script and round trip (``_redis/renew_batch.py``). They are never created, never
+    shortened, and not touched by ``release()``: delete them when done, or they expire one
+    lease after the last renewal.
     """
 
     kind: ClassVar[LeaseKind]
@@ -145,6 +174,7 @@ class Lease:
         *,
         fencing_token: int = 0,
         on_lost: LostCallback | None = None,
+        companion_keys: Sequence[str] = (),
     ) -> None:
         self.storage = storage
         self.key = key
@@ -152,16 +182,35 @@ class Lease:
         self.lease_seconds = lease_seconds
         self.fencing_token = fencing_token
         self.on_lost = on_lost
+        self.companion_keys: tuple[str, ...] = tuple(companion_keys)
+        # time.monotonic() when the last successful renewal was sent (at first: the grant's
+        # reply, a moment after the server made it; renewal.deadline_margin covers that)
         self.last_renewed = time.monotonic()
         self.acquired_at = time.time()
         self.auto_renew = False
         self.released = False
-        self.lost = False  # True once the lease is known gone while held (see _mark_lost)
+        self._lost = False  # sticky: set once the lease is known or deemed gone while held
+        self._told = False  # on_lost has been called
         self.lost_reason: str | None = None
 
     @property
-    def renewal_target(self) -> LeaseStorage:
-        return self.storage
+    def lost(self) -> bool:
+        """True once the lease is gone while held: taken away, expired, not extendable, or
+        auto-renewed but past its deadline without a successful renewal. Stays True."""
+        if self._lost:
+            return True
+        if self.auto_renew and not self.released and (
+            time.monotonic() >= lease_deadline(self.last_renewed, self.lease_seconds)
+        ):
+            if self.lost_reason is None:
+                self.lost_reason = "its lease ended without a successful renewal"
+            self._lost = True  # the renewer calls on_lost (at the deadline, if not already)
+            return True
+        return False
+
+    @property
+    def renewal_target(self) -> RenewalTarget:
+        return self.storage.renewal_target
 
     def ttl(self) -> float:
         """Remaining lease in seconds according to the server; 0.0 when no longer held."""
@@ -199,10 +248,13 @@ class Lease:
         return held
 
     def _mark_lost(self, reason: str) -> None:
-        if self.lost:
-            return
+        """Mark the lease lost (for good) and call ``on_lost``, once."""
+        with _lost_lock:
+            if self._told:
+                return
+            self._told = True
         self.lost_reason = reason
-        self.lost = True
+        self._lost = True
         log.warning("rediskit: %s %r lost: %s", self.kind.grant, self.key, reason)
         if self.on_lost is not None:
             try:

@@ -165,14 +165,16 @@ def _read_semaphores(client: Any, keys: KeySpace, names: list[str]) -> Iterator[
     for start in range(0, len(names), _BATCH):
         chunk = names[start:start + _BATCH]
         sem_keys = [keys.semaphore(name) for name in chunk]
-        replies = script.run_many(client, [[k.holders, k.total, k.initial] for k in sem_keys])
+        replies = script.run_many(
+            client, [[k.holders, k.total, k.initial, k.pinned] for k in sem_keys]
+        )
         for name, k, reply in zip(chunk, sem_keys, replies, strict=True):
             total, now = reply[0], int(reply[2])
             if not total:
                 continue  # deleted since the scan
             holders = tuple(
                 _holder(as_text(reply[i]), max(0.0, (float(reply[i + 1]) - now) / 1000))
-                for i in range(3, len(reply), 2)
+                for i in range(4, len(reply), 2)
             )
             count = int(total)
             yield Resource(

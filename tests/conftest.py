@@ -9,14 +9,20 @@ need to stop the server start a private one regardless.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import trustme
 
-from celery_rediskit.devserver import PrivateServer
+from celery_rediskit.devserver import PrivateServer, free_port
 from celery_rediskit.renewal import renewer
 from tests.processes import Holder
 
@@ -94,3 +100,42 @@ def storage_fixtures(memory: Callable[[], Any], on_redis: Callable[..., Any]) ->
         return on_redis(client, prefix=prefix)
 
     return storage, redis_storage
+
+
+@dataclass
+class TLSServer:
+    """A private server with a TLS port; ``ca_file`` is the CA that signed its certificate."""
+
+    server: PrivateServer
+    port: int
+    folder: Path
+
+    @property
+    def ca_file(self) -> Path:
+        return self.folder / "ca.pem"
+
+
+@pytest.fixture
+def tls_server() -> Iterator[TLSServer]:
+    """A private server listening on a TLS port as well, with certificates made in Python
+    (``trustme``: no openssl command needed) for ``localhost`` and ``127.0.0.1``."""
+
+    folder = Path(tempfile.mkdtemp(prefix="rediskit-tls-"))
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    tls_port = free_port()
+    server = PrivateServer(extra_args=(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(folder / "cert.pem"),
+        "--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(folder / "ca.pem"),
+        "--tls-auth-clients", "no",
+    ))
+    try:
+        server.start()
+    except (subprocess.CalledProcessError, redis.ConnectionError):
+        pytest.skip(f"{server.binary} was built without TLS support")
+    yield TLSServer(server, tls_port, folder)
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""Counting round trips on a real connection: every command a client sends is recorded."""
+"""Counting round trips on a real connection: every command a client sends is recorded
+(:func:`counting_client`), or every write to the server with the commands it carried
+(:func:`round_trip_client`)."""
 
 from __future__ import annotations
 
@@ -23,3 +25,32 @@ def counting_client(url: str) -> tuple[redis.Redis, list[str]]:
     connection_class = type("Counting", (CountingConnection,), {"sent": sent})
     pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
     return redis.Redis(connection_pool=pool), sent
+
+
+class RoundTripConnection(redis.Connection):
+    """A real connection that records each write to the server (one round trip for a
+    request-reply client) as the list of command names it carried."""
+
+    trips: list[list[str]] = []  # replaced per client by round_trip_client()
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        self._names = [str(args[0]).upper()]
+        super().send_command(*args, **kwargs)
+
+    def pack_commands(self, commands: Any) -> Any:
+        self._names = [str(c[0]).upper() for c in commands]
+        return super().pack_commands(commands)
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        names, self._names = getattr(self, "_names", []), []
+        super().send_packed_command(command, check_health)  # a connect's own trips go first
+        self.trips.append(names)
+
+
+def round_trip_client(url: str) -> tuple[redis.Redis, list[list[str]]]:
+    """A client on ``url`` (every connection made from its pool, the renewal's own one too)
+    and the live list of its round trips."""
+    trips: list[list[str]] = []
+    connection_class = type("Trips", (RoundTripConnection,), {"trips": trips})
+    pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
+    return redis.Redis(connection_pool=pool), trips

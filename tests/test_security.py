@@ -6,12 +6,7 @@ channels: any script or command reaching outside the prefix fails with NOPERM.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -23,8 +18,9 @@ from celery_rediskit import (
     create_semaphore,
 )
 from celery_rediskit.cache import RedisCacheProvider, cache_tag, cached, revalidate_tag
-from celery_rediskit.devserver import PrivateServer, free_port
+from celery_rediskit.devserver import PrivateServer
 from celery_rediskit.report import read_resources
+from tests.conftest import TLSServer
 
 PREFIX = "acl-app"
 
@@ -79,38 +75,14 @@ def test_an_acl_user_limited_to_the_prefix_can_do_everything(
     assert admin.dbsize() == len(list(admin.scan_iter(match=f"{PREFIX}:*")))
 
 
-@pytest.fixture
-def tls_server() -> Iterator[tuple[PrivateServer, int, Path]]:
-    folder = Path(tempfile.mkdtemp(prefix="rediskit-tls-"))
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(folder / "key.pem"),
-         "-out", str(folder / "cert.pem")],
-        check=True, capture_output=True,
-    )
-    tls_port = free_port()
-    server = PrivateServer(extra_args=(
-        "--tls-port", str(tls_port), "--tls-cert-file", str(folder / "cert.pem"),
-        "--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(folder / "cert.pem"),
-        "--tls-auth-clients", "no",
-    ))
-    try:
-        server.start()
-    except (subprocess.CalledProcessError, redis.ConnectionError):
-        pytest.skip(f"{server.binary} was built without TLS support")
-    yield server, tls_port, folder
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_tls_with_acl_credentials(tls_server: tuple[PrivateServer, int, Path]) -> None:
-    server, tls_port, folder = tls_server
+def test_tls_with_acl_credentials(tls_server: TLSServer) -> None:
+    server, tls_port = tls_server.server, tls_server.port
     redis.Redis.from_url(server.url).acl_setuser(
         "app", enabled=True, passwords=["+s3cret"], keys=[f"{PREFIX}:*"],
         channels=[f"{PREFIX}:*"], commands=["+@all"],
     )
     url = (f"rediss://app:s3cret@localhost:{tls_port}/0"
-           f"?ssl_ca_certs={folder / 'cert.pem'}&ssl_cert_reqs=required")
+           f"?ssl_ca_certs={tls_server.ca_file}&ssl_cert_reqs=required")
     client = redis.Redis.from_url(url)
     assert client.connection_pool.connection_class is redis.SSLConnection
     exercise(client, PREFIX)

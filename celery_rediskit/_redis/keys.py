@@ -4,6 +4,24 @@ All keys of one lock or semaphore share the hash tag ``{name}`` so that a Lua sc
 them all runs on one Redis Cluster node (scripts may only touch keys declared as their key
 arguments, all in one slot).
 
+Every key the library writes expires: none is left behind by a name that is never used again
+(per-user lock names, ``tenant:{id}`` templates). What each key lives:
+
+- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl / 2`` to
+  ``idle_ttl`` after the last grant's lease (keys touched on every grant renew their expiry
+  at most once per half of it: setting one costs as much as the rest of a grant). A
+  fence that expired costs nothing: tokens come from the server's clock when it is gone, so
+  they keep rising (see ``lua/_fence.lua``).
+- a semaphore's ``total`` and ``initial``: ``idle_ttl / 2`` to ``idle_ttl`` after the last
+  acquire, ``idle_ttl`` after an admin change; then the next acquire initialises it again
+  from the permits it declares. Its ``holders``: as long, and never before the last holder's
+  lease ends.
+- the queue of waiters (``queue``, ``waiters``): until the last queued waiter's deadline.
+- cache entries: their ``ttl``, and ``idle_ttl`` when stored without one; a tag set lives as
+  long as its longest-lived entry. Claims records (the Celery layer): ``rediskit_claims_ttl``.
+- a thread's release record (``..:released:<process>/<thread>``): 15 s after its last
+  release of that lock or semaphore (``_redis/release.py``).
+
 Prefixes and names are checked by ``_validate`` (``key_prefix``, ``resource_key``): no braces
 (the hash tag), no control characters, at most ``MAX_NAME_BYTES``; prefixes also without glob
 characters. Every SCAN pattern built from a prefix or a name escapes it with :func:`glob_escape`
@@ -14,9 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._validate import MAX_NAME_BYTES, key_prefix, resource_key
+from .._validate import MAX_NAME_BYTES, key_prefix, resource_key, to_ms
+from ..durations import Duration, parse_duration
 
-__all__ = ["KeySpace", "LockKeys", "SemaphoreKeys", "glob_escape"]
+__all__ = ["IDLE_TTL", "KeySpace", "LockKeys", "SemaphoreKeys", "glob_escape"]
+
+IDLE_TTL = 7 * 86400.0
+"""Seconds a key outlives its last use by default (a week): see the module docstring."""
 
 # Lock and semaphore names: a user's key (checked against MAX_NAME_BYTES where it comes in), or
 # a name derived from one (the fill lock "cache/<key>"), which may be a little longer.
@@ -44,23 +66,34 @@ class LockKeys:
 
 @dataclass(frozen=True)
 class SemaphoreKeys:
-    """The Redis keys of one semaphore: holders (zset of lease ends), total, initial, waiters."""
+    """The Redis keys of one semaphore: holders (zset of lease ends), total, initial, waiters,
+    and ``pinned``: present while the total is one an operator set (``initialize``,
+    ``increase_permits``, ``decrease_permits``), which declared permits leave alone until
+    ``reset``. ``as_list`` is what most scripts take; ``with_pin`` adds ``pinned``."""
 
     holders: str
     total: str
     initial: str
     queue: str
     waiters: str
+    pinned: str
 
     def as_list(self) -> list[str]:
         return [self.holders, self.total, self.initial, self.queue, self.waiters]
 
+    def with_pin(self) -> list[str]:
+        return [*self.as_list(), self.pinned]
+
 
 @dataclass(frozen=True)
 class KeySpace:
-    """Names of keys and channels under ``prefix`` (default ``"rediskit"``)."""
+    """Names of keys and channels under ``prefix`` (default ``"rediskit"``), and how long
+    keys outlive their last use: ``idle_ttl`` seconds, or a duration text such as ``"7d"``
+    (default :data:`IDLE_TTL`, a week). ``idle_ms`` is the same in milliseconds."""
 
     prefix: str = "rediskit"
+    idle_ttl: Duration = IDLE_TTL
+    idle_ms: int = field(init=False, compare=False, repr=False)
     # Hot path: key lists are built once per resource name (bounded; see _cached).
     _lists: dict[tuple[str, str], list[str]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -68,6 +101,9 @@ class KeySpace:
 
     def __post_init__(self) -> None:
         key_prefix(self.prefix)
+        seconds = parse_duration(self.idle_ttl, "idle_ttl")
+        object.__setattr__(self, "idle_ttl", seconds)
+        object.__setattr__(self, "idle_ms", to_ms(seconds))
 
     def lock(self, name: str) -> LockKeys:
         base = f"{self.prefix}:lock:{{{resource_key(name, _DERIVED_LIMIT)}}}"
@@ -77,7 +113,7 @@ class KeySpace:
         base = f"{self.prefix}:sem:{{{resource_key(name, _DERIVED_LIMIT)}}}"
         return SemaphoreKeys(
             base + ":holders", base + ":total", base + ":initial", base + ":queue",
-            base + ":waiters",
+            base + ":waiters", base + ":pinned",
         )
 
     def lock_list(self, name: str) -> list[str]:
@@ -88,11 +124,20 @@ class KeySpace:
         """``semaphore(name).as_list()``, built once per name (do not mutate the list)."""
         return self._lists.get(("s", name)) or self._cached("s", name)
 
+    def semaphore_pin_list(self, name: str) -> list[str]:
+        """``semaphore(name).with_pin()``, built once per name (do not mutate the list)."""
+        return self._lists.get(("p", name)) or self._cached("p", name)
+
     def _cached(self, kind: str, name: str) -> list[str]:
         if len(self._lists) >= 4096:
             self._lists.clear()  # crude but bounded; names repeat far more than they vary
-        keys = self.lock(name) if kind == "m" else self.semaphore(name)
-        made = self._lists[(kind, name)] = keys.as_list()
+        if kind == "m":
+            made = self.lock(name).as_list()
+        elif kind == "s":
+            made = self.semaphore(name).as_list()
+        else:
+            made = self.semaphore(name).with_pin()
+        self._lists[(kind, name)] = made
         return made
 
     @property

@@ -10,11 +10,13 @@ single-flight protocol used by memoised functions:
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, Final
 
 from ..errors import CacheError, ConfigurationError
+from ..lease import ABORT_CHECK
 
 __all__ = [
     "MISSING",
@@ -109,11 +111,28 @@ class _Flights:
                 del self.keys[key]
 
 
+def _take(lock: threading.Lock, wait: float, abort: threading.Event | None) -> bool:
+    """Acquire ``lock`` within ``wait`` seconds (0: one try), unless ``abort`` is set first."""
+    if wait <= 0:
+        return lock.acquire(False)
+    if abort is None:
+        return lock.acquire(timeout=wait)
+    deadline = time.monotonic() + wait
+    while not abort.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if lock.acquire(timeout=min(left, ABORT_CHECK)):
+            return True
+    return False
+
+
 class CacheProvider(ABC):
     """Where cached values live. Keys are non-empty strings without braces; times in seconds.
 
     ``ttl`` arguments take seconds (float) or a duration string (``"30s"``, ``"5m"``, ``"1h"``,
-    ``"2d"``); ``None`` means no expiry.
+    ``"2d"``); ``None`` means no expiry (``RedisCacheProvider``: its ``idle_ttl``, a week by
+    default, since every key it writes expires).
     """
 
     @abstractmethod
@@ -127,7 +146,7 @@ class CacheProvider(ABC):
     def set(
         self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
     ) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds (None: no expiry), with ``tags``."""
+        """Store ``value`` under ``key`` for ``ttl`` seconds (None: see above), with ``tags``."""
 
     @abstractmethod
     def delete(self, key: str) -> bool:
@@ -139,7 +158,7 @@ class CacheProvider(ABC):
 
     @abstractmethod
     def expire(self, key: str, ttl: float | str | None) -> bool:
-        """Set the remaining lifetime of ``key`` to ``ttl`` seconds (None: no expiry).
+        """Set the remaining lifetime of ``key`` to ``ttl`` seconds (None: see above).
 
         Returns False when ``key`` does not exist.
         """
@@ -154,19 +173,29 @@ class CacheProvider(ABC):
 
     # -- single flight: the default serialises computations within this process --------------
 
-    def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
+    def claim(
+        self,
+        key: str,
+        *,
+        lease: float = 30.0,
+        wait: float = 30.0,
+        abort: threading.Event | None = None,
+    ) -> Claim:
         """Look ``key`` up; on a miss, become its computer or wait (up to ``wait`` seconds,
         0 for not at all) for the one computing it. ``lease`` (seconds) bounds how long a
         crashed computer can hold others back (the default implementation, per process,
-        ignores it).
+        ignores it). ``abort`` set while waiting ends the wait within ``ABORT_CHECK`` seconds
+        with ``bypass`` (``store`` False), leaving nothing queued (a cancelled async caller).
         """
         value = self.get(key, MISSING)
         if value is not MISSING:
             return Claim(key, "hit", value)
         flights: _Flights = self.__dict__.setdefault("_rediskit_flights", _Flights())
         slot = flights.enter(key)
-        if not (slot[0].acquire(timeout=wait) if wait > 0 else slot[0].acquire(False)):
+        if not _take(slot[0], wait, abort):
             flights.leave(key, slot)
+            if abort is not None and abort.is_set():
+                return Claim(key, "bypass", store=False)
             return Claim(key, "busy" if wait <= 0 else "bypass")
         value = self.get(key, MISSING)
         if value is not MISSING:

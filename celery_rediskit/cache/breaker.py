@@ -5,13 +5,20 @@ cache is an optimisation, so after one failure the breaker *opens*: callers skip
 immediately (their function just runs) while one background thread probes the server every
 ``cooldown`` seconds. The first successful probe closes the breaker. One warning is logged per
 outage, and one info line when it ends.
+
+Per process: threads do not survive ``fork``, so a child forked while the breaker was open
+(a Celery prefork child of a parent that met the outage) starts a probe of its own the first
+time it looks at the breaker, and closes it when *it* reaches Redis again. The breaker's lock
+and events are made anew in the child, in case another thread held them at the fork.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import redis.exceptions as rex
@@ -43,20 +50,26 @@ class CircuitBreaker:
         self.name = name
         self._probe = probe
         self._open = False
+        self._probing = False  # a probe thread of this process runs (only while open)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._closed.set()
         self.outages = 0  # number of outages seen (observable in tests)
         self.opened_at: float | None = None
+        _breakers.add(self)
 
     @property
     def is_open(self) -> bool:
-        return self._open
+        if self._open:
+            if not self._probing:  # forked while open: this process must probe on its own
+                self._start_probe()
+            return True
+        return False
 
     def allow(self) -> bool:
         """True when callers should use Redis (no known outage)."""
-        return not self._open
+        return not self.is_open
 
     def failure(self, exc: BaseException) -> None:
         """Record that a call failed with an outage error: open, warn once, start probing."""
@@ -72,6 +85,13 @@ class CircuitBreaker:
             "every %.1f s",
             f" {self.name}" if self.name else "", type(exc).__name__, exc, self.cooldown,
         )
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        with self._lock:
+            if not self._open or self._probing:
+                return
+            self._probing = True
         threading.Thread(target=self._probe_until_up, name="rediskit-cache-probe",
                          daemon=True).start()
 
@@ -85,6 +105,7 @@ class CircuitBreaker:
                 continue
             with self._lock:
                 self._open = False
+                self._probing = False
                 self._closed.set()
             took = time.monotonic() - (self.opened_at or time.monotonic())
             log.info("rediskit cache%s: Redis reachable again after %.1f s",
@@ -93,8 +114,32 @@ class CircuitBreaker:
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until no outage is known (or ``timeout`` seconds pass); True if closed."""
+        if not self.is_open:  # also starts this process's probe after a fork
+            return True
         return self._closed.wait(timeout)
 
     def probe_now(self) -> None:
         """Have the probing thread try at once (no effect when closed)."""
-        self._wake.set()
+        if self.is_open:
+            self._wake.set()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's probe thread is not here, and another thread may have held the lock
+        # or an event's lock at the fork: start afresh. Still open: the next look probes.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._probing = False
+        if not self._open:
+            self._closed.set()
+
+
+_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for breaker in list(_breakers):
+        breaker._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

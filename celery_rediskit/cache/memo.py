@@ -241,6 +241,55 @@ def _computed(policy: _Policy, compute: Callable[[], R]) -> R:
         _current.reset(token)
 
 
+class _ClaimWait:
+    """An async caller's wait for the fill lock, run in a worker thread (not on the loop).
+
+    The caller may be cancelled while the thread waits (``task.cancel()``, ``wait_for``'s
+    timeout). Then nobody would compute under a lock the thread obtains, and it would be
+    renewed for ever while later callers wait their full ``wait``. So the cancellation ends
+    the thread's wait (``abort``: it leaves the queue), and a claim made for the departed
+    caller is abandoned at once: by the cancellation when the thread delivered it just before,
+    by the thread when it gets it after. ``_lock`` makes the two exclusive.
+    """
+
+    __slots__ = ("policy", "provider", "key", "abort", "_lock", "_left", "_delivered")
+
+    def __init__(self, policy: _Policy, provider: CacheProvider, key: str) -> None:
+        self.policy = policy
+        self.provider = provider
+        self.key = key
+        self.abort = threading.Event()
+        self._lock = threading.Lock()
+        self._left = False
+        self._delivered: Claim | None = None
+
+    async def wait(self) -> Claim:
+        try:
+            return await asyncio.to_thread(self._run)
+        except BaseException:  # cancelled (or the wait failed): give up the claim
+            self._leave()
+            raise
+
+    def _run(self) -> Claim:  # in the worker thread
+        policy = self.policy
+        claim = self.provider.claim(self.key, lease=policy.lease, wait=policy.wait,
+                                    abort=self.abort)
+        with self._lock:
+            if not self._left:
+                self._delivered = claim
+                return claim
+        policy.drop(self.provider, claim)  # the caller is gone: give the lock back now
+        return claim
+
+    def _leave(self) -> None:  # on the loop, as the caller is cancelled
+        self.abort.set()
+        with self._lock:
+            self._left = True
+            claim, self._delivered = self._delivered, None
+        if claim is not None:  # obtained, but the caller never resumed to receive it
+            self.policy.drop(self.provider, claim)
+
+
 async def _run_async(
     policy: _Policy, key: str, compute: Callable[[], Awaitable[R]]
 ) -> R:
@@ -258,9 +307,7 @@ async def _run_async(
     try:
         claim = provider.claim(key, lease=policy.lease, wait=0)
         if claim.state == "busy":  # someone computes it: wait in a thread, not on the loop
-            claim = await asyncio.to_thread(
-                provider.claim, key, lease=policy.lease, wait=policy.wait
-            )
+            claim = await _ClaimWait(policy, provider, key).wait()
     except CacheUnavailable:
         claim = Claim(key, "bypass", store=False)
     if claim.state == "hit":
@@ -385,7 +432,12 @@ class CachedFunction(Generic[P, R]):
 
 
 class AsyncCachedFunction(CachedFunction[P, R]):
-    """A memoised ``async def`` function: ``await fn(...)``."""
+    """A memoised ``async def`` function: ``await fn(...)``.
+
+    A call that finds another caller computing its entry waits for it in a worker thread, not
+    on the event loop. Cancelling a call (``task.cancel()``, ``asyncio.wait_for``'s timeout),
+    while it waits or while it computes, gives the entry's fill lock back at once.
+    """
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:  # type: ignore[override]
         key = self._key(args, kwargs)

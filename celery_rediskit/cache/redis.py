@@ -20,17 +20,18 @@ entries, single-flight and ``clear`` work there.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 from redis.cluster import RedisCluster
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import LuaScript, call, load_script
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
-from ..durations import optional_duration
-from ..errors import ConfigurationError, LockError, SerializationError
+from ..durations import Duration, optional_duration
+from ..errors import AcquireAborted, ConfigurationError, LockError, SerializationError
 from ..lease import new_owner_id
 from ..mutex.base import MutexLease
 from ..mutex.redis import RedisMutexStorage
@@ -42,8 +43,6 @@ from .serializers import Serializer
 __all__ = ["RedisCacheProvider"]
 
 log = logging.getLogger("celery_rediskit.cache")
-
-FENCE_TTL_MS = 86_400_000  # a fill lock's fencing counter is dropped a day after its last use
 
 
 class _FillLease(MutexLease):
@@ -67,6 +66,10 @@ class RedisCacheProvider(CacheProvider):
     ``yaml`` are refused unless ``allow_unsafe=True``: their loaders run code, so anyone able to
     write to this Redis could run code in every process reading it.
 
+    ``idle_ttl`` (seconds or a duration text, default a week) is the lifetime of an entry
+    stored without ``ttl`` (``ttl=None``, ``expire(key, None)``): every key this provider
+    writes expires, so entries of functions or arguments no longer used do not pile up.
+
     During a Redis outage every operation raises :class:`CacheUnavailable` at once (after the
     first failure, until a background probe every ``cooldown`` seconds finds Redis back);
     memoised functions then just run. One warning is logged per outage.
@@ -81,14 +84,15 @@ class RedisCacheProvider(CacheProvider):
         accept: Iterable[str] | None = None,
         allow_unsafe: bool = False,
         cooldown: float = 2.0,
+        idle_ttl: Duration = IDLE_TTL,
     ) -> None:
         self.client = redis_client
-        self.keys = KeySpace(prefix)
+        self.keys = KeySpace(prefix, idle_ttl)
         self.serializer = Serializer(serializer, accept=accept, allow_unsafe=allow_unsafe)
         self.breaker = CircuitBreaker(redis_client.ping, positive_seconds("cooldown", cooldown),
                                       name=prefix)
         self.is_cluster = isinstance(redis_client, RedisCluster)
-        self._locks = RedisMutexStorage(redis_client, prefix)
+        self._locks = RedisMutexStorage(redis_client, prefix, idle_ttl=idle_ttl)
         self._tag_prefix = self.keys.cache_tag_prefix
         self._entry_prefix = f"{self.keys.prefix}:cache:e:{{cache/"
         self._set = load_script("cache_set")
@@ -103,6 +107,10 @@ class RedisCacheProvider(CacheProvider):
     def entry_key(self, key: str) -> str:
         """The Redis key holding entry ``key``."""
         return self._entry_prefix + resource_key(key) + "}"
+
+    def _lifetime_ms(self, seconds: float | None) -> int:
+        """An entry's lifetime in ms: ``seconds``, or the idle lifetime for None."""
+        return self.keys.idle_ms if seconds is None else to_ms(seconds)
 
     def _unavailable(self) -> CacheUnavailable:
         return CacheUnavailable("Redis is unavailable: the cache is bypassed until it is back")
@@ -149,7 +157,7 @@ class RedisCacheProvider(CacheProvider):
         entry = self.entry_key(key)
         seconds = optional_duration(ttl, "ttl")
         payload = self.serializer.dumps(value, self._check_tags(tags))
-        ttl_ms = 0 if seconds is None else to_ms(seconds)
+        ttl_ms = self._lifetime_ms(seconds)
         self._run(self._set, [entry], [payload, ttl_ms, self._tag_prefix])
 
     def delete(self, key: str) -> bool:
@@ -165,12 +173,12 @@ class RedisCacheProvider(CacheProvider):
             raise self._outage(exc) from exc
 
     def expire(self, key: str, ttl: float | str | None) -> bool:
-        seconds = optional_duration(ttl, "ttl")
-        ttl_ms = 0 if seconds is None else to_ms(seconds)
+        ttl_ms = self._lifetime_ms(optional_duration(ttl, "ttl"))
         return bool(self._run(self._expire, [self.entry_key(key)], [ttl_ms, self._tag_prefix]))
 
     def ttl(self, key: str) -> float | None:
-        """Remaining lifetime of ``key`` in seconds; None if it has no expiry or is absent."""
+        """Remaining lifetime of ``key`` in seconds; None if it is absent (or has no expiry,
+        which only a key written by other means can lack)."""
         if self.breaker.is_open:
             raise self._unavailable()
         try:
@@ -216,11 +224,18 @@ class RedisCacheProvider(CacheProvider):
         name = self.keys.cache_lock_name(key)
         return name, [*self.keys.lock_list(name), entry]
 
-    def claim(self, key: str, *, lease: float = 30.0, wait: float = 30.0) -> Claim:
+    def claim(
+        self,
+        key: str,
+        *,
+        lease: float = 30.0,
+        wait: float = 30.0,
+        abort: threading.Event | None = None,
+    ) -> Claim:
         lease = positive_seconds("lease", lease)
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
-        args = [*self._locks.acquire_argv(owner, lease), FENCE_TTL_MS]
+        args = self._locks.acquire_argv(owner, lease)
         try:
             result = self._run(self._claim, keys, args)
         except CacheUnavailable:
@@ -232,7 +247,9 @@ class RedisCacheProvider(CacheProvider):
         if wait <= 0:
             return Claim(key, "busy")
         try:
-            token = self._locks.acquire(name, owner, lease, wait)
+            token = self._locks.acquire(name, owner, lease, wait, abort)
+        except AcquireAborted:  # the caller left (a cancelled async call): it dequeued itself
+            return Claim(key, "bypass", store=False)
         except LockError:  # LockTimeout: the computer takes too long; compute ourselves
             return Claim(key, "bypass")
         except OUTAGE_ERRORS as exc:
@@ -272,7 +289,7 @@ class RedisCacheProvider(CacheProvider):
         except BaseException:
             self.abandon(claim)
             raise
-        self._finish(claim, [b"1", payload, 0 if seconds is None else to_ms(seconds)])
+        self._finish(claim, [b"1", payload, self._lifetime_ms(seconds)])
 
     def abandon(self, claim: Claim) -> None:
         self._finish(claim, [b"0", b"", 0])

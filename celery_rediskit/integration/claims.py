@@ -5,6 +5,12 @@ only by the worker's main process, which has no arguments (so cannot recompute k
 lease objects. Each claim is recorded in ``<prefix>:claims:<task id>`` (a string, one
 ``"<kind>|<key>|<owner>"`` line per claim); releasing by task id releases each one,
 owner-checked, so a stale record can never release someone else's lock.
+
+The record of a running task lives as long as its leases: each of them names the record as a
+companion key (``Lease.companion_keys``), so every renewal of the leases extends the record
+too, in the same script and round trip. It is deleted when the run ends (:meth:`forget`, in
+the run's own path, or by the release by task id); if the process dies unseen, it expires one
+lease after the last renewal, with the leases.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from .._redis.scripts import call
+from .._redis.scripts import call, load_script
 
 __all__ = ["ClaimStore", "Releaser", "holder_line", "parse_record"]
 
@@ -31,8 +37,9 @@ class ClaimStore:
 
     ``kind`` is ``"m"`` (lock) or ``"s"`` (permit). A record is rewritten whole by each
     writer and expires on its own: a stale record is harmless, since every release it drives
-    is owner-checked. The worker's record of a running task lives ``2 × lease``: past that, a
-    killed task's leases end by expiry anyway (within one lease).
+    is owner-checked. The worker writes the record of a running task for ``2 × lease``, and
+    the renewals of the task's leases keep it alive as long as any of them is renewed (see
+    the module doc); the run deletes it when it ends (:meth:`forget`).
     """
 
     def __init__(self, client: Any, prefix: str, ttl: float) -> None:
@@ -65,6 +72,14 @@ class ClaimStore:
     def drop(self, task_id: str) -> None:
         self.client.delete(self.key(task_id))
 
+    def forget(self, command: tuple[Any, ...]) -> bool:
+        """Delete the record that ``command`` (from :meth:`record_command`) wrote, unless it
+        has been rewritten since: by a re-sent message of the same task id (a retry, a
+        re-queue) or another delivery of it, whose record it now is. One round trip; True
+        when deleted."""
+        _set, key, text = command[:3]
+        return bool(load_script("claims_forget").run(self.client, [key], [text]))
+
     def held(self, task_id: str) -> list[tuple[str, str, str]]:
         """(kind, key, owner) recorded for ``task_id``."""
         raw = self.client.get(self.key(task_id))
@@ -72,10 +87,29 @@ class ClaimStore:
             return []
         return parse_record(raw)[0]
 
-    def release_all(self, task_id: str, storages: Mapping[str, Releaser]) -> int:
-        """Release everything ``task_id`` holds (owner-checked); the number released."""
+    def holder_pid(self, task_id: str) -> int | None:
+        """The pid of the process that recorded the claims of ``task_id`` (its holder
+        line), or None when there is no record or it has no holder line."""
+        raw = self.client.get(self.key(task_id))
+        meta = parse_record(raw)[1] if raw else None
+        return None if meta is None else int(meta["pid"])
+
+    def release_all(self, task_id: str, storages: Mapping[str, Releaser],
+                    pid: int | None = None) -> int:
+        """Release everything ``task_id`` holds (owner-checked); the number released.
+
+        With ``pid``, only a record written by process ``pid`` (or one without a holder
+        line: a queued-scope claim not yet taken up) is acted on: a later run of the same
+        task id in another process keeps what it holds.
+        """
+        raw = self.client.get(self.key(task_id))
+        if not raw:
+            return 0
+        records, meta = parse_record(raw)
+        if pid is not None and meta is not None and meta["pid"] != pid:
+            return 0
         released = 0
-        for kind, key, owner in self.held(task_id):
+        for kind, key, owner in records:
             storage = storages.get(kind)
             if storage is None:
                 continue

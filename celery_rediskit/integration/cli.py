@@ -90,7 +90,7 @@ class Ops:
         timeout = min(kit.settings.socket_timeout, 3.0)
         self.client = redis.Redis.from_url(
             kit.settings.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 0), **kit.settings.tls_options(),
         )
 
     @property
@@ -256,8 +256,8 @@ def release(ctx: click.Context, key: str, yes: bool, kind: str | None,
     """
     ops = _ops(ctx)
     name = ops.resource_name(key)
-    mutexes = RedisMutexStorage(ops.client, prefix=ops.prefix)
-    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix)
+    mutexes = RedisMutexStorage(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
+    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
     with ops.redis_errors():
         lock = mutexes.get_lock_info(name)
         sem = sems.get_semaphore_info(name)
@@ -292,10 +292,17 @@ def release(ctx: click.Context, key: str, yes: bool, kind: str | None,
 
 @rediskit.command(cls=CeleryCommand)
 @click.argument("key")
-@click.option("--set", "set_to", type=PositiveInt(), help="Set the total (and the initial).")
-@click.option("--increase", type=PositiveInt(), help="Add N permits.")
-@click.option("--decrease", type=PositiveInt(), help="Remove N permits (never below 0).")
-@click.option("--reset", is_flag=True, help="Back to the initial total.")
+@click.option("--set", "set_to", type=PositiveInt(),
+              help="Set the total (and the initial); it wins over tasks' declared permits "
+                   "until --reset.")
+@click.option("--increase", type=PositiveInt(),
+              help="Add N permits; the total wins over declared permits until --reset.")
+@click.option("--decrease", type=PositiveInt(),
+              help="Remove N permits (never below 0); the total wins over declared permits "
+                   "until --reset.")
+@click.option("--reset", is_flag=True,
+              help="Back to the initial total; tasks' declared permits apply again at their "
+                   "next acquire.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def permits(ctx: click.Context, key: str, set_to: int | None, increase: int | None,
@@ -303,7 +310,8 @@ def permits(ctx: click.Context, key: str, set_to: int | None, increase: int | No
     """Show or change the permits of semaphore KEY.
 
     Without an option, prints the semaphore. Holders keep their permits; a change that frees
-    permits hands them to waiters at once.
+    permits hands them to waiters at once. A total set here is the operator's: tasks'
+    ``concurrency_limit`` permits no longer change it until --reset.
     """
     ops = _ops(ctx)
     name = ops.resource_name(key)
@@ -313,7 +321,7 @@ def permits(ctx: click.Context, key: str, set_to: int | None, increase: int | No
     if len(chosen) > 1:
         _fail(f"choose one of --set, --increase, --decrease, --reset (got {', '.join(chosen)})",
               2)
-    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix)
+    sems = RedisSemaphoreStorage(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
     with ops.redis_errors():
         before = sems.get_semaphore_info(name)
         if not before.initialized:
@@ -329,11 +337,17 @@ def permits(ctx: click.Context, key: str, set_to: int | None, increase: int | No
         after = sems.get_semaphore_info(name)
     if as_json:
         _json_out({"key": name, "total": after.total, "acquired": after.acquired,
-                   "available": after.available, "previous_total": before.total})
+                   "available": after.available, "previous_total": before.total,
+                   "set_by_operator": after.pinned})
         return
     change = f"{before.total} -> {after.total}" if chosen else str(after.total)
     click.echo(f"semaphore {name!r}: total {change}, {after.acquired} acquired, "
                f"{after.available} available")
+    if after.pinned:
+        click.echo("the total was set by an operator: tasks' declared permits do not change "
+                   "it until --reset")
+    elif reset:
+        click.echo("tasks' declared permits apply again at their next acquire")
 
 
 @rediskit.group()
@@ -349,7 +363,7 @@ def cache_clear(ctx: click.Context, tag: str | None) -> None:
     ops = _ops(ctx)
     with ops.redis_errors():
         ops.client.ping()  # fail here, in one line, rather than through the cache's breaker
-    provider = RedisCacheProvider(ops.client, prefix=ops.prefix)
+    provider = RedisCacheProvider(ops.client, prefix=ops.prefix, idle_ttl=ops.settings.idle_ttl)
     try:
         with ops.redis_errors():
             if tag is not None:

@@ -3,8 +3,10 @@
 It reads the settings once (``settings.py``), makes every task of the app accept the
 integration's options (by setting ``app.task_cls``), checks those options where the task is
 decorated, and connects the signal handlers that release a task's claims from the worker's
-main process (revoke, hard time limit, lost child). Redis clients and storages are built lazily
-in each process (a prefork child gets its own after ``fork``).
+main process (revoke, hard time limit, lost child). Those fire while the child may still be
+running the body: a terminate or hard time limit is released only once that child has
+stopped or moved on (``children.py``). Redis clients and storages are built lazily in each
+process (a prefork child gets its own after ``fork``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from celery.utils.imports import symbol_by_name
 
 from ..errors import ConfigurationError
 from . import claims, control
+from .children import ChildWatch, ChildWatchStep
 from .options import OPTION_NAMES, parse_policy
 from .runtime import APP_ATTRIBUTE, Runtime, set_installer
 from .settings import Settings, read_settings
@@ -31,8 +34,8 @@ __all__ = ["RedisKit", "check_options"]
 
 log = logging.getLogger("celery_rediskit")
 
-# Failures the main process reports for a child that did not finish its own cleanup.
-_KILLED = (Terminated, TimeLimitExceeded, WorkerLostError)
+# Failures the main process reports once the child running the task is gone.
+_GONE = (Terminated, WorkerLostError)
 
 
 class RedisKit:
@@ -51,6 +54,7 @@ class RedisKit:
         self._runtime: Runtime | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        self.child_watch = ChildWatch(self._release_after_child)
         setattr(app, APP_ATTRIBUTE, self)
         self._install_task_class()
         self._wrap_task_decorator()
@@ -124,18 +128,27 @@ class RedisKit:
             except Exception:
                 return False
 
-        def on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+        def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+                       **_: Any) -> None:
             task_id = getattr(request, "id", None)
-            if task_id and mine(sender):
-                n = self.runtime().release_task(task_id)
-                if n:
-                    log.info("rediskit: released %d claim(s) of revoked task %s", n, task_id)
+            if not (task_id and mine(sender)):
+                return
+            if terminated:  # signalled, still running: released once its child stops
+                self._release_when_stopped(task_id, "revoked")
+                return
+            n = self.runtime().release_task(task_id)  # revoked before it started
+            if n:
+                log.info("rediskit: released %d claim(s) of revoked task %s", n, task_id)
 
         def on_failure(sender: Any = None, task_id: str | None = None,
                        exception: BaseException | None = None, **_: Any) -> None:
             # Only failures the main process sees for a child that did not finish its own
-            # cleanup: a hard time limit, a killed or lost child.
-            if task_id and isinstance(exception, _KILLED) and mine(sender):
+            # cleanup. A hard time limit is reported before billiard stops the child.
+            if not (task_id and mine(sender)):
+                return
+            if isinstance(exception, TimeLimitExceeded):
+                self._release_when_stopped(task_id, "hard time limit")
+            elif isinstance(exception, _GONE):
                 n = self.runtime().release_task(task_id)
                 if n:
                     log.info("rediskit: released %d claim(s) of task %s (%s)",
@@ -149,6 +162,36 @@ class RedisKit:
         signals.task_failure.connect(on_failure, weak=False)
         signals.worker_init.connect(on_worker_init, weak=False)
         self._handlers = (on_revoked, on_failure, on_worker_init)
+        app.steps["worker"].add(ChildWatchStep)  # the worker's timer, for the child watch
+
+    def _release_when_stopped(self, task_id: str, why: str) -> None:
+        """The main process signalled the child running ``task_id`` (terminate, hard time
+        limit): release its claims once that child has exited or started another task.
+
+        The child is known from the pool's acknowledgement (``TrackedRequest``), else from
+        the pid in the task's claims record; with neither (no record: nothing to release,
+        or a queued claim not yet taken up), the claims are released now.
+        """
+        pid = self.child_watch.pid_of(task_id)
+        if pid is None:
+            try:
+                pid = self.runtime().claims.holder_pid(task_id)
+            except Exception:
+                log.exception("rediskit: reading the claims of task %s failed", task_id)
+        if pid is None:
+            n = self.runtime().release_task(task_id)
+            if n:
+                log.info("rediskit: released %d claim(s) of task %s (%s)", n, task_id, why)
+            return
+        log.debug("rediskit: task %s (%s): released once its process %d stops",
+                  task_id, why, pid)
+        self.child_watch.defer(task_id, pid)
+
+    def _release_after_child(self, task_id: str, pid: int) -> None:
+        n = self.runtime().release_task(task_id, pid)
+        if n:
+            log.info("rediskit: released %d claim(s) of task %s: its process %d stopped "
+                     "without releasing them", n, task_id, pid)
 
 
 def check_options(app: Any, fun: Callable[..., Any], opts: dict[str, Any]) -> None:

@@ -72,9 +72,12 @@ class Runtime:
         self.settings = s
         self.client = redis.Redis.from_url(
             s.url, socket_timeout=s.socket_timeout, socket_connect_timeout=s.socket_timeout,
+            **s.tls_options(),
         )
-        self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix)
-        self.semaphore_storage = RedisSemaphoreStorage(self.client, prefix=s.prefix)
+        self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
+        self.semaphore_storage = RedisSemaphoreStorage(
+            self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
+        )
         self.mutex: Mutex = create_mutex(
             timeout=None, lease=s.lease, storage=self.mutex_storage, on_lost=self._on_lost
         )
@@ -110,7 +113,9 @@ class Runtime:
         """The app's ``RedisCacheProvider`` (results stored with the ``json`` serializer)."""
         provider = self._cache
         if provider is None:
-            provider = self._cache = RedisCacheProvider(self.client, prefix=self.settings.prefix)
+            provider = self._cache = RedisCacheProvider(
+                self.client, prefix=self.settings.prefix, idle_ttl=self.settings.idle_ttl
+            )
         return provider
 
     def cache_lookup(self, task_name: str, name: str) -> tuple[bool, Any]:
@@ -134,6 +139,7 @@ class Runtime:
         except Exception:
             log.exception("rediskit: caching the result of %s failed", task_name)
 
-    def release_task(self, task_id: str) -> int:
-        """Release everything ``task_id`` holds, from any process (owner-checked)."""
-        return self.claims.release_all(task_id, self.storages)
+    def release_task(self, task_id: str, pid: int | None = None) -> int:
+        """Release everything ``task_id`` holds, from any process (owner-checked); with
+        ``pid``, only what process ``pid`` recorded (``ClaimStore.release_all``)."""
+        return self.claims.release_all(task_id, self.storages, pid)

@@ -9,14 +9,14 @@ a killed child) is released by task id from the claims recorded in Redis (``clai
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
-from celery.exceptions import Ignore, Retry
+from celery._state import _task_stack
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
 
@@ -27,6 +27,7 @@ from ..lease import Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
 from ..renewal import renewer
 from ..semaphore import Permit
+from .backoff import requeue_countdown
 from .claims import holder_line
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
@@ -36,13 +37,42 @@ __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
 log = logging.getLogger("celery_rediskit")
 
 SKIPPED = "SKIPPED"
-"""State of a task that finished without running because its singleton lock was held."""
+"""State a monitor (``celery.events.State``, Flower) gives a task on its ``task-skipped``
+event. The task itself ends SUCCESS with the result None: see ``_rk_skip``."""
+
+SKIPPED_EVENT = "task-skipped"
+"""The custom task event sent when a task is skipped (fields ``reason``, ``lock``,
+``holder``)."""
+
+CLAIM_ATTEMPTS = 50
+"""How many times ``apply_async`` tries to take a queued-scope claim that others keep
+taking and releasing, before it gives up with ``TaskLocked`` (having published nothing)."""
 
 _CALLBACK_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 
+_INLINE_RUNNERS = frozenset({"celery.map", "celery.starmap"})
+"""Celery's builtin tasks that run their items as direct calls, ``task(*item)``: ``map``,
+``starmap`` and ``chunks`` (a group of ``starmap`` tasks). Such a call honours the options."""
+
 
 class TaskLocked(LockError):
-    """A singleton task met its lock held (``on_locked="raise"``)."""
+    """A singleton task met its lock held (``on_locked="raise"``); or a task that cannot be
+    re-queued (``apply()``, eager mode) met its lock held or its limit full with
+    ``on_locked``/``on_limited="retry"``; or ``apply_async`` could not take a queued-scope
+    claim that kept changing hands. ``key`` names the lock, claim or semaphore."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message, key)
+        # Every field in args: a result backend stores an exception only if
+        # ``type(exc)(*exc.args)`` rebuilds it (else Celery stores a base class instead).
+        self.args = (message, key)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Skipped(Exception):
+    """Raised inside ``_rk_execute`` to end a skipped run with the result None."""
 
 
 class TaskDuplicated(LockError):
@@ -53,9 +83,13 @@ class TaskDuplicated(LockError):
     duplicate would otherwise be silently dropped.
     """
 
-    def __init__(self, message: str, key: str, task_id: str) -> None:
+    def __init__(self, message: str, key: str | None = None, task_id: str | None = None) -> None:
         super().__init__(message, key)
         self.task_id = task_id
+        self.args = (message, key, task_id)  # see TaskLocked
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _policy_of_class(cls: type) -> TaskPolicy:
@@ -96,10 +130,12 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
                  owner: str, permits: int, seconds: float) -> int:
     """One attempt (without queueing) to take lock (``kind`` "m") or permit ("s") ``name``
     for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
-    first in the same round trip."""
+    first in the same round trip. A limit's ``permits`` are declared: they become the
+    semaphore's total at this attempt, unless an operator set it (``rediskit permits``)."""
     if kind is LeaseKind.MUTEX:
         return int(rt.mutex_storage.try_acquire(name, owner, seconds, before=record))
-    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record))
+    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
+                                                declared=True))
 
 
 class RedisKitTask(Task):  # type: ignore[misc]
@@ -123,6 +159,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
     cache_tags: ClassVar[Any] = None
 
     _rk_policy: ClassVar[TaskPolicy] = TaskPolicy()
+
+    #: tells the worker's main process which child runs which task (``children.py``)
+    Request = "celery_rediskit.integration.request:TrackedRequest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -151,6 +190,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
         policy = self._rk_policy
         request = self.request
         if request.called_directly:
+            # A direct call ``task(...)`` is a plain function call (no lock, permit or
+            # cache), except the items of map/starmap/chunks, which Celery runs that way.
+            runner = self.app.current_task if policy.active else None
+            if (runner is not None and runner.name in _INLINE_RUNNERS
+                    and not runner.request.called_directly):
+                return self._rk_run_inline(policy, runner.request, args, kwargs)
             return super().__call__(*args, **kwargs)
         if not policy.active:
             return self.run(*args, **kwargs)
@@ -158,6 +203,23 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     def _rk_kit(self) -> Kit:
         return kit_of(self.app)
+
+    def _rk_run_inline(self, policy: TaskPolicy, outer: Any, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        """Run one item of a map/starmap/chunks task under the options, as part of that
+        task: its leases are recorded under the outer task's id (so a revoke or hard time
+        limit of it releases them), and it cannot be re-queued on its own, so where a
+        message would be re-queued (``on_locked``/``on_limited="retry"``) the item waits
+        for the lock or permit, up to ``limit_timeout``. It stays a direct call for the
+        body (``self.request.called_directly``; ``self.retry()`` raises at once)."""
+        _task_stack.push(self)
+        self.push_request(args=args, kwargs=kwargs, id=outer.id, hostname=outer.hostname,
+                          is_eager=outer.is_eager, rediskit_inline=True)
+        try:
+            return self._rk_execute(policy, self.request, args, kwargs)
+        finally:
+            self.pop_request()
+            _task_stack.pop()
 
     def _rk_execute(self, policy: TaskPolicy, request: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
@@ -176,6 +238,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_leases = held
         request.rediskit_claim = None
         request.rediskit_keep = False
+        request.rediskit_record = None  # the claims record this run wrote (a SET command)
         try:
             plan: list[tuple[LeaseKind, str, int]] = []  # (kind, resource name, permits), in order
             if policy.singleton:
@@ -194,8 +257,13 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 rt.cache_store(self.name, cache_name, result, policy.cache_ttl,
                                policy.tags(arguments))
             return result
+        except _Skipped:
+            return None
         finally:
-            self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
+            try:
+                self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
+            finally:
+                self._rk_forget_record(rt, request)
 
     def _rk_acquire(self, rt: Runtime, policy: TaskPolicy, request: Any,
                     plan: list[tuple[LeaseKind, str, int]], claim: MutexLease | None,
@@ -207,10 +275,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
         harmless: every release by task id is owner-checked.) A queued-scope run writes its
         record after its acquisitions instead: when it meets its own lock held, another run
         of the same task id is running, whose record must not be overwritten.
+
+        Every lease names the record as a companion key, so the renewals that keep the leases
+        alive keep the record too (in the same round trip), however long the task runs.
         """
         settings = rt.settings
         seconds = settings.lease
         task_id: str = request.id
+        inline = bool(getattr(request, "rediskit_inline", False))
         owners = [new_owner_id() for _ in plan]
         records = [(kind, name, owner) for (kind, name, _), owner in zip(plan, owners,
                                                                          strict=True)]
@@ -218,37 +290,50 @@ class RedisKitTask(Task):  # type: ignore[misc]
             records.append((LeaseKind.MUTEX, claim.key, claim.owner))
         record = rt.claims.record_command(task_id, records, 2 * seconds,
                                           holder_line(self.name, request.hostname))
+        companions = (rt.claims.key(task_id),)
         pending: tuple[Any, ...] | None = record if claim is None else None
+        if claim is None:
+            request.rediskit_record = record
         for (kind, name, permits), owner in zip(plan, owners, strict=True):
             name = resource_key(name)
             lease: Lease
             if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
                 pending = None
-                if token < 1:
-                    self._rk_locked(rt, policy, request, name, claim)  # raises
-                lease = MutexLease(rt.mutex_storage, name, owner, seconds,
-                                   fencing_token=token, on_lost=rt.mutex.on_lost)
-                lease.start_renewal()
+                if token >= 1:
+                    lease = MutexLease(rt.mutex_storage, name, owner, seconds,
+                                       fencing_token=token, on_lost=rt.mutex.on_lost,
+                                       companion_keys=companions)
+                    lease.start_renewal()
+                elif inline and policy.on_locked == "retry":
+                    lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
+                                             or settings.limit_timeout, lease=seconds,
+                                             owner=owner, companion_keys=companions)
+                else:
+                    self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
-                wait = policy.on_limited == "wait"
+                wait = policy.on_limited == "wait" or inline
                 if _try_acquire(rt, pending, kind, name, owner, permits, seconds) >= 1:
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
-                                   fencing_token=1, on_lost=rt.mutex.on_lost)
+                                   fencing_token=1, on_lost=rt.mutex.on_lost,
+                                   companion_keys=companions)
                     lease.start_renewal()
                 elif not wait:
                     self._rk_release_leases(rt, request)
                     self._rk_requeue(request, f"concurrency limit {name!r} is full")
                 else:
+                    # The try above applied the declared permits: wait with the total as is.
                     timeout = policy.limit_timeout or settings.limit_timeout
                     lease = rt.semaphore(permits).acquire(
                         name, timeout=timeout, lease=seconds, owner=owner,
+                        companion_keys=companions,
                     )
                 pending = None
             held.append(lease)
             rt.owners[owner] = (self, task_id)
         if claim is not None:
             call(rt.client, *record)
+            request.rediskit_record = record
 
     def _rk_take_claim(self, rt: Runtime, name: str, task_id: str) -> MutexLease:
         """Hold the queued-scope claim of ``task_id`` while it runs (taking it if free)."""
@@ -261,20 +346,18 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except LockTimeout:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
-            log.info("rediskit: %s[%s] skipped: a duplicate of %s, queued or running",
-                     self.name, task_id, other)
             if self._rk_policy.on_locked == "raise":
                 raise TaskLocked(
                     f"{self.name}[{task_id}] is a duplicate of task {other}", qname
                 ) from None
-            self._rk_skip(task_id, qname, other)
+            self._rk_skip(self.request, "duplicate", qname, other)
         claim = MutexLease(storage, qname, owner, lease, fencing_token=token,
-                           on_lost=rt.mutex.on_lost)
+                           on_lost=rt.mutex.on_lost, companion_keys=(rt.claims.key(task_id),))
         claim.start_renewal()
         return claim
 
     def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
-                   claim: MutexLease | None) -> None:
+                   claim: MutexLease | None) -> NoReturn:
         holder = rt.mutex_storage.get_lock_info(name).holder if policy.on_locked != "retry" \
             else None
         if claim is not None:
@@ -290,24 +373,44 @@ class RedisKitTask(Task):  # type: ignore[misc]
             self._rk_requeue(request, f"singleton lock {name!r} is held")
         if policy.on_locked == "raise":
             raise TaskLocked(f"{self.name}: singleton lock {name!r} is held by {holder}", name)
-        log.info("rediskit: %s[%s] skipped: singleton lock %r is held by %s",
-                 self.name, request.id, name, holder)
-        self._rk_skip(request.id, name, holder)
+        self._rk_skip(request, "locked", name, holder)
 
-    def _rk_skip(self, task_id: str, key: str, holder: str | None) -> None:
-        self.update_state(task_id=task_id, state=SKIPPED,
-                          meta={"reason": "locked", "key": key, "holder": holder})
-        raise Ignore()
+    def _rk_skip(self, request: Any, reason: str, key: str, holder: str | None) -> NoReturn:
+        """End this run without running the body: it finishes as SUCCESS with the result
+        None (raises ``_Skipped``, which ``_rk_execute`` turns into that return).
+
+        SUCCESS is the only ready state that lets the task's group and chord complete and
+        its chain go on (a failure would fail them, and a custom state is never ready, so
+        ``get()`` would hang). Why it was skipped goes to the log and, for monitors, to a
+        ``task-skipped`` event (``reason`` "locked" or "duplicate", the ``lock`` or claim
+        name and its ``holder``). The event is sent whether or not task events are on: a
+        pool process cannot see ``celery control enable_events`` (which Flower sends), and
+        an event nobody listens to is dropped by the broker. Not for eager runs, which send
+        no events.
+        """
+        log.info("rediskit: %s[%s] skipped (%s): %r is held by %s",
+                 self.name, request.id, reason, key, holder)
+        inline = getattr(request, "rediskit_inline", False)  # the event would name the outer task
+        if not request.is_eager and not inline and self.send_events:
+            try:
+                self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
+                                holder=holder)
+            except Exception:
+                log.warning("rediskit: sending the %s event of %s failed", SKIPPED_EVENT,
+                            request.id, exc_info=True)
+        raise _Skipped()
 
     def _rk_requeue(self, request: Any, why: str) -> None:
-        """Send the task again with a jittered countdown, keeping its id and its retry count
-        (a re-queue is not a user retry), then end this run with ``Retry``."""
-        kit = self._rk_kit()
+        """Send the task again with a backoff countdown (``backoff.py``), keeping its id and
+        its retry count (a re-queue is not a user retry), then end this run with ``Retry``."""
+        settings = self._rk_kit().settings
         if request.is_eager:
             raise TaskLocked(f"{self.name}: {why} (eager tasks cannot be re-queued)")
-        countdown = kit.settings.retry_delay * random.uniform(0.5, 1.5)
         headers = dict(request.headers or {})
-        headers["rediskit_requeues"] = int(headers.get("rediskit_requeues") or 0) + 1
+        requeues = int(headers.get("rediskit_requeues") or 0)
+        countdown = requeue_countdown(self, requeues, first=settings.retry_delay,
+                                      ceiling=settings.retry_delay_max)
+        headers["rediskit_requeues"] = requeues + 1
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers,
         )
@@ -330,36 +433,93 @@ class RedisKitTask(Task):  # type: ignore[misc]
             renewer().unregister(claim)
 
     def _rk_finish(self, rt: Runtime, request: Any, *, keep_claim: bool) -> None:
-        """End of a run: release everything; a queued claim stays for a re-sent message
-        (whose ``apply_async`` has already rewritten the task's claims record)."""
+        """End of a run: release everything, then send the retry ``retry()`` asked for
+        (:meth:`_rk_hold_retry`); a queued claim stays for the re-sent message (whose
+        ``apply_async`` rewrites the task's claims record)."""
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
-        if not getattr(request, "rediskit_leases", None) and claim is None:
+        resend: tuple[Any, Any, str, dict[str, Any]] | None = getattr(
+            request, "rediskit_resend", None)
+        if not getattr(request, "rediskit_leases", None) and claim is None and resend is None:
             return
         self._rk_release_leases(rt, request)
+        failed: Exception | None = None
+        if resend is not None:
+            request.rediskit_resend = None
+            args, kwargs, task_id, options = resend
+            try:
+                self.apply_async(args, kwargs, task_id, **options)
+            except Exception as exc:  # as Celery's retry(): a failed publish fails the task
+                failed, keep_claim = exc, False
         if claim is not None and not keep_claim:
             try:
                 claim.release()
             except Exception:
                 log.exception("rediskit: releasing the claim of %s failed", request.id)
         request.rediskit_claim = None
+        if failed is not None:
+            raise Reject(failed, requeue=False) from failed
+
+    def _rk_forget_record(self, rt: Runtime, request: Any) -> None:
+        """The run is over: delete the claims record it wrote (after its releases), unless a
+        re-sent message or another delivery of the task id has rewritten it since."""
+        record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
+        if record is None:
+            return
+        request.rediskit_record = None
+        try:
+            rt.claims.forget(record)
+        except Exception:  # Redis unreachable: the record expires with the leases
+            log.warning("rediskit: deleting the claims record of %s failed", request.id,
+                        exc_info=True)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``retry``, with the retry sent once this run has released its leases.
+
+        Celery decides first: past ``max_retries`` it raises ``MaxRetriesExceededError`` (or
+        ``exc``) and sends nothing, so a fallback in ``except MaxRetriesExceededError`` still
+        runs under the lock. When Celery does send the retry (its ``apply_async`` of this
+        task id), the message is held back (:meth:`_rk_hold_retry`) and sent at the end of
+        the run, right after the leases are released: the retried run (even with
+        ``countdown=0``) neither meets its own lock nor overlaps what still runs after
+        ``retry()`` here (``finally`` blocks, the rest of a ``throw=False`` body). A failed
+        send fails the task, as in Celery (``Reject``). A queued-scope claim is kept for the
+        retry. An eager run is re-run by Celery without sending anything.
+        """
         request = self.request
-        if getattr(request, "rediskit_leases", None) or getattr(request, "rediskit_claim", None):
-            # Release the running lock before the retry is published: a retry with
-            # countdown=0 must not meet its own lock. A queued-scope claim is kept.
-            self._rk_release_leases(self._rk_kit().runtime(), request)
+        held = bool(getattr(request, "rediskit_leases", None)
+                    or getattr(request, "rediskit_claim", None))
+        if held:
+            request.rediskit_retrying = True  # consumed by _rk_hold_retry
         try:
             result = super().retry(*args, **kwargs)
         except Retry:
             request.rediskit_keep = True
             raise
+        finally:
+            if held:
+                request.rediskit_retrying = False
         request.rediskit_keep = True
         return result
+
+    def _rk_hold_retry(self, args: Any, kwargs: Any, task_id: str | None,
+                       options: dict[str, Any]) -> bool:
+        """Called first in :meth:`apply_async`: when this is Celery's ``retry()`` sending
+        the running task again (same task id) while it holds leases, keep the message on
+        the request for :meth:`_rk_finish` to send, and return True."""
+        if task_id is None:
+            return False
+        request = self.request
+        if not (getattr(request, "rediskit_retrying", False) and request.id == task_id):
+            return False
+        request.rediskit_retrying = False
+        request.rediskit_resend = (args, kwargs, task_id, options)
+        return True
 
     # -- sending --------------------------------------------------------------------------
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     *a: Any, **options: Any) -> Any:
+        if self._rk_hold_retry(args, kwargs, task_id, options):
+            return self.AsyncResult(task_id)  # sent by _rk_finish
         policy = self._rk_policy
         if not policy.active or self.app.conf.task_always_eager or a:
             return super().apply_async(args, kwargs, task_id, *a, **options)
@@ -374,7 +534,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = policy.cache_name(self.name, arguments, args or (), kwargs or {})
             found, value = rt.cache_lookup(self.name, name)
             if found:
-                return EagerResult(task_id or uuid(), value, states.SUCCESS, name=self.name)
+                return self._rk_cached_result(task_id or uuid(), value, options)
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
         given = task_id is not None
@@ -384,7 +544,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         ttl = kit.settings.queued_ttl + _delay_of(options)
         storage = rt.mutex_storage
-        for _ in range(3):
+        # Taking the claim and reading its holder are two round trips: between them the
+        # holder may finish ("released meanwhile"), and others may take it again. Try again
+        # until the claim is ours or a holder is seen; never publish without the claim.
+        for _ in range(CLAIM_ATTEMPTS):
             try:
                 storage.acquire(qname, owner, ttl, 0)
                 break
@@ -393,16 +556,26 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if holder is None:
                     continue  # released meanwhile: try again
                 existing = holder[2:] if holder.startswith("q:") else holder
-                if has_callbacks:
+                if has_callbacks or given:
+                    # Returning the existing task's result would drop the callbacks, or
+                    # leave the id the caller chose (a canvas froze it) unresolved forever.
+                    why = ("its callbacks (chain/group/link) would be lost" if has_callbacks
+                           else f"its id {task_id} was chosen by the caller (a chain link, or "
+                                f"task_id=) and would never get a result")
                     raise TaskDuplicated(
                         f"{self.name}[{task_id}] was not sent: it duplicates task {existing}, "
-                        f"queued or running, and its callbacks (chain/group/link) would be lost",
-                        qname, existing,
+                        f"queued or running, and {why}", qname, existing,
                     ) from None
                 log.info("rediskit: %s not sent: duplicate of %s", self.name, existing)
                 res = self.AsyncResult(existing)
                 res.rediskit_duplicate = True
                 return res
+        else:
+            raise TaskLocked(
+                f"{self.name}[{task_id}] was not sent: its queued-scope claim {qname!r} was "
+                f"taken and released by others {CLAIM_ATTEMPTS} times while it tried to take "
+                f"it or see who holds it; send it again", qname,
+            )
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
         rt.claims.record(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
@@ -411,6 +584,15 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except BaseException:
             storage.release(qname, owner)
             raise
+
+    def _rk_cached_result(self, task_id: str, value: Any, options: Mapping[str, Any]) -> Any:
+        """The result of a call served from the cache at send time: stored in the result
+        backend under ``task_id`` (as a worker would store it), so that anyone asking for
+        ``AsyncResult(task_id)`` later finds it, and returned ready."""
+        ignore = options.get("ignore_result")
+        if not (self.ignore_result if ignore is None else ignore):
+            self.backend.store_result(task_id, value, states.SUCCESS)
+        return EagerResult(task_id, value, states.SUCCESS, name=self.name)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of the call ``task(*args, **kwargs)``; True if one existed."""

@@ -1,10 +1,12 @@
 -- Shared library: the FIFO queue of waiters of one lock or semaphore.
 -- Included by scripts.py in every script whose header says "-- needs: _waitqueue".
 -- needs: _clock
+-- needs: _expiry
 --
 -- A queue is two keys with the resource's hash tag:
 --   queue   LIST of waiter ids, oldest first
 --   waiters HASH waiter id -> "<deadline ms (server clock)>:<lease ms it asked for>"
+-- Both expire at the latest deadline of a waiter that joined: past it, every waiter is dead.
 -- A waiter id is "<process id>:<n>"; grants are published on <channel prefix><process id>
 -- as "<waiter id> <token>". A waiter refreshes its deadline each time it re-checks, so one
 -- that died drops out by itself once its deadline passes.
@@ -35,6 +37,8 @@ local function wq_join(queue, waiters, w, deadline, lease)
   if redis.call('HSET', waiters, w, deadline .. ':' .. lease) == 1 then
     redis.call('RPUSH', queue, w)
   end
+  keep_until(queue, deadline)
+  keep_until(waiters, deadline)
 end
 
 local function wq_leave(queue, waiters, w)
@@ -45,9 +49,11 @@ end
 
 -- Tell a waiter it was granted. Returns "<waiter> <token>" instead of publishing when the
 -- waiter lives in the calling process (local_proc), which then wakes it without a network hop.
+-- The token is written in full (%.0f): Lua's own number to text would round a 16-digit token.
 local function wq_notify(chan_prefix, local_proc, w, token)
   local proc = string.match(w, '^[^:]+')
-  if proc == local_proc then return w .. ' ' .. token end
-  redis.call('PUBLISH', chan_prefix .. proc, w .. ' ' .. token)
+  local msg = w .. ' ' .. string.format('%.0f', token)
+  if proc == local_proc then return msg end
+  redis.call('PUBLISH', chan_prefix .. proc, msg)
   return nil
 end

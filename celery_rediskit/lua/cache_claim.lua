@@ -5,10 +5,9 @@
 -- own code (same keys, arguments and result).
 -- KEYS[1..4] the fill lock's mutex keys (lock, fence, queue, waiters; see mutex_acquire.lua)
 -- KEYS[5]    the entry
--- ARGV[1..5] as mutex_acquire.lua (owner, lease ms, "0" = just try, grace ms, channel prefix)
--- ARGV[6]    lifetime of the lock's fencing counter, ms (cache locks need no lasting fence)
+-- ARGV[1..6] as mutex_acquire.lua (owner, lease ms, "0" = just try, grace ms, channel prefix,
+--            idle lifetime ms)
 -- Returns: the entry (a string) when present; otherwise what mutex_acquire.lua returns:
 --          a token >= 1 when the caller now holds the fill lock, <= 0 when someone else does.
 local cached = redis.call('GET', KEYS[5])
 if cached then return cached end
-redis.call('SET', KEYS[2], 0, 'NX', 'PX', ARGV[6])

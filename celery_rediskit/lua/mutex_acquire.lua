@@ -1,7 +1,8 @@
 -- Acquire a mutex, or join its queue of waiters.
+-- needs: _fence
 -- needs: _waitqueue
 -- KEYS[1] lock     string: owner id, with the lease as its PX expiry
--- KEYS[2] fence    counter: the fencing token, INCR on every grant, never expires
+-- KEYS[2] fence    the last fencing token granted (see _fence.lua)
 -- KEYS[3] queue    list of waiter ids
 -- KEYS[4] waiters  hash waiter id -> "deadline:lease"
 -- ARGV[1] owner id ("<process id>:<n>")
@@ -9,6 +10,7 @@
 -- ARGV[3] "1" to join the queue when not granted, "0" to just try
 -- ARGV[4] grace, ms: how long past the holder's lease a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
+-- ARGV[6] idle lifetime, ms: the fence key outlives the last grant's lease by half to all of it
 -- Returns: token >= 1 when the caller holds the lock (newly, or granted earlier by a release);
 --          otherwise -1 - (holder's remaining lease in ms), i.e. <= -1, so the caller can bound
 --          its wait (half the grace when the holder has no expiry).
@@ -18,7 +20,7 @@ local owner, lease = ARGV[1], tonumber(ARGV[2])
 -- Fast path: nobody queues and the lock is free.
 if redis.call('LLEN', queue) == 0 then
   if redis.call('SET', lock, owner, 'NX', 'PX', lease) then
-    return redis.call('INCR', fence)
+    return fence_next(fence, lease, tonumber(ARGV[6]))
   end
 end
 
@@ -36,12 +38,12 @@ if not holder then
   if head == nil or head == owner then
     if head then wq_pop(queue, waiters, head) end
     redis.call('SET', lock, owner, 'PX', lease)
-    return redis.call('INCR', fence)
+    return fence_next(fence, lease, tonumber(ARGV[6]))
   end
   wq_pop(queue, waiters, head)
   redis.call('SET', lock, head, 'PX', head_lease)
   -- No local shortcut here: the caller is a waiter itself, so always publish.
-  wq_notify(ARGV[5], '', head, redis.call('INCR', fence))
+  wq_notify(ARGV[5], '', head, fence_next(fence, head_lease, tonumber(ARGV[6])))
 end
 
 local pttl = redis.call('PTTL', lock)

@@ -2,31 +2,62 @@
 -- needs: _semaphore
 -- KEYS[1] holders, KEYS[2] total, KEYS[3] initial, KEYS[4] queue, KEYS[5] waiters
 --         (see _semaphore.lua)
+-- KEYS[6] pinned, given only when ARGV[6] is the total the caller's code declares: that
+--         total then replaces a different stored one, unless an operator set it (pinned
+--         exists: it stays until reset, and reset then returns to the declared total)
 -- ARGV[1] owner id ("<process id>:<n>")
 -- ARGV[2] lease, ms
 -- ARGV[3] "1" to join the queue when not granted, "0" to just try
 -- ARGV[4] grace, ms: how long past its bounded wait a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
 -- ARGV[6] permits to initialise with when the semaphore does not exist yet
+-- ARGV[7] idle lifetime, ms: total, initial and holders expire half to all of it after the
+--         last acquire (holders never before the last holder's lease ends)
 -- Returns 1 when the caller holds a permit (newly, or granted earlier by a release);
 --         otherwise -1 - (ms until the nearest holder's lease ends; half the grace when no
 --         holder bounds the wait), so the caller can bound its wait.
+--         With KEYS[6], when the stored total differed from the declared one: {stored total,
+--         1 if an operator set it else 0}, without acquiring (the caller notes it and asks
+--         again without KEYS[6]).
 local holders, total, initial, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
 
+local idle = tonumber(ARGV[7])
 local cap = tonumber(redis.call('GET', total))
 if not cap then
-  cap = tonumber(ARGV[6])
-  redis.call('SET', total, cap)
-  redis.call('SET', initial, cap)
+  cap = tonumber(ARGV[6])  -- new, or expired while idle: the permits the caller declares
+  redis.call('SET', total, cap, 'PX', idle)
+  redis.call('SET', initial, cap, 'PX', idle)
+elseif keep_for(total, 0, idle) then
+  redis.call('PEXPIRE', initial, idle)
 end
 redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
+
+if KEYS[6] then  -- declared permits (see KEYS[6] above)
+  local declared, pin = tonumber(ARGV[6]), KEYS[6]
+  local pinned = redis.call('EXISTS', pin)
+  if pinned == 1 then
+    local ttl = redis.call('PTTL', total)  -- the mark lives no longer than the total
+    if ttl > 0 then redis.call('PEXPIRE', pin, ttl) end
+    if tonumber(redis.call('GET', initial)) ~= declared then
+      redis.call('SET', initial, declared, 'KEEPTTL')  -- what reset returns to
+    end
+  end
+  if cap ~= declared then
+    if pinned == 0 then  -- holders keep their permits; nobody new gets in while they exceed it
+      redis.call('SET', total, declared, 'KEEPTTL')
+      redis.call('SET', initial, declared, 'KEEPTTL')
+    end
+    return {cap, pinned}
+  end
+end
 
 -- Fast path: nobody queues and a permit is free.
 if redis.call('LLEN', queue) == 0 then
   if redis.call('ZCARD', holders) < cap then
     redis.call('ZADD', holders, now + lease, owner)
+    keep_for(holders, lease, idle)
     return 1
   end
   if redis.call('ZSCORE', holders, owner) then return 1 end
@@ -41,6 +72,7 @@ sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
 if redis.call('ZSCORE', holders, owner) then return 1 end
 if redis.call('LLEN', queue) == 0 and redis.call('ZCARD', holders) < cap then
   redis.call('ZADD', holders, now + lease, owner)
+  keep_for(holders, lease, idle)
   return 1
 end
 

@@ -10,4 +10,5 @@ if not ends then return 0 end
 local base = now
 if ARGV[3] == 'add' then base = tonumber(ends) end
 redis.call('ZADD', KEYS[1], 'XX', base + tonumber(ARGV[2]), ARGV[1])
+keep_until(KEYS[1], base + tonumber(ARGV[2]))
 return base + tonumber(ARGV[2]) - now

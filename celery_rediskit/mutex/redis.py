@@ -1,9 +1,11 @@
 """``RedisMutexStorage``: locks in Redis, one Lua script (one round trip) per operation.
 
 Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the owner id with
-the lease as PX expiry (the server's clock), ``...:fence`` the fencing counter (INCR per grant,
-never expires), ``...:queue`` / ``...:waiters`` the FIFO of waiters. Release hands the lock
-straight to the first live waiter, so nobody can jump the queue.
+the lease as PX expiry (the server's clock), ``...:fence`` the last fencing token (each grant
+takes ``max(last + 1, server clock in µs)``, so tokens keep rising when the key is lost; it
+expires ``idle_ttl / 2`` to ``idle_ttl`` after the last grant's lease), ``...:queue`` /
+``...:waiters`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
+the lock straight to the first live waiter, so nobody can jump the queue.
 ``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
 that a release re-sent after its reply was lost answers truthfully and still wakes a waiter of
 this process (``_redis/release.py``).
@@ -15,13 +17,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
-from .._redis.renew_batch import renew_in_batches
+from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
+from ..durations import Duration
 from ..lease import Lease, process_id
 from .base import LockInfo, MutexStorage
 
@@ -31,11 +34,17 @@ class RedisMutexStorage(MutexStorage):
     """Mutex storage on a redis-py client (``redis.Redis`` or ``redis.RedisCluster``).
 
     ``prefix`` (default ``"rediskit"``) starts every key and channel this storage uses.
+    ``idle_ttl`` (seconds or a duration text, default a week) is how long a lock's keys
+    outlive its last grant: a name never used again leaves nothing behind.
     """
 
-    def __init__(self, client: Any, prefix: str = "rediskit") -> None:
+    def __init__(
+        self, client: Any, prefix: str = "rediskit", *, idle_ttl: Duration = IDLE_TTL
+    ) -> None:
         self.client = client
-        self.keys = KeySpace(prefix)
+        self.keys = KeySpace(prefix, idle_ttl)
+        self._idle_ms = self.keys.idle_ms
+        self._renewal = renewal_target(client)
         self._channel_prefix = self.keys.wake_channel_prefix
         self._acquire = load_script("mutex_acquire")
         self._release = load_script("mutex_release")
@@ -61,13 +70,13 @@ class RedisMutexStorage(MutexStorage):
     def acquire_argv(self, owner: str, lease: float) -> list[Any]:
         """ARGV of ``mutex_acquire.lua`` for one try without queueing (index 2 is the "join
         the queue" flag); the cache's single-flight script reuses this layout."""
-        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix]
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, self._idle_ms]
 
     def release_argv(self, owner: str, *, force: bool = False) -> list[Any]:
         """ARGV of ``mutex_release.lua`` for one release call, with a new release id (also
         reused by the cache's fill script): every send of one call must use the same list."""
-        return [owner, self._channel_prefix, process_id(), "1" if force else "0", release_id(),
-                RECORD_MS]
+        return [owner, self._channel_prefix, process_id(), "1" if force else "0", self._idle_ms,
+                release_id(), RECORD_MS]
 
     def release_keys(self, key: str) -> list[str]:
         """KEYS of ``mutex_release.lua``: the lock's keys and the calling thread's release
@@ -119,8 +128,16 @@ class RedisMutexStorage(MutexStorage):
         return self.extend(resource_key(key), "", seconds, add=True)
 
     def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
-        items = [(self._key_list(lease.key)[0], "m") for lease in leases]
-        return renew_in_batches(self.client, leases, items)
+        return self._renewal.renew_leases(leases)
+
+    @property
+    def renewal_target(self) -> RedisRenewal:
+        """Shared by every storage on this client: renews on a connection of its own."""
+        return self._renewal
+
+    def renewal_key(self, key: str) -> str:
+        """The key a ``renew_batch`` entry names for ``key``."""
+        return self._key_list(key)[0]
 
     def get_lock_info(self, key: str) -> LockInfo:
         lock_and_fence = self._key_list(resource_key(key))[:2]

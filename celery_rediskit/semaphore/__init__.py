@@ -36,6 +36,9 @@ class Semaphore(Granter[Permit]):
 
     ``permits`` is the total a key starts with when first used. ``timeout`` (seconds, None for
     no limit) bounds each wait; ``lease`` (seconds) is how long a permit lives without renewal.
+    ``declared=True``: ``permits`` is the total this code declares, applied at every acquire
+    (a changed value takes effect at the next one) unless an operator set the key's total
+    with ``initialize``/``increase_permits``/``decrease_permits``, until ``reset``.
     """
 
     lease_class = Permit
@@ -48,9 +51,11 @@ class Semaphore(Granter[Permit]):
         lease: float = 30.0,
         storage: SemaphoreStorage | None = None,
         on_lost: LostCallback | None = None,
+        declared: bool = False,
     ) -> None:
         super().__init__(timeout=timeout, lease=lease, on_lost=on_lost)
         self.permits = positive_int("permits", permits)
+        self.declared = bool(declared)
         self.storage: SemaphoreStorage = (
             MemorySemaphoreStorage() if storage is None else storage
         )
@@ -59,7 +64,9 @@ class Semaphore(Granter[Permit]):
         self, key: str, owner: str, lease: float, timeout: float | None,
         abort: threading.Event | None,
     ) -> tuple[SemaphoreStorage, int]:
-        return self.storage, self.storage.acquire(key, owner, self.permits, lease, timeout, abort)
+        return self.storage, self.storage.acquire(
+            key, owner, self.permits, lease, timeout, abort, declared=self.declared
+        )
 
     def permit(
         self,
@@ -96,9 +103,10 @@ def create_semaphore(
     lease: float = 30.0,
     storage: SemaphoreStorage | None = None,
     on_lost: LostCallback | None = None,
+    declared: bool = False,
 ) -> Semaphore:
     """Create a :class:`Semaphore` of ``permits`` per key. ``timeout`` and ``lease`` are
     seconds (``timeout`` None: wait without limit); ``storage`` defaults to a new
-    :class:`MemorySemaphoreStorage`."""
+    :class:`MemorySemaphoreStorage`. ``declared``: see :class:`Semaphore`."""
     return Semaphore(permits=permits, timeout=timeout, lease=lease, storage=storage,
-                     on_lost=on_lost)
+                     on_lost=on_lost, declared=declared)

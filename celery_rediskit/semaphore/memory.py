@@ -6,6 +6,7 @@ order, permits can change while held.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from .._validate import positive_int, resource_key
 from ..errors import AcquireAborted, LockTimeout
 from ..lease import ABORT_CHECK, Lease
-from .base import SemaphoreInfo, SemaphoreStorage
+from .base import SemaphoreInfo, SemaphoreStorage, note_declared
 
 __all__ = ["MemorySemaphoreStorage"]
+
+_storage_ids = itertools.count(1)
 
 
 @dataclass
@@ -26,6 +29,7 @@ class _State:
     initial: int
     holders: dict[str, float] = field(default_factory=dict)  # owner -> lease end (monotonic)
     queue: deque[str] = field(default_factory=deque)
+    pinned: bool = False  # the total was set by an admin call (see base.py)
 
     def reap(self, now: float) -> None:
         for owner in [o for o, end in self.holders.items() if end <= now]:
@@ -42,6 +46,7 @@ class MemorySemaphoreStorage(SemaphoreStorage):
         self.default_permits = positive_int("permits", permits)
         self._cond = threading.Condition()
         self._sems: dict[str, _State] = {}
+        self._where = f"memory:{next(_storage_ids)}"  # names this storage in note_declared
 
     def _state(self, key: str, permits: int | None = None) -> _State:
         state = self._sems.get(key)
@@ -59,10 +64,14 @@ class MemorySemaphoreStorage(SemaphoreStorage):
         lease: float,
         timeout: float | None,
         abort: threading.Event | None = None,
+        *,
+        declared: bool = False,
     ) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             state = self._state(key, permits)
+            if declared:
+                self._declare(key, state, permits)
             state.queue.append(owner)
             try:
                 while True:
@@ -86,6 +95,17 @@ class MemorySemaphoreStorage(SemaphoreStorage):
                     self._cond.wait(min(waits) if waits else None)
             finally:
                 state.queue.remove(owner)
+                self._cond.notify_all()
+
+    def _declare(self, key: str, state: _State, permits: int) -> None:
+        # As sem_acquire.lua with declared permits: they replace a different total unless an
+        # admin call set it (then they are what reset returns to).
+        if state.pinned:
+            state.initial = permits
+        if state.total != permits:
+            note_declared(self._where, key, permits, state.total, state.pinned)
+            if not state.pinned:
+                state.total = state.initial = permits
                 self._cond.notify_all()
 
     def release(self, key: str, owner: str) -> bool:
@@ -127,12 +147,16 @@ class MemorySemaphoreStorage(SemaphoreStorage):
             return SemaphoreInfo(
                 key, state.total, max(0, state.total - held), held,
                 holders={o: end - now for o, end in state.holders.items()},
+                pinned=state.pinned,
             )
 
-    def _change(self, key: str, total: int | None = None, initial: int | None = None) -> int:
+    def _change(self, key: str, total: int | None = None, initial: int | None = None,
+                *, pinned: bool = True) -> int:
+        # An admin call: its total is pinned (declared permits leave it alone), but reset's.
         state = self._state(resource_key(key))
         if total is not None:
             state.total = max(0, total)
+            state.pinned = pinned
         if initial is not None:
             state.initial = initial
         self._cond.notify_all()
@@ -155,7 +179,7 @@ class MemorySemaphoreStorage(SemaphoreStorage):
 
     def reset(self, key: str) -> None:
         with self._cond:
-            self._change(key, self._state(key).initial)
+            self._change(key, self._state(key).initial, pinned=False)
 
     def clear(self, key: str) -> None:
         with self._cond:

@@ -2,10 +2,16 @@
 
 Keys of semaphore ``K`` (all with hash tag ``{K}``): ``<prefix>:sem:{K}:holders`` is a sorted
 set of owner ids scored by their lease end on the server's clock, ``...:total`` and
-``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters. Every script
-first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
-``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
-that a release re-sent after its reply was lost answers truthfully (``_redis/release.py``).
+``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters, and
+``...:pinned`` is present while the total is one an operator set (see ``base.py``). Every
+script first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
+
+Every key expires: ``total``, ``initial`` and ``holders`` ``idle_ttl / 2`` to ``idle_ttl``
+after the last acquire (the next acquire then initialises the semaphore again from the permits
+it declares; ``holders`` never before the last holder's lease ends), the queue with its last
+waiter's deadline. ``...:released:<process id>/<thread>`` records a thread's latest release for
+a few seconds, so that a release re-sent after its reply was lost answers truthfully
+(``_redis/release.py``).
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .._redis.keys import KeySpace
+from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
-from .._redis.renew_batch import renew_in_batches
+from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_int, resource_key, to_ms
+from ..durations import Duration
+from ..errors import LockTimeout
 from ..lease import Lease, process_id
-from .base import SemaphoreInfo, SemaphoreStorage
+from .base import SemaphoreInfo, SemaphoreStorage, note_declared
 
 __all__ = ["RedisSemaphoreStorage"]
 
@@ -31,11 +39,23 @@ class RedisSemaphoreStorage(SemaphoreStorage):
 
     ``prefix`` (default ``"rediskit"``) starts every key and channel this storage uses.
     ``permits`` is the total used when an admin call meets a semaphore not yet initialised.
+    ``idle_ttl`` (seconds or a duration text, default a week) is how long a semaphore's
+    permits outlive its last use; then it starts again from the permits an acquire declares
+    (so a permit count changed by ``increase_permits`` and the like is forgotten).
     """
 
-    def __init__(self, client: Any, prefix: str = "rediskit", *, permits: int = 1) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str = "rediskit",
+        *,
+        permits: int = 1,
+        idle_ttl: Duration = IDLE_TTL,
+    ) -> None:
         self.client = client
-        self.keys = KeySpace(prefix)
+        self.keys = KeySpace(prefix, idle_ttl)
+        self._idle_ms = self.keys.idle_ms
+        self._renewal = renewal_target(client)
         self.default_permits = positive_int("permits", permits)
         self._channel_prefix = self.keys.wake_channel_prefix
         self._acquire = load_script("sem_acquire")
@@ -44,6 +64,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         self._info = load_script("sem_info")
         self._extend = load_script("sem_extend")
         self._key_list = self.keys.semaphore_list
+        self._pin_list = self.keys.semaphore_pin_list
 
     def acquire(
         self,
@@ -53,7 +74,16 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         lease: float,
         timeout: float | None,
         abort: threading.Event | None = None,
+        *,
+        declared: bool = False,
     ) -> int:
+        if declared:
+            # One try applies the declared total (and notes a difference); the wait, if any,
+            # goes on with the total as it now is.
+            if self.try_acquire(key, owner, permits, lease, declared=True) >= 1:
+                return 1
+            if timeout == 0:
+                raise LockTimeout(f"permit {key!r} is not available", key)
         return acquire_queued(
             "permit", key, owner, self.client, self._acquire, self._key_list(key),
             self._acquire_argv(owner, permits, lease), self._cancel_wait, self._channel_prefix,
@@ -62,7 +92,8 @@ class RedisSemaphoreStorage(SemaphoreStorage):
 
     def _acquire_argv(self, owner: str, permits: int, lease: float) -> list[Any]:
         # ARGV of sem_acquire.lua for one try without queueing (index 2: "join the queue").
-        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits]
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits,
+                self._idle_ms]
 
     def try_acquire(
         self,
@@ -72,15 +103,24 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         lease: float,
         *,
         before: tuple[Any, ...] | None = None,
+        declared: bool = False,
     ) -> int:
         """One attempt, without queueing: 1 if ``owner`` now holds a permit of ``key``
         (initialised with ``permits``) for ``lease`` seconds, else <= -1. ``before`` (an
-        idempotent command) is sent first in the same round trip."""
-        keys = self._key_list(key)
+        idempotent command) is sent first in the same round trip. ``declared``: ``permits``
+        is the total the caller's code declares (see ``base.py``)."""
+        keys = self._pin_list(key) if declared else self._key_list(key)
         argv = self._acquire_argv(owner, permits, lease)
         if before is None:
-            return int(self._acquire.run(self.client, keys, argv))
-        return int(self._acquire.run_after(self.client, before, keys, argv))
+            reply = self._acquire.run(self.client, keys, argv)
+        else:
+            reply = self._acquire.run_after(self.client, before, keys, argv)
+        if isinstance(reply, list):
+            # The stored total differed: the declared one now applies, or an operator's
+            # stays. Nothing was acquired; ask again as a plain acquire.
+            note_declared(keys[1], key, permits, int(reply[0]), bool(int(reply[1])))
+            reply = self._acquire.run(self.client, self._key_list(key), argv)
+        return int(reply)
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         held = self._run_release(key, owner, keep=keep)
@@ -112,16 +152,25 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         return self.get_semaphore_info(key).holders.get(owner, 0.0)
 
     def renew_leases(self, leases: Sequence[Lease]) -> list[bool]:
-        items = [(self._key_list(lease.key)[0], "s") for lease in leases]
-        return renew_in_batches(self.client, leases, items)
+        return self._renewal.renew_leases(leases)
+
+    @property
+    def renewal_target(self) -> RedisRenewal:
+        """Shared by every storage on this client: renews on a connection of its own."""
+        return self._renewal
+
+    def renewal_key(self, key: str) -> str:
+        """The key a ``renew_batch`` entry names for ``key``."""
+        return self._key_list(key)[0]
 
     def get_semaphore_info(self, key: str) -> SemaphoreInfo:
         key = resource_key(key)
-        reply = self._info.run(self.client, self._key_list(key)[:3], [])
+        keys = self._pin_list(key)
+        reply = self._info.run(self.client, [*keys[:3], keys[5]], [])
         total, now = reply[0], int(reply[2])
         holders = {
             as_text(reply[i]): max(0.0, (float(reply[i + 1]) - now) / 1000)
-            for i in range(3, len(reply), 2)
+            for i in range(4, len(reply), 2)
         }
         count = int(total) if total else 0
         return SemaphoreInfo(
@@ -131,11 +180,12 @@ class RedisSemaphoreStorage(SemaphoreStorage):
             acquired=len(holders),
             initialized=bool(total),
             holders=holders,
+            pinned=bool(int(reply[3])),
         )
 
     def _admin_op(self, key: str, op: str, n: int = 0) -> int:
-        keys = self._key_list(resource_key(key))
-        args = [op, n, self._channel_prefix, self.default_permits]
+        keys = self._pin_list(resource_key(key))
+        args = [op, n, self._channel_prefix, self.default_permits, self._idle_ms]
         return int(self._admin.run(self.client, keys, args))
 
     def initialize(self, key: str, permits: int) -> None:

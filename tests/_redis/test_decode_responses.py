@@ -110,7 +110,7 @@ def test_mutex_on_a_decoding_client(text_client: redis.Redis, prefix: str) -> No
     assert held.release() is True  # handed to the waiter of this process
     waiter.join(10)
     [second] = got
-    assert second.fencing_token == held.fencing_token + 1
+    assert second.fencing_token > held.fencing_token
     assert storage.force_release("res") is True
     second.release()
 

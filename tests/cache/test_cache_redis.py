@@ -15,6 +15,7 @@ import cachefuncs
 import pytest
 import redis
 
+from celery_rediskit._redis.keys import IDLE_TTL
 from celery_rediskit.cache import (
     MISSING,
     RedisCacheProvider,
@@ -38,7 +39,7 @@ def test_get_set_none_ttl_expire(provider: RedisCacheProvider, client: redis.Red
     provider.set("short", 1, ttl=0.3)
     assert provider.expire("short", 60)  # expire() changes the real lifetime
     assert provider.expire("v", 0.3) and provider.expire("n", None)
-    assert provider.ttl("n") is None
+    assert provider.ttl("n") == pytest.approx(IDLE_TTL, abs=60)  # None: the idle lifetime
     time.sleep(0.4)  # the 0.3 s lifetime must pass
     assert provider.get("v", MISSING) is MISSING and not provider.exists("v")
     assert provider.get("short") == 1 and provider.get("n", MISSING) is None

@@ -17,6 +17,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
+from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.integration import RedisKit
 
 
@@ -36,6 +37,14 @@ def make_app(redis_url: str, prefix: str, **settings: Any) -> Celery:
     return app
 
 
+def waiting(client: Any, prefix: str, name: str, *, lock: bool) -> int:
+    """How many callers queue in Redis for lock (``lock=True``) or semaphore ``name``: a
+    blocked ``acquire`` is visible there, so tests wait for it instead of sleeping."""
+    keys = KeySpace(prefix)
+    queue = keys.lock(name).queue if lock else keys.semaphore(name).queue
+    return int(client.llen(queue))
+
+
 @pytest.fixture
 def app(redis_url: str, prefix: str) -> Iterator[Celery]:
     a = make_app(redis_url, prefix)
@@ -46,16 +55,19 @@ def app(redis_url: str, prefix: str) -> Iterator[Celery]:
 WorkerFactory = Callable[..., AbstractContextManager[Any]]
 
 
+def in_process_worker(a: Celery, pool: str = "threads",
+                      concurrency: int = 4) -> AbstractContextManager[Any]:
+    """``with in_process_worker(app):`` a worker in this process (define the tasks first).
+    Modules that share one worker between their tests call it from a module fixture."""
+    a.finalize()
+    return start_worker(
+        a, pool=pool, concurrency=concurrency, perform_ping_check=False,
+        loglevel=logging.WARNING, shutdown_timeout=10.0,
+        hostname=f"w-{uuid.uuid4().hex[:6]}@test",
+    )
+
+
 @pytest.fixture
 def worker() -> WorkerFactory:
     """``with worker(app, pool="threads", concurrency=4):`` an in-process worker."""
-
-    def factory(a: Celery, pool: str = "threads", concurrency: int = 4) -> Any:
-        a.finalize()
-        return start_worker(
-            a, pool=pool, concurrency=concurrency, perform_ping_check=False,
-            loglevel=logging.WARNING, shutdown_timeout=10.0,
-            hostname=f"w-{uuid.uuid4().hex[:6]}@test",
-        )
-
-    return factory
+    return in_process_worker

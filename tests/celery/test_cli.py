@@ -234,9 +234,12 @@ def test_permits(env: Env) -> None:
     assert "total 2, 1 acquired, 1 available" in env.ok("permits", name)
     assert "total 2 -> 5" in env.ok("permits", name, "--increase", "3")
     assert env.json("permits", name, "--decrease", "1")["total"] == 4
-    assert "total 4 -> 2" in env.ok("permits", name, "--reset")
+    assert "set by an operator" in env.ok("permits", name)  # --increase/--decrease pin it
+    reset = env.ok("permits", name, "--reset")
+    assert "total 4 -> 2" in reset and "declared permits apply again" in reset
     assert env.json("permits", name, "--set", "7") == {
         "key": name, "total": 7, "acquired": 1, "available": 6, "previous_total": 2,
+        "set_by_operator": True,
     }
     assert env.json("permits", name, "--decrease", "10")["total"] == 0
 

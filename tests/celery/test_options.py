@@ -105,6 +105,18 @@ def test_django_style_settings(redis_url: str) -> None:
     assert (settings.url, settings.prefix, settings.lease) == (redis_url, "django-app", 7)
 
 
+def test_idle_ttl_setting_reaches_every_storage(redis_url: str, prefix: str) -> None:
+    app = Celery("idle", broker=redis_url, set_as_current=False)
+    app.conf.rediskit_idle_ttl = "2d"  # as an environment variable gives it
+    rt = RedisKit(app, prefix=prefix).runtime()
+    for keys in (rt.mutex_storage.keys, rt.semaphore_storage.keys, rt.cache.keys):
+        assert keys.idle_ttl == 172_800.0
+    rt.mutex.acquire("res", auto_renew=False).release()
+    fence = rt.mutex_storage.keys.lock("res").fence
+    assert 172_800_000 < rt.client.pttl(fence) <= 172_800_000 + 31_000  # + the lease
+    rt.client.close()
+
+
 def test_keys_equal_at_enqueue_and_in_the_worker() -> None:
     """Tuples, UUIDs, datetimes and keywords: the caller's values and the values the worker
     decodes from the message (kombu JSON turns tuples into lists) give the same key."""

@@ -23,7 +23,9 @@ except ImportError:  # imported by the worker as a top-level module
     from probe import Probe  # type: ignore[no-redef]
 
 
-def build(url: str, prefix: str, lease: float) -> Celery:
+def build(url: str, prefix: str, lease: float, reports_limit: int = 5) -> Celery:
+    """The app; ``reports_limit`` is the permits task ``report`` declares (``RK_REPORTS_LIMIT``
+    for the worker), so that two builds are two deployments of one task with another limit."""
     app = Celery(f"prefork-{prefix}", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         task_default_queue=f"q-{prefix}",
@@ -64,6 +66,20 @@ def build(url: str, prefix: str, lease: float) -> Celery:
         p.exit()
         return i
 
+    @app.task(shared=False, name="report", bind=True, on_limited="wait", limit_timeout=60,
+              concurrency_limit=f"reports:{reports_limit}")
+    def report(self: Any, run: str, i: int, hold: bool = False) -> bool:
+        """Appends "<i>:<bodies running, this one included>" to ``<prefix>:started:<run>``;
+        with ``hold``, runs until ``<prefix>:go:<run>:<i>`` is pushed."""
+        p = probe("reports")
+        client.rpush(f"{prefix}:started:{run}", f"{i}:{p.enter()}")
+        if hold:
+            client.blpop([f"{prefix}:go:{run}:{i}"], timeout=60)
+        else:
+            time.sleep(0.05)  # work, so that bodies would overlap if the limit let them
+        p.exit()
+        return not self.lease.lost
+
     @app.task(shared=False, name="plain")
     def plain(x: Any) -> Any:
         return x
@@ -84,4 +100,5 @@ def build(url: str, prefix: str, lease: float) -> Celery:
 
 
 if os.environ.get("RK_URL"):
-    app = build(os.environ["RK_URL"], os.environ["RK_PREFIX"], float(os.environ["RK_LEASE"]))
+    app = build(os.environ["RK_URL"], os.environ["RK_PREFIX"], float(os.environ["RK_LEASE"]),
+                int(os.environ.get("RK_REPORTS_LIMIT", "5")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ from celery_rediskit import (
 )
 from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.renewal import renewer
+from celery_rediskit.semaphore import Semaphore
 from tests.processes import run_contenders
 
 
@@ -270,8 +272,141 @@ def test_bad_admin_input_on_redis(redis_storage: RedisSemaphoreStorage) -> None:
 
 
 def test_semaphore_keys_share_one_cluster_slot() -> None:
-    keys = KeySpace("rediskit").semaphore("tenant:42").as_list()
-    assert len({key_slot(k.encode()) for k in keys}) == 1
+    keys = KeySpace("rediskit").semaphore("tenant:42").with_pin()
+    assert len(keys) == 6 and len({key_slot(k.encode()) for k in keys}) == 1
+
+
+# -- declared permits (the Celery layer's concurrency_limit) -----------------------------------
+
+def _declared(storage: SemaphoreStorage, permits: int) -> Semaphore:
+    return create_semaphore(permits=permits, timeout=0.5, storage=storage, declared=True)
+
+
+def _notes(caplog: pytest.LogCaptureFixture, key: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records
+            if r.name == "celery_rediskit.semaphore" and repr(key) in r.getMessage()]
+
+
+def test_declared_permits_take_effect_at_the_next_acquire(storage: SemaphoreStorage) -> None:
+    """5 declared, 4 held; then 2 declared: the holders keep their permits, and nobody new
+    gets in until fewer than 2 are held."""
+    old = [_declared(storage, 5).acquire("db") for _ in range(4)]
+    new = _declared(storage, 2)
+    with pytest.raises(LockTimeout):
+        new.acquire("db", blocking=False)
+    info = storage.get_semaphore_info("db")
+    assert (info.total, info.acquired, info.available) == (2, 4, 0)
+    assert set(info.holders) == {p.owner for p in old} and not info.pinned
+    for permit in old[:2]:
+        permit.release()
+    with pytest.raises(LockTimeout):  # 2 held, 2 declared: still full
+        new.acquire("db", blocking=False)
+    old[2].release()
+    got = new.acquire("db", blocking=False)  # 1 held: one gets in
+    with pytest.raises(LockTimeout):
+        new.acquire("db", blocking=False)
+    assert not any(p.lost for p in old[3:]) and old[3].ttl() > 0
+    old[3].release()
+    got.release()
+    # the primitive's default is unchanged: a plain acquire never changes the total
+    create_semaphore(permits=9, storage=storage).acquire("db").release()
+    assert storage.get_total_permits("db") == 2
+
+
+def test_an_operators_total_wins_over_declared_permits_until_reset(
+    storage: SemaphoreStorage,
+) -> None:
+    _declared(storage, 2).acquire("db").release()
+    storage.initialize("db", 4)  # what `celery rediskit permits db --set 4` calls
+    assert storage.get_semaphore_info("db").pinned
+    held = [_declared(storage, 2).acquire("db", blocking=False) for _ in range(4)]
+    with pytest.raises(LockTimeout):
+        _declared(storage, 3).acquire("db", blocking=False)
+    info = storage.get_semaphore_info("db")
+    assert (info.total, info.acquired, info.pinned) == (4, 4, True)
+    assert storage.decrease_permits("db", 1) == 3  # still the operator's (--decrease)
+    for permit in held:
+        permit.release()
+    _declared(storage, 3).acquire("db").release()
+    assert storage.get_total_permits("db") == 3
+    storage.reset("db")
+    # reset returns to the last declared total, and declared permits apply again
+    info = storage.get_semaphore_info("db")
+    assert (info.total, info.pinned) == (3, False)
+    _declared(storage, 2).acquire("db").release()
+    assert storage.get_total_permits("db") == 2
+    assert storage.increase_permits("db", 1) == 3  # --increase pins as well
+    _declared(storage, 2).acquire("db").release()
+    assert storage.get_total_permits("db") == 3
+    storage.clear("db")  # clear forgets the operator's total with the rest
+    _declared(storage, 2).acquire("db").release()
+    info = storage.get_semaphore_info("db")
+    assert (info.total, info.pinned) == (2, False)
+
+
+def test_a_difference_is_logged_once_per_process_and_semaphore(
+    storage: SemaphoreStorage, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_rediskit.semaphore")
+    _declared(storage, 5).acquire("db").release()
+    assert _notes(caplog, "db") == []  # first use: nothing to tell
+    for permits in (2, 5, 2, 5):  # e.g. old and new workers during a rolling deploy
+        _declared(storage, permits).acquire("db").release()
+    (changed,) = _notes(caplog, "db")
+    assert changed.levelno == logging.INFO
+    assert "2 permits declared" in changed.getMessage() and "was 5" in changed.getMessage()
+
+    _declared(storage, 2).acquire("api").release()
+    storage.initialize("api", 4)
+    for _ in range(3):  # every acquire meets the operator's total: told once
+        _declared(storage, 2).acquire("api").release()
+    (pinned,) = _notes(caplog, "api")
+    assert pinned.levelno == logging.WARNING
+    assert "4 permits an operator set" in pinned.getMessage()
+    assert "--reset" in pinned.getMessage()
+
+
+def test_raising_declared_permits_serves_the_waiters(
+    redis_storage: RedisSemaphoreStorage,
+) -> None:
+    holder = _declared(redis_storage, 1).acquire("db")
+    waiter = create_semaphore(permits=1, timeout=20, storage=redis_storage, declared=True)
+    got = threading.Event()
+
+    def wait() -> None:
+        with waiter.permit("db"):
+            got.set()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    while not redis_storage.client.llen(redis_storage.keys.semaphore("db").queue):
+        time.sleep(0.005)  # wait until the waiter is queued in Redis
+    raised = _declared(redis_storage, 3).acquire("db", blocking=False)
+    assert got.wait(10)  # the waiter got one of the new permits: no release needed
+    thread.join(10)
+    raised.release()
+    holder.release()
+
+
+def test_the_operators_mark_lives_as_long_as_the_total(
+    redis_storage: RedisSemaphoreStorage,
+) -> None:
+    """The mark shares the semaphore's hash tag and never outlives its total: it takes the
+    total's expiry when set, and again at each acquire with declared permits."""
+    client, keys = redis_storage.client, redis_storage.keys.semaphore("db")
+    _declared(redis_storage, 2).acquire("db").release()
+    redis_storage.increase_permits("db", 1)  # an admin call refreshes the total's expiry too
+    assert 0 < client.pttl(keys.pinned) <= client.pttl(keys.total)
+    client.pexpire(keys.total, 30_000)
+    _declared(redis_storage, 2).acquire("db").release()
+    assert 0 < client.pttl(keys.pinned) <= client.pttl(keys.total)
+    redis_storage.initialize("db", 5)
+    assert 0 < client.pttl(keys.pinned) <= client.pttl(keys.total)
+    redis_storage.reset("db")
+    assert not client.exists(keys.pinned)
+    redis_storage.increase_permits("db", 1)
+    redis_storage.clear("db")
+    assert not client.exists(keys.pinned)
 
 
 @pytest.fixture(autouse=True)
