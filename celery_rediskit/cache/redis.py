@@ -134,7 +134,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            return script.run(self.client, keys, args)
+            return script.run(self.client, keys, args, raw=True)  # entries are bytes
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
 
@@ -144,7 +144,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}")
+            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}", raw=True)
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
         if data is None:
@@ -220,8 +220,9 @@ class RedisCacheProvider(CacheProvider):
     # -- single flight across processes ---------------------------------------------------------
 
     def _lock_keys(self, key: str) -> tuple[str, list[str]]:
+        entry = self.entry_key(key)  # checks the key itself first
         name = self.keys.cache_lock_name(key)
-        return name, [*self.keys.lock_list(name), self.entry_key(key)]
+        return name, [*self.keys.lock_list(name), entry]
 
     def claim(
         self,
@@ -309,7 +310,8 @@ class RedisCacheProvider(CacheProvider):
             return
         claim.handle = None
         held.detach()
-        _name, keys = self._lock_keys(claim.key)
+        name = self.keys.cache_lock_name(claim.key)
+        keys = [*self._locks.release_keys(name), self.entry_key(claim.key)]
         args = [*self._locks.release_argv(held.owner), *store, self._tag_prefix]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):

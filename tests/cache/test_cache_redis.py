@@ -61,6 +61,26 @@ def test_clear_deletes_only_this_prefix(provider: RedisCacheProvider, client: re
     other.clear()
 
 
+def test_a_glob_prefix_never_clears_the_entries_of_other_prefixes(
+    client: redis.Redis, prefix: str
+) -> None:
+    """``prefix="svc[12]"`` as a glob matches ``svc1`` and ``svc2``: it is refused."""
+    neighbours = [RedisCacheProvider(client, prefix=prefix + n) for n in "12"]
+    for n, neighbour in enumerate(neighbours):
+        neighbour.set("k", n, ttl=60)
+    refused: ConfigurationError | None = None
+    try:
+        RedisCacheProvider(client, prefix=prefix + "[12]").clear()
+    except ConfigurationError as exc:
+        refused = exc
+    assert [p.get("k", MISSING) for p in neighbours] == [0, 1], (
+        f"clear() under prefix {prefix}[12] deleted the entries of {prefix}1 and {prefix}2"
+    )
+    assert refused is not None and "prefix" in str(refused) and "glob" in str(refused)
+    for neighbour in neighbours:
+        neighbour.clear()
+
+
 def test_tag_index_lives_in_redis_and_cleans_itself(
     provider: RedisCacheProvider, client: redis.Redis, prefix: str
 ) -> None:
