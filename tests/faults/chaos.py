@@ -145,7 +145,8 @@ class ChaosReport:
             lines.append("      " + json.dumps(v.details, default=str))
         if self.driver_errors:
             lines.append(f"faults that could not be injected: {self.driver_errors}")
-        lines.append(f"logs: {self.log_dir}")
+        lines.append(f"logs: {self.log_dir}" if self.log_dir.exists()
+                     else "logs: removed (no violations; --log-dir keeps them)")
         return "\n".join(lines)
 
 
@@ -482,16 +483,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.faults.chaos",
                                      description=__doc__.split("\n\n", 1)[0] if __doc__ else "")
     defaults = ChaosConfig(seed=0)
-    parser.add_argument("--seconds", type=float, default=defaults.seconds)
-    parser.add_argument("--processes", type=int, default=defaults.processes)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--seconds", type=float, default=defaults.seconds,
+                        help="how long faults are injected (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=defaults.processes,
+                        help="worker processes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="threads per worker process (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--faults", default=",".join(ALL_FAULTS),
                         help=f"comma-separated fault kinds (default: all of {','.join(ALL_FAULTS)})"
                              "; 'none' for a run without faults")
-    parser.add_argument("--lease", type=float, default=defaults.lease)
-    parser.add_argument("--permits", type=int, default=defaults.permits)
-    parser.add_argument("--mutex-keys", type=int, default=defaults.mutex_keys)
+    parser.add_argument("--lease", type=float, default=defaults.lease,
+                        help="lease of every grant, seconds (default: %(default)s)")
+    parser.add_argument("--permits", type=int, default=defaults.permits,
+                        help="permits of the semaphore (default: %(default)s)")
+    parser.add_argument("--mutex-keys", type=int, default=defaults.mutex_keys,
+                        help="distinct lock keys (default: %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="keep the logs here (default: a temporary directory, kept only "
                              "when there are violations)")
@@ -500,10 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     faults = () if args.faults == "none" else tuple(
         k.strip() for k in args.faults.split(",") if k.strip())
-    cfg = replace(defaults, seconds=args.seconds, processes=args.processes,
-                  threads=args.threads, faults=faults, lease=args.lease, permits=args.permits,
-                  mutex_keys=args.mutex_keys, log_dir=args.log_dir,
-                  seed=random.randrange(2**31) if args.seed is None else args.seed)
+    try:
+        cfg = replace(defaults, seconds=args.seconds, processes=args.processes,
+                      threads=args.threads, faults=faults, lease=args.lease,
+                      permits=args.permits, mutex_keys=args.mutex_keys, log_dir=args.log_dir,
+                      seed=random.randrange(2**31) if args.seed is None else args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     report = run_chaos(cfg)
     print(report.format(details=args.details))
     return 0 if report.ok else 1
