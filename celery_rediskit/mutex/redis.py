@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
@@ -37,7 +38,7 @@ class RedisMutexStorage(MutexStorage):
     def __init__(
         self, client: Any, prefix: str = "rediskit", *, idle_ttl: Duration = IDLE_TTL
     ) -> None:
-        self.client = client
+        self.client = check_client("client", client)
         self.keys = KeySpace(prefix, idle_ttl)
         self._idle_ms = self.keys.idle_ms
         self._renewal = renewal_target(client)
