@@ -22,8 +22,10 @@ import pytest
 import redis
 import trustme
 
-from celery_rediskit.devserver import PrivateServer, free_port
+from celery_rediskit.devserver import PrivateServer, find_server_binary, free_port
 from celery_rediskit.renewal import renewer
+from tests.faults.sentinel import SentinelSetup
+from tests.faults.tls import TLSFiles
 from tests.processes import Holder
 
 
@@ -139,3 +141,41 @@ def tls_server() -> Iterator[TLSServer]:
     yield TLSServer(server, tls_port, folder)
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TLSFiles:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate
+    (``trustme``)."""
+    return TLSFiles.make(tmp_path)
+
+
+def need_server_binary() -> str:
+    """The server binary the private servers run, or a skip saying why there is none."""
+    try:
+        return find_server_binary()
+    except RuntimeError as exc:
+        pytest.skip(f"no Redis server binary to start a topology with: {exc}")
+
+
+@pytest.fixture
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    """One master, one replica and three sentinels on loopback ports, stopped by pid at the
+    end (``tests/faults/sentinel.py``); ``SENTINEL FAILOVER`` through ``failover()``."""
+    need_server_binary()
+    with SentinelSetup() as setup:
+        yield setup
+
+
+@pytest.fixture
+def tls_sentinel_setup(tls_files: TLSFiles) -> Iterator[SentinelSetup]:
+    """``sentinel_setup`` served over TLS only: data nodes, replication and sentinels."""
+    need_server_binary()
+    setup = SentinelSetup(tls=tls_files)
+    try:
+        setup.start()
+    except (subprocess.CalledProcessError, TimeoutError) as exc:
+        setup.close()
+        pytest.skip(f"{setup.binary} cannot serve Sentinel over TLS here: {exc}")
+    yield setup
+    setup.close()
