@@ -304,11 +304,19 @@ class SentinelSetup:
         the master, the replica and the other two sentinels."""
         wait_until(self._healthy, "the Sentinel setup is healthy", timeout)
 
-    def failover(self, timeout: float = 20.0) -> tuple[int, int]:
+    def failover(self, *, hold_demotion: bool = False,
+                 timeout: float = 20.0) -> tuple[int, int]:
         """``SENTINEL FAILOVER`` and wait until the replica is master and every sentinel
         names it. Returns (old master port, new master port). The old master is not yet
-        demoted: it still serves the connections it had (see :meth:`wait_demoted`)."""
+        demoted: it still serves the connections it had (see :meth:`wait_demoted`).
+
+        ``hold_demotion``: the sentinels cannot demote the old master until
+        :meth:`end_hold` (its ``REPLICAOF`` is denied to them by ACL meanwhile), so the time
+        it keeps serving its connections is the test's to choose, as it is the sentinels'
+        timers' in production (about 10 s by default)."""
         old, new = self.master_port, self.replica_port
+        if hold_demotion:
+            self._allow_replicaof(old, False)
         c = self.sentinels[0].client()
         try:
             c.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
@@ -319,6 +327,23 @@ class SentinelSetup:
                    timeout)
         self.master_port = new
         return old, new
+
+    def _allow_replicaof(self, port: int, allow: bool) -> None:
+        # Sentinel sends SLAVEOF (and CONFIG REWRITE, CLIENT KILL) in one MULTI: a command
+        # the default user may not run aborts it all.
+        sign = "+" if allow else "-"
+        client = self.node(port)
+        try:
+            client.acl_setuser("default", enabled=True, commands=[f"{sign}slaveof",
+                                                                  f"{sign}replicaof"])
+        finally:
+            client.close()
+
+    def end_hold(self, port: int, timeout: float = 20.0) -> None:
+        """Let the sentinels demote old master ``port`` (held by ``failover(hold_demotion=
+        True)``) and wait until they have."""
+        self._allow_replicaof(port, True)
+        self.wait_demoted(port, timeout)
 
     def wait_demoted(self, port: int, timeout: float = 20.0) -> None:
         """Wait until the sentinels have made old master ``port`` a replica of the new one."""

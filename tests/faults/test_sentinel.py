@@ -7,7 +7,8 @@ across it (the README's topology table):
 
 - it reconnects to the new master: the renewer asks the sentinels which master to talk to at
   each renewal, so leases that were copied to the replica are renewed on the new master and
-  survive, even when the old master is demoted later than their lease;
+  survive, even when the old master is demoted later than their lease (``failover(
+  hold_demotion=True)`` keeps it serving for longer than a lease);
 - leases whose grant the new master never got are reported lost (at the first renewal on the
   new master, within ``lease / 3`` of the sentinels naming it);
 - nothing waits longer than a lease;
@@ -89,39 +90,42 @@ def test_a_failover_keeps_copied_leases_and_reports_the_others_lost(
     sentinel_setup: SentinelSetup, prefix: str
 ) -> None:
     setup = sentinel_setup
-    lease_s = 1.5  # shorter than the time the old master keeps serving old connections
+    lease_s = 3.0
     client = managed_client(setup)
     lost, on_lost = lost_log()
     mutex = create_mutex(timeout=5, lease=lease_s, storage=RedisMutexStorage(client, prefix),
                          on_lost=on_lost)
     sem = create_semaphore(permits=1, timeout=5, lease=lease_s,
                            storage=RedisSemaphoreStorage(client, prefix), on_lost=on_lost)
+    # Another client, holding nothing: its pooled connection stays on the old master.
+    other = managed_client(setup)
+    other_mutex = create_mutex(timeout=5, lease=lease_s,
+                               storage=RedisMutexStorage(other, prefix), on_lost=on_lost)
+    assert other.ping()
     keys = KeySpace(prefix)
 
     copied = mutex.acquire("copied")
     permit = sem.acquire("copied-sem")
     assert setup.replicated(), "the replica has the grants"
-    old, new = setup.failover()
+    # The old master keeps serving the connections it has for longer than a lease.
+    old, new = setup.failover(hold_demotion=True)
     promoted = time.monotonic()
-    # The client's pooled connection still reaches the old master, which still takes writes:
-    # a grant the new master never sees.
-    orphan = mutex.acquire("orphan")
+    # A grant the new master never sees: made on the old master, which still takes writes.
+    orphan = other_mutex.acquire("orphan")
     old_node, new_node = setup.node(old), setup.node(new)
     assert old_node.exists(keys.lock("orphan").lock)
     assert not new_node.exists(keys.lock("orphan").lock)
 
-    # Reported lost within a renewal period or so of the promotion, long before the old
-    # master is demoted (which then kills the connections it has).
-    wait_until(lambda: orphan.lost, "the orphan lease is reported lost", timeout=lease_s * 3)
+    # Reported lost at its first renewal, on the new master: long before the old master is
+    # demoted (which would kill the connections it has).
+    wait_until(lambda: orphan.lost, "the orphan lease is reported lost", timeout=lease_s)
     assert [key for key, _ in lost] == ["orphan"]
-    assert lost[0][1] - promoted < lease_s + 1.0
-
-    setup.wait_demoted(old)
-    # Lease lengths later the copied leases are still held: renewed on the new master.
-    end = time.monotonic() + 2 * lease_s
-    while time.monotonic() < end:
+    # Meanwhile the copied leases are renewed on the new master, beyond their lease.
+    while time.monotonic() < promoted + lease_s + 1.0:
         assert not copied.lost and not permit.lost, (copied.lost_reason, permit.lost_reason)
         time.sleep(0.1)  # watching leases over time
+    setup.end_hold(old)
+    assert not copied.lost and not permit.lost, (copied.lost_reason, permit.lost_reason)
     assert 0 < new_node.pttl(keys.lock("copied").lock) <= lease_s * 1000
     assert new_node.zscore(keys.semaphore("copied-sem").holders, permit.owner) is not None
     assert copied.release() and permit.release()
@@ -134,6 +138,7 @@ def test_a_failover_keeps_copied_leases_and_reports_the_others_lost(
     assert again.fencing_token > orphan.fencing_token > copied.fencing_token  # type: ignore[operator]
     again.release()
     client.close()
+    other.close()
 
 
 @dataclass
