@@ -39,7 +39,14 @@ from redis.sentinel import Sentinel
 from celery_rediskit.devserver import PrivateServer, find_server_binary, free_port
 from tests.faults.tls import TLSFiles
 
-__all__ = ["MASTER_NAME", "SentinelServer", "SentinelSetup", "tls_client_options", "wait_until"]
+__all__ = [
+    "MASTER_NAME",
+    "SentinelServer",
+    "SentinelSetup",
+    "stop_process",
+    "tls_client_options",
+    "wait_until",
+]
 
 MASTER_NAME = "rk-master"
 
@@ -48,16 +55,16 @@ MASTER_NAME = "rk-master"
 FAST_TIMERS = ("ping-period", "250", "info-period", "250", "publish-period", "250")
 
 
-def stop_process(pid: int, timeout: float = 5.0) -> None:
-    """SIGTERM ``pid``, SIGKILL it if it still runs after ``timeout`` seconds, and return
-    once it has exited. Watched through a pidfd, which is readable as soon as the process has
-    exited (a daemonized server is reaped by init, which can take seconds longer)."""
+def stop_process(pid: int, timeout: float = 5.0, *, kill: bool = False) -> None:
+    """SIGTERM ``pid`` (SIGKILL with ``kill``), SIGKILL it if it still runs after ``timeout``
+    seconds, and return once it has exited. Watched through a pidfd, which is readable as soon
+    as the process has exited (a daemonized server is reaped by init, seconds later)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
     try:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in ((signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             if select.select([pidfd], [], [], timeout)[0]:
@@ -233,10 +240,10 @@ class SentinelSetup:
     def close(self) -> None:
         for s in self.sentinels:
             s.stop()
-        for node in self.nodes:
+        for node in self.nodes:  # killed: no save, no wait for a replica to catch up
             pid = node.pid()
             if pid is not None:
-                stop_process(pid)
+                stop_process(pid, kill=True)
             node.pidfile.unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
         for node in self.nodes:
