@@ -97,14 +97,7 @@ def make_client(settings: Settings, *, timeout: float | None = None,
     ``timeout`` (default ``settings.socket_timeout``), the TLS options, ``redis_options``,
     and ``retry`` when given (the CLI's "no retries").
     """
-    seconds = settings.socket_timeout if timeout is None else timeout
-    options: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
-    options.update(settings.tls_options())
-    options.update(settings.redis_options)
-    if timeout is not None:
-        options.update(socket_timeout=seconds, socket_connect_timeout=seconds)
-    if retry is not None:
-        options["retry"] = retry
+    options = _client_options(settings, timeout, retry)
     url = settings.url
     if url is None:
         raise ConfigurationError("rediskit_url is not set (and no ready client was given)")
@@ -117,6 +110,18 @@ def make_client(settings: Settings, *, timeout: float | None = None,
         return redis.Redis.from_url(url, **options)
     except TypeError as exc:  # an option the client does not take
         raise ConfigurationError(f"rediskit_redis_options: {exc}") from None
+
+
+def _client_options(settings: Settings, timeout: float | None, retry: Any) -> dict[str, Any]:
+    seconds = settings.socket_timeout if timeout is None else timeout
+    options: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
+    options.update(settings.tls_options())
+    options.update(settings.redis_options)
+    if timeout is not None:
+        options.update(socket_timeout=seconds, socket_connect_timeout=seconds)
+    if retry is not None:
+        options["retry"] = retry
+    return options
 
 
 def _sentinel_client(settings: Settings, options: dict[str, Any]) -> Any:
@@ -141,10 +146,11 @@ def _sentinel_client(settings: Settings, options: dict[str, Any]) -> Any:
 def _check_cluster_options(options: dict[str, Any]) -> None:
     # RedisCluster drops the keyword arguments it does not know without a word.
     known = set(REDIS_ALLOWED_KEYS) | set(inspect.signature(RedisCluster.__init__).parameters)
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - known - {"self", "kwargs"})
     if unknown:
         raise ConfigurationError(
-            f"rediskit_redis_options: RedisCluster does not take {', '.join(unknown)}"
+            f"rediskit_redis_options: redis-py's RedisCluster does not take (it would ignore) "
+            f"{', '.join(unknown)}"
         )
 
 
@@ -152,8 +158,11 @@ def check_client_options(settings: Settings) -> None:
     """Raise ``ConfigurationError`` naming ``rediskit_redis_options`` if the client
     ``settings`` describe would refuse an option at its first connection (redis-py checks a
     connection's arguments only when it makes one). Connects to nothing."""
-    if settings.url is None or settings.cluster:
-        return  # a cluster's client checks its options when made (make_client)
+    if settings.url is None:
+        return
+    if settings.cluster:  # making a cluster's client would connect: its options are checked
+        _check_cluster_options(_client_options(settings, None, None))
+        return
     client = make_client(settings)
     pool = client.connection_pool
     try:

@@ -132,6 +132,10 @@ def test_an_option_the_client_does_not_take_is_refused_when_installing(redis_url
         RedisKit(app)
     with pytest.raises(ConfigurationError, match="rediskit_redis_options"):
         RedisKit(new_app(rediskit_url=redis_url, rediskit_redis_options=["retry"]))
+    # redis-py's RedisCluster would drop an option it does not take without a word.
+    with pytest.raises(ConfigurationError, match="rediskit_redis_options.*no_such_option"):
+        RedisKit(new_app(rediskit_url="redis://127.0.0.1:1/0", rediskit_cluster=True,
+                         rediskit_redis_options={"no_such_option": 1}))
 
 
 @pytest.fixture
