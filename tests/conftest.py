@@ -159,11 +159,12 @@ def need_server_binary() -> str:
 
 
 @pytest.fixture
-def sentinel_setup() -> Iterator[SentinelSetup]:
+def sentinel_setup(request: pytest.FixtureRequest) -> Iterator[SentinelSetup]:
     """One master, one replica and three sentinels on loopback ports, stopped by pid at the
-    end (``tests/faults/sentinel.py``); ``SENTINEL FAILOVER`` through ``failover()``."""
+    end (``tests/faults/sentinel.py``); ``SENTINEL FAILOVER`` through ``failover()``.
+    Parametrize indirectly with ``{"persistent": True}`` for data nodes with an AOF."""
     need_server_binary()
-    with SentinelSetup() as setup:
+    with SentinelSetup(**getattr(request, "param", {})) as setup:
         yield setup
 
 

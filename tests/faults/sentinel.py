@@ -237,6 +237,18 @@ class SentinelSetup:
         finally:
             client.close()
 
+    def restart_master(self) -> None:
+        """Crash the master (SIGKILL) and start it again at once, on the same port, before
+        the sentinels notice (their down-after is 5 s): with ``persistent`` it comes back with
+        every acknowledged write (AOF), without it comes back empty, and its replica then
+        resynchronises from it, empty too."""
+        node = next(n for n in self.nodes if n.port == self.master_port)
+        pid = node.pid()
+        if pid is not None:
+            stop_process(pid, kill=True)
+        self._start_node(node, ())
+        wait_until(lambda: self.linked(self.replica_port), "the replica is linked again")
+
     def close(self) -> None:
         for s in self.sentinels:
             s.stop()

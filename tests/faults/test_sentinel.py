@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import pytest
 import redis
 
 from celery_rediskit import (
@@ -208,4 +209,41 @@ def test_a_contended_workload_runs_through_a_failover(
                 # grants made during the failover.
                 if b.granted < a.releasing and a.granted < b.releasing:
                     assert started <= b.granted and a.asked <= settled, (a, b)
+    client.close()
+
+
+@pytest.mark.parametrize("sentinel_setup", [{"persistent": True}, {"persistent": False}],
+                         ids=["persistent", "volatile"], indirect=True)
+def test_a_master_restarted_before_the_sentinels_notice(
+    sentinel_setup: SentinelSetup, prefix: str
+) -> None:
+    # A crash and restart quicker than the sentinels' down-after: no failover. With an AOF the
+    # master comes back with its leases; without one it comes back empty, its replica copies
+    # the emptiness, and every lease is reported lost (tokens still rise: the server clock).
+    setup = sentinel_setup
+    lease_s = 3.0
+    client = managed_client(setup)
+    lost, on_lost = lost_log()
+    mutex = create_mutex(timeout=5, lease=lease_s, storage=RedisMutexStorage(client, prefix),
+                         on_lost=on_lost)
+    held = mutex.acquire("res")
+    assert setup.replicated()
+    setup.restart_master()
+    restarted = time.monotonic()
+    keys = KeySpace(prefix).lock("res")
+    replica = setup.node(setup.replica_port)
+    if setup.persistent:
+        assert replica.get(keys.lock) == held.owner.encode()
+        while time.monotonic() < restarted + lease_s:
+            assert not held.lost, held.lost_reason
+            time.sleep(0.1)  # watching the lease over time
+        assert held.release()
+    else:
+        assert not replica.exists(keys.lock)  # the replica was emptied too
+        wait_until(lambda: held.lost, "the lease is reported lost", timeout=lease_s * 2)
+        assert [key for key, _ in lost] == ["res"]
+        again = mutex.acquire("res")
+        assert again.fencing_token > held.fencing_token  # type: ignore[operator]
+        again.release()
+    assert setup.masters_seen() == {setup.master_port}  # no failover happened
     client.close()
