@@ -18,6 +18,7 @@ across it (the README's topology table):
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from dataclasses import dataclass
@@ -247,3 +248,45 @@ def test_a_master_restarted_before_the_sentinels_notice(
         again.release()
     assert setup.masters_seen() == {setup.master_port}  # no failover happened
     client.close()
+
+
+def test_a_waiter_in_another_process_gets_the_lock_within_a_lease_across_a_failover(
+    sentinel_setup: SentinelSetup, prefix: str
+) -> None:
+    # The waiter's wake-up connection stays on the old master until the sentinels demote it,
+    # so a grant published on the new master may not reach it: its bounded wait, or the
+    # demotion (which closes that connection: every waiter asks again), ends the wait.
+    setup = sentinel_setup
+    lease_s = 3.0
+    client = managed_client(setup)
+    mutex = create_mutex(timeout=5, lease=lease_s, storage=RedisMutexStorage(client, prefix))
+    held = mutex.acquire("res")
+    reports: multiprocessing.Queue[tuple[str, float, int]] = multiprocessing.Queue()
+
+    def waiter() -> None:
+        own = managed_client(setup)
+        lease = create_mutex(timeout=None, lease=lease_s,
+                             storage=RedisMutexStorage(own, prefix)).acquire("res")
+        reports.put(("granted", time.monotonic(), int(lease.fencing_token or 0)))
+        lease.release()
+
+    child = multiprocessing.get_context("fork").Process(target=waiter)
+    child.start()
+    try:
+        master = setup.node(setup.master_port)
+        wait_until(lambda: master.llen(KeySpace(prefix).lock("res").queue), "the waiter queues")
+        assert setup.replicated()
+        old, _new = setup.failover()
+        released = time.monotonic()
+        held.release()
+        what, granted, token = reports.get(timeout=lease_s * 3)
+        assert what == "granted"
+        assert granted - released < lease_s + 0.5
+        assert token > int(held.fencing_token or 0)
+        child.join(10)
+        assert child.exitcode == 0
+        setup.wait_demoted(old)
+    finally:
+        if child.is_alive():
+            child.kill()
+        client.close()
