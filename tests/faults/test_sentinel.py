@@ -126,6 +126,12 @@ def test_a_failover_keeps_copied_leases_and_reports_the_others_lost(
     while time.monotonic() < promoted + lease_s + 1.0:
         assert not copied.lost and not permit.lost, (copied.lost_reason, permit.lost_reason)
         time.sleep(0.1)  # watching leases over time
+    # The renewer's move also moved the client's pooled connections: a grant goes to the new
+    # master, although the old one still serves.
+    during = mutex.acquire("during")
+    assert new_node.exists(keys.lock("during").lock)
+    assert not old_node.exists(keys.lock("during").lock)
+    during.release()
     setup.end_hold(old)
     assert not copied.lost and not permit.lost, (copied.lost_reason, permit.lost_reason)
     assert 0 < new_node.pttl(keys.lock("copied").lock) <= lease_s * 1000
@@ -290,3 +296,35 @@ def test_a_waiter_in_another_process_gets_the_lock_within_a_lease_across_a_failo
         if child.is_alive():
             child.kill()
         client.close()
+
+
+def test_min_replicas_to_write_makes_an_old_master_refuse_grants(
+    sentinel_setup: SentinelSetup, prefix: str
+) -> None:
+    # The README's advice: with min-replicas-to-write, a master left without its replica
+    # (here: promoted away from it) refuses grants instead of making ones the new master
+    # never sees; once demoted, the client's next grant is on the new master.
+    setup = sentinel_setup
+    master = setup.node(setup.master_port)
+    master.config_set("min-replicas-to-write", 1)
+    master.config_set("min-replicas-max-lag", 1)
+    client = managed_client(setup)  # holds nothing: its pooled connection stays put
+    mutex = create_mutex(timeout=5, lease=3, storage=RedisMutexStorage(client, prefix))
+    assert client.ping()
+    old, new = setup.failover(hold_demotion=True)
+
+    def refused() -> bool:
+        try:
+            mutex.acquire("res", auto_renew=False).release()
+        except redis.ResponseError as exc:
+            assert "NOREPLICAS" in str(exc)
+            return True
+        return False
+
+    wait_until(refused, "the old master refuses grants", timeout=10.0)
+    assert not setup.node(new).exists(KeySpace(prefix).lock("res").lock)
+    setup.end_hold(old)
+    lease = mutex.acquire("res")
+    assert setup.node(new).get(KeySpace(prefix).lock("res").lock) == lease.owner.encode()
+    lease.release()
+    client.close()
