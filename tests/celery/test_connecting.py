@@ -9,7 +9,11 @@ tests.)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +31,9 @@ from celery_rediskit.integration import RedisKit
 from celery_rediskit.integration.cli import Ops, rediskit
 from celery_rediskit.integration.settings import Settings
 
+from . import readyapp
+
+HERE = Path(__file__).parent
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 SENTINELS = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26380"
 
@@ -176,3 +183,26 @@ def test_a_ready_client_must_be_a_client(redis_url: str) -> None:
         RedisKit(new_app(), client=redis_url)
     with pytest.raises(ConfigurationError, match="either url= or client="):
         RedisKit(new_app(), url=redis_url, client=redis.Redis.from_url(redis_url))
+
+
+def test_prefork_children_use_the_ready_client_made_before_the_fork(
+    redis_url: str, prefix: str
+) -> None:
+    env = dict(os.environ, RK_URL=redis_url, RK_PREFIX=prefix, PYTHONPATH=str(HERE))
+    cmd = [sys.executable, "-m", "celery", "-A", "readyapp", "worker", "-P", "prefork",
+           "-c", "2", "-n", f"ready-{prefix}@%h", "-Q", f"q-{prefix}", "-l", "warning",
+           "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    worker = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    app = readyapp.build(redis_url, prefix)
+    try:
+        held = app.tasks["held"]
+        results = [held.delay(run, 3 * readyapp.LEASE) for run in ("a", "b")]
+        outcomes = [r.get(timeout=60) for r in results]
+        pids = {pid for pid, _, _ in outcomes}
+        assert worker.pid not in pids and len(pids) == 2  # two forked children
+        assert [lost for _, lost, _ in outcomes] == [False, False]  # renewed in the children
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        app.close()
