@@ -154,7 +154,10 @@ class Settings:
                 f"rediskit_cluster needs a redis:// or rediss:// rediskit_url (a node of the "
                 f"cluster), got {url!r}"
             )
-        KeySpace(self.prefix)  # validates the prefix
+        try:
+            KeySpace(self.prefix)  # validates the prefix
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"rediskit_{exc}") from None  # "rediskit_prefix must be..."
         for name in DURATIONS:
             object.__setattr__(
                 self, name, parse_duration(getattr(self, name), f"rediskit_{name}")
