@@ -9,9 +9,7 @@ need to stop the server start a private one regardless.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ from typing import Any
 
 import pytest
 import redis
-import trustme
 
 from celery_rediskit.devserver import PrivateServer, find_server_binary, free_port
 from celery_rediskit.renewal import renewer
@@ -118,29 +115,17 @@ class TLSServer:
 
 
 @pytest.fixture
-def tls_server() -> Iterator[TLSServer]:
+def tls_server(tls_files: TLSFiles) -> Iterator[TLSServer]:
     """A private server listening on a TLS port as well, with certificates made in Python
     (``trustme``: no openssl command needed) for ``localhost`` and ``127.0.0.1``."""
-
-    folder = Path(tempfile.mkdtemp(prefix="rediskit-tls-"))
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
     tls_port = free_port()
-    server = PrivateServer(extra_args=(
-        "--tls-port", str(tls_port), "--tls-cert-file", str(folder / "cert.pem"),
-        "--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(folder / "ca.pem"),
-        "--tls-auth-clients", "no",
-    ))
+    server = PrivateServer(extra_args=("--tls-port", str(tls_port), *tls_files.server_args()))
     try:
         server.start()
     except (subprocess.CalledProcessError, redis.ConnectionError):
         pytest.skip(f"{server.binary} was built without TLS support")
-    yield TLSServer(server, tls_port, folder)
+    yield TLSServer(server, tls_port, tls_files.ca.parent)
     server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
