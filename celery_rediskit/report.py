@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._redis.clients import check_client
 from ._redis.keys import KeySpace, glob_escape
 from ._redis.scripts import as_text, load_script
 from .lease import LeaseKind
@@ -199,6 +200,7 @@ def read_resources(
     when Redis can't be reached. ``kinds`` are :class:`LeaseKind` members or their resource
     names (``"lock"``, ``"semaphore"``).
     """
+    check_client("client", client)
     space = KeySpace(prefix)
     base = glob_escape(space.prefix)
     wanted = {k if isinstance(k, LeaseKind) else LeaseKind.from_resource(k) for k in kinds}

@@ -9,9 +9,7 @@ need to stop the server start a private one regardless.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +18,11 @@ from typing import Any
 
 import pytest
 import redis
-import trustme
 
-from celery_rediskit.devserver import PrivateServer, free_port
+from celery_rediskit.devserver import PrivateServer, find_server_binary, free_port
 from celery_rediskit.renewal import renewer
+from tests.faults.sentinel import SentinelSetup
+from tests.faults.tls import TLSFiles
 from tests.processes import Holder
 
 
@@ -116,26 +115,53 @@ class TLSServer:
 
 
 @pytest.fixture
-def tls_server() -> Iterator[TLSServer]:
+def tls_server(tls_files: TLSFiles) -> Iterator[TLSServer]:
     """A private server listening on a TLS port as well, with certificates made in Python
     (``trustme``: no openssl command needed) for ``localhost`` and ``127.0.0.1``."""
-
-    folder = Path(tempfile.mkdtemp(prefix="rediskit-tls-"))
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
     tls_port = free_port()
-    server = PrivateServer(extra_args=(
-        "--tls-port", str(tls_port), "--tls-cert-file", str(folder / "cert.pem"),
-        "--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(folder / "ca.pem"),
-        "--tls-auth-clients", "no",
-    ))
+    server = PrivateServer(extra_args=("--tls-port", str(tls_port), *tls_files.server_args()))
     try:
         server.start()
     except (subprocess.CalledProcessError, redis.ConnectionError):
         pytest.skip(f"{server.binary} was built without TLS support")
-    yield TLSServer(server, tls_port, folder)
+    yield TLSServer(server, tls_port, tls_files.ca.parent)
     server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TLSFiles:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate
+    (``trustme``)."""
+    return TLSFiles.make(tmp_path)
+
+
+def need_server_binary() -> str:
+    """The server binary the private servers run, or a skip saying why there is none."""
+    try:
+        return find_server_binary()
+    except RuntimeError as exc:
+        pytest.skip(f"no Redis server binary to start a topology with: {exc}")
+
+
+@pytest.fixture
+def sentinel_setup(request: pytest.FixtureRequest) -> Iterator[SentinelSetup]:
+    """One master, one replica and three sentinels on loopback ports, stopped by pid at the
+    end (``tests/faults/sentinel.py``); ``SENTINEL FAILOVER`` through ``failover()``.
+    Parametrize indirectly with ``{"persistent": True}`` for data nodes with an AOF."""
+    need_server_binary()
+    with SentinelSetup(**getattr(request, "param", {})) as setup:
+        yield setup
+
+
+@pytest.fixture
+def tls_sentinel_setup(tls_files: TLSFiles) -> Iterator[SentinelSetup]:
+    """``sentinel_setup`` served over TLS only: data nodes, replication and sentinels."""
+    need_server_binary()
+    setup = SentinelSetup(tls=tls_files)
+    try:
+        setup.start()
+    except (subprocess.CalledProcessError, TimeoutError) as exc:
+        setup.close()
+        pytest.skip(f"{setup.binary} cannot serve Sentinel over TLS here: {exc}")
+    yield setup
+    setup.close()

@@ -25,6 +25,15 @@ stuck, and makes the common case one round trip:
   created, never shortened). So they cost no extra round trip, and they stop being renewed
   with the lease: once it is released or lost they expire on their own unless deleted first.
   They must live on the lease's Redis (the same client).
+- A Sentinel-managed client (``Sentinel.master_for``): the connection asks the sentinels for
+  the master's address when it connects, and before each call the sentinels are asked
+  which server is the master, and a connection to another one is dropped. After a failover
+  the old master keeps serving the connections it has until the sentinels demote it (about
+  10 s with their default timers), and leases renewed there are not renewed on the new
+  master; this moves renewal to the new master at the next tick instead, so a lease copied
+  to the promoted replica survives even when shorter than that window. (redis-py then also
+  drops the client's idle pooled connections, so its next commands go to the new master.)
+  If no sentinel answers, renewal carries on over the connection it has.
 - A ``RedisCluster`` client has no single pool to copy: its leases are renewed through the
   client itself (one call per hash slot, as a script may only touch keys of one slot), with
   the client's own timeouts and retries. Renewal of other clients is still not delayed, and
@@ -45,7 +54,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from .._validate import to_ms
@@ -217,6 +226,7 @@ class RedisRenewal:
     ) -> list[bool]:
         pool = client.connection_pool
         timeout = renewal_timeout(leases, pool.connection_kwargs.get("socket_timeout"))
+        self._follow_sentinel_master(pool)
         script = load_script("renew_batch")
         calls = [_call_args(leases, items, chunk) for chunk in _chunks(list(range(len(leases))))]
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
@@ -258,6 +268,22 @@ class RedisRenewal:
             self._drop()  # a timeout or a broken connection: its state is unknown
             raise
 
+    def _follow_sentinel_master(self, pool: Any) -> None:
+        # A Sentinel pool: drop a connection to a server the sentinels no longer name.
+        ask = getattr(pool, "get_master_address", None)
+        conn = self._conn
+        if ask is None or conn is None:
+            return
+        try:
+            host, port = ask()
+        except RedisError as exc:  # no sentinel answers: keep the connection we have
+            log.debug("rediskit: no sentinel named the master (%s)", exc)
+            return
+        if (conn.host, int(conn.port)) != (host, int(port)):
+            log.info("rediskit: the sentinels name %s:%s as master now: renewing there",
+                     host, port)
+            self._drop()
+
     def _connection(self, pool: Any, timeout: float) -> Any:
         conn = self._conn
         # A shorter lease needs a shorter timeout at once; a longer one only when it is much
@@ -274,7 +300,12 @@ class RedisRenewal:
             for name in ("orig_socket_timeout", "orig_socket_connect_timeout"):
                 if name in kwargs:
                     kwargs[name] = timeout
-            conn = self._conn = pool.connection_class(**kwargs)
+            conn = pool.connection_class(**kwargs)
+            # Connected here, not by the first command sent: a Sentinel-managed connection
+            # looks the master up in connect(), which sending skips (it would then go to
+            # the default address, localhost:6379).
+            conn.connect()
+            self._conn = conn
             self._timeout = timeout
         return conn
 

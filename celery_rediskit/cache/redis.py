@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.cluster import RedisCluster
 
+from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import LuaScript, call, load_script
 from .._redis.wakeup import hand_over_local
@@ -86,7 +87,7 @@ class RedisCacheProvider(CacheProvider):
         cooldown: float = 2.0,
         idle_ttl: Duration = IDLE_TTL,
     ) -> None:
-        self.client = redis_client
+        self.client = check_client("redis_client", redis_client)
         self.keys = KeySpace(prefix, idle_ttl)
         self.serializer = Serializer(serializer, accept=accept, allow_unsafe=allow_unsafe)
         self.breaker = CircuitBreaker(redis_client.ping, positive_seconds("cooldown", cooldown),

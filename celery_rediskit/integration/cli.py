@@ -32,7 +32,7 @@ from ..mutex.redis import RedisMutexStorage
 from ..report import Holder, Resource, glob_escape, scan_keys
 from ..semaphore.redis import RedisSemaphoreStorage
 from . import control
-from .runtime import kit_of
+from .runtime import kit_of, make_client
 
 __all__ = ["rediskit"]
 
@@ -87,17 +87,28 @@ class Ops:
         self.app = app
         self.settings = kit.settings
         self.prefix = kit.settings.prefix
-        timeout = min(kit.settings.socket_timeout, 3.0)
-        self.client = redis.Redis.from_url(
-            kit.settings.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), **kit.settings.tls_options(),
-        )
+        if kit.ready_client is not None:  # RedisKit(app, client=...): the app's own client
+            self.client = kit.ready_client
+        else:  # the app's client, with short timeouts and no retries
+            try:
+                self.client = make_client(
+                    kit.settings, timeout=min(kit.settings.socket_timeout, 3.0),
+                    retry=Retry(NoBackoff(), 0),
+                )
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # a cluster's layout
+                _fail(f"cannot reach Redis at {kit.settings.url}: {exc}")
 
     @property
     def where(self) -> str:
-        kwargs = self.client.connection_pool.connection_kwargs
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:  # a cluster client: its seed node
+            return str(self.settings.url)
+        kwargs = pool.connection_kwargs
         if "path" in kwargs:
             return f"unix://{kwargs['path']}"
+        service = getattr(pool, "service_name", None)
+        if service is not None:
+            return f"Sentinel master {service!r} ({self.settings.url})"
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
     @contextmanager

@@ -22,11 +22,12 @@ from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery import Task, signals
 from celery.utils.imports import symbol_by_name
 
+from .._redis.clients import check_client
 from ..errors import ConfigurationError
 from . import claims, control
 from .children import ChildWatch, ChildWatchStep
 from .options import OPTION_NAMES, parse_policy
-from .runtime import APP_ATTRIBUTE, Runtime, set_installer
+from .runtime import APP_ATTRIBUTE, Runtime, check_client_options, set_installer
 from .settings import Settings, read_settings
 from .task import RedisKitTask
 
@@ -41,16 +42,27 @@ _GONE = (Terminated, WorkerLostError)
 class RedisKit:
     """The integration, installed on ``app``: ``RedisKit(app)`` or ``RedisKit(app, url=...)``.
 
-    Keyword settings override ``app.conf.rediskit_*`` (see :class:`Settings`). Define tasks
-    after installing: tasks created before keep their old base class.
+    Keyword settings override ``app.conf.rediskit_*`` (see :class:`Settings`). ``client``: a
+    ready redis-py client to use instead of one made from the settings (``redis.Redis``,
+    ``RedisCluster``, or ``Sentinel.master_for(...)``); it is shared by every process the
+    worker forks (redis-py's pools reconnect after ``fork``). Define tasks after installing:
+    tasks created before keep their old base class.
     """
 
-    def __init__(self, app: Any, url: str | None = None, prefix: str | None = None,
-                 **settings: Any) -> None:
+    def __init__(self, app: Any, url: str | None = None, prefix: str | None = None, *,
+                 client: Any = None, **settings: Any) -> None:
         if getattr(app, APP_ATTRIBUTE, None) is not None:
             raise ConfigurationError(f"RedisKit is already installed on app {app.main!r}")
+        if client is not None and url is not None:
+            raise ConfigurationError("RedisKit: pass either url= or client=, not both")
         self.app = app
-        self.settings: Settings = read_settings(app, url=url, prefix=prefix, **settings)
+        self.ready_client: Any = (None if client is None
+                                  else check_client("RedisKit(client=...)", client))
+        self.settings: Settings = read_settings(
+            app, need_url=client is None, url=url, prefix=prefix, **settings
+        )
+        if client is None:
+            check_client_options(self.settings)
         self._runtime: Runtime | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -78,7 +90,7 @@ class RedisKit:
         if rt is None or self._pid != pid:
             with self._lock:
                 if self._runtime is None or self._pid != pid:
-                    self._runtime = Runtime(self.settings)
+                    self._runtime = Runtime(self.settings, self.ready_client)
                     self._pid = pid
                 rt = self._runtime
         return rt

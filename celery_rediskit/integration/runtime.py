@@ -4,18 +4,24 @@
 cache provider), built from the app's :class:`Settings`; a prefork child builds its own after
 ``fork``. :func:`kit_of` finds the installed integration of an app (``RedisKit``), which the
 task class, the control commands and the CLI reach through here rather than by importing
-``extension.py`` (which imports them).
+``extension.py`` (which imports them). :func:`make_client` is the one place a Redis client is
+built from the settings (the runtime's, and the CLI's with short timeouts and no retries).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
+from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
+from redis.sentinel import Sentinel
 
+from .._redis.clients import check_client
 from ..cache import MISSING, CacheUnavailable, RedisCacheProvider
+from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
 from ..mutex import Mutex, create_mutex
 from ..mutex.redis import RedisMutexStorage
@@ -25,7 +31,15 @@ from .claims import ClaimStore, Releaser
 from .settings import Settings
 from .signals import lease_lost
 
-__all__ = ["APP_ATTRIBUTE", "Kit", "Runtime", "kit_of", "set_installer"]
+__all__ = [
+    "APP_ATTRIBUTE",
+    "Kit",
+    "Runtime",
+    "check_client_options",
+    "kit_of",
+    "make_client",
+    "set_installer",
+]
 
 log = logging.getLogger("celery_rediskit")
 
@@ -38,6 +52,8 @@ class Kit(Protocol):
 
     app: Any
     settings: Settings
+    ready_client: Any
+    """The client given as ``RedisKit(app, client=...)``, else None."""
 
     def runtime(self) -> Runtime:
         """This process's Redis objects (rebuilt after ``fork``)."""
@@ -64,16 +80,110 @@ def kit_of(app: Any) -> Kit:
     return kit
 
 
-class Runtime:
-    """The Redis objects of one process: client, storages, claims and the lease owners."""
+def make_client(settings: Settings, *, timeout: float | None = None,
+                retry: Any = None) -> Any:
+    """The Redis client ``settings`` describe (nothing is connected yet, except for a
+    cluster, whose client reads the cluster's layout when made):
 
-    def __init__(self, settings: Settings) -> None:
+    - ``redis://``, ``rediss://``, ``unix://``: ``redis.Redis.from_url``;
+    - with ``cluster``: ``redis.cluster.RedisCluster.from_url``;
+    - ``sentinel://``: ``Sentinel(sentinels).master_for(sentinel_master)``, a client that
+      asks the sentinels for the master's address at each new connection, so it follows a
+      failover. The URL's credentials and database are the master's; ``sentinel_kwargs`` in
+      ``redis_options`` configure the connections to the sentinels (default: the same
+      timeouts as the master's).
+
+    Keyword arguments, from lowest to highest priority: socket and connect timeouts of
+    ``timeout`` (default ``settings.socket_timeout``), the TLS options, ``redis_options``,
+    and ``retry`` when given (the CLI's "no retries").
+    """
+    options = _client_options(settings, timeout, retry)
+    url = settings.url
+    if url is None:
+        raise ConfigurationError("rediskit_url is not set (and no ready client was given)")
+    try:
+        if settings.is_sentinel:
+            return _sentinel_client(settings, options)
+        if settings.cluster:
+            _check_cluster_options(options)
+            return RedisCluster.from_url(url, **options)
+        return redis.Redis.from_url(url, **options)
+    except TypeError as exc:  # an option the client does not take
+        raise ConfigurationError(f"rediskit_redis_options: {exc}") from None
+
+
+def _client_options(settings: Settings, timeout: float | None, retry: Any) -> dict[str, Any]:
+    seconds = settings.socket_timeout if timeout is None else timeout
+    options: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
+    options.update(settings.tls_options())
+    options.update(settings.redis_options)
+    if timeout is not None:
+        options.update(socket_timeout=seconds, socket_connect_timeout=seconds)
+    if retry is not None:
+        options["retry"] = retry
+    return options
+
+
+def _sentinel_client(settings: Settings, options: dict[str, Any]) -> Any:
+    address = settings.sentinel_address()
+    sentinel_kwargs = options.pop("sentinel_kwargs", None)
+    if sentinel_kwargs is None:
+        sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+    else:
+        sentinel_kwargs = {"socket_timeout": options["socket_timeout"],
+                           "socket_connect_timeout": options["socket_connect_timeout"],
+                           **sentinel_kwargs}
+    if address.password is not None:
+        options.setdefault("username", address.username)
+        options.setdefault("password", address.password)
+    options.setdefault("db", address.db)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(address.sentinels), sentinel_kwargs=sentinel_kwargs, **options
+    )
+    return sentinel.master_for(settings.sentinel_master)  # type: ignore[no-untyped-call]
+
+
+def _check_cluster_options(options: dict[str, Any]) -> None:
+    # RedisCluster drops the keyword arguments it does not know without a word.
+    known = set(REDIS_ALLOWED_KEYS) | set(inspect.signature(RedisCluster.__init__).parameters)
+    unknown = sorted(set(options) - known - {"self", "kwargs"})
+    if unknown:
+        raise ConfigurationError(
+            f"rediskit_redis_options: redis-py's RedisCluster does not take (it would ignore) "
+            f"{', '.join(unknown)}"
+        )
+
+
+def check_client_options(settings: Settings) -> None:
+    """Raise ``ConfigurationError`` naming ``rediskit_redis_options`` if the client
+    ``settings`` describe would refuse an option at its first connection (redis-py checks a
+    connection's arguments only when it makes one). Connects to nothing."""
+    if settings.url is None:
+        return
+    if settings.cluster:  # making a cluster's client would connect: its options are checked
+        _check_cluster_options(_client_options(settings, None, None))
+        return
+    client = make_client(settings)
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise ConfigurationError(f"rediskit_redis_options: {exc}") from None
+    finally:
+        client.close()
+
+
+class Runtime:
+    """The Redis objects of one process: client, storages, claims and the lease owners.
+
+    ``client``: a ready client to use (``RedisKit(app, client=...)``); else one is made
+    from the settings (:func:`make_client`)."""
+
+    def __init__(self, settings: Settings, client: Any = None) -> None:
         s = settings
         self.settings = s
-        self.client = redis.Redis.from_url(
-            s.url, socket_timeout=s.socket_timeout, socket_connect_timeout=s.socket_timeout,
-            **s.tls_options(),
-        )
+        self.client = (make_client(s) if client is None
+                       else check_client("RedisKit(client=...)", client))
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
@@ -52,7 +53,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         permits: int = 1,
         idle_ttl: Duration = IDLE_TTL,
     ) -> None:
-        self.client = client
+        self.client = check_client("client", client)
         self.keys = KeySpace(prefix, idle_ttl)
         self._idle_ms = self.keys.idle_ms
         self._renewal = renewal_target(client)
