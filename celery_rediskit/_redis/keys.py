@@ -18,7 +18,9 @@ Every key the library writes expires: none is left behind by a name that is neve
   lease ends.
 - the queue of waiters (``queue``, ``waiters``): until the last queued waiter's deadline.
 - cache entries: their ``ttl``, and ``idle_ttl`` when stored without one; a tag set lives as
-  long as its longest-lived entry. Claims records (the Celery layer): ``rediskit_claims_ttl``.
+  long as its longest-lived entry (on a cluster, a tag's directory of slot groups as long as
+  its longest-lived entry plus a minute). Claims records (the Celery layer):
+  ``rediskit_claims_ttl``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from .._validate import resource_key, to_ms
 from ..durations import Duration, parse_duration
 from ..errors import ConfigurationError
+from .slots import slot_tag
 
 __all__ = ["IDLE_TTL", "KeySpace", "LockKeys", "SemaphoreKeys"]
 
@@ -144,6 +147,17 @@ class KeySpace:
     def cache_lock_name(name: str) -> str:
         """Name of the mutex that single-flights the computation of cache entry ``name``."""
         return f"cache/{name}"
+
+    def cache_tag_group(self, slot: int) -> str:
+        """Redis Cluster: the tag prefix of cache entries in hash slot ``slot``. Tag ``t`` of
+        those entries is the zset ``<cache_tag_group(slot)>t``, in that slot (its hash tag is
+        :func:`~._redis.slots.slot_tag` of the slot), so one script updates an entry and its
+        tag sets together."""
+        return f"{self.prefix}:cache:t:{{{slot_tag(slot)}}}:"
+
+    def cache_tag_directory(self, tag: str) -> str:
+        """Redis Cluster: the zset of slot tags whose slot holds entries with tag ``tag``."""
+        return f"{self.prefix}:cache:tg:{{{tag}}}"
 
     @property
     def cache_tag_prefix(self) -> str:
