@@ -18,6 +18,8 @@ from typing import Any
 
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
+from .slots import through_migration
+
 __all__ = ["LuaScript", "as_text", "call", "call_many", "compose", "load_script"]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
@@ -42,7 +44,7 @@ class LuaScript:
             return call(client, "EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
             client.script_load(self.source)  # on a cluster client: every primary
-            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return call(client, "EVALSHA", self.sha, len(keys), *keys, *args)
 
 
     def run_many(self, client: Any, calls: list[list[str]]) -> list[Any]:
@@ -95,10 +97,14 @@ def call(client: Any, *args: Any) -> Any:
     to it directly, skipping redis-py's per-command retry closure and metrics bookkeeping
     (about a third of its client-side cost). Any connection trouble hands the command to
     ``client.execute_command``, so redis-py's retry policy still applies; error replies are
-    raised as usual. Other clients (cluster, single-connection) always take the normal path.
+    raised as usual. Other clients (cluster, single-connection) always take the normal path;
+    on a cluster client a command whose keys a slot migration splits is retried a while
+    (:func:`~.slots.through_migration`).
     """
     pool = getattr(client, "connection_pool", None)
-    if pool is None or getattr(client, "connection", None) is not None:
+    if pool is None:
+        return through_migration(client.execute_command, *args)  # a cluster client
+    if getattr(client, "connection", None) is not None:
         return client.execute_command(*args)
     conn = pool.get_connection()
     try:

@@ -10,14 +10,33 @@ set or one wake-up channel per process, however many names map there.
 It is found without search: Redis hashes with CRC16/XMODEM, which is linear over GF(2) for
 messages of one length, so the tag is ``@@@@`` with some of the low four bits of its letters
 flipped, the flips solved for once by Gaussian elimination.
+
+Slot migration. While a slot moves between masters (``redis-cli --cluster reshard``), a
+command naming several keys of it is answered ``TRYAGAIN`` when some of those keys have moved
+and others have not, or are absent (a script's queue key, say, that exists only while someone
+waits): the keys are split between two nodes. redis-py retries that for less than half a second
+and then raises ``ClusterError("TTL exhausted.")``; a slot with many keys takes longer to move.
+:func:`through_migration` keeps retrying such a command, with a short growing pause, for up to
+``MIGRATION_WAIT`` seconds. It is safe: a command answered TRYAGAIN, MOVED or ASK did not run.
 """
 
 from __future__ import annotations
 
 import binascii
+import logging
+import time
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
-__all__ = ["SLOTS", "key_slot", "slot_tag"]
+from redis.exceptions import ClusterError, TryAgainError
+
+__all__ = ["MIGRATION_WAIT", "SLOTS", "key_slot", "slot_tag", "through_migration"]
+
+log = logging.getLogger(__name__)
+
+MIGRATION_WAIT = 10.0
+"""Seconds a cluster command split by a slot migration (TRYAGAIN) keeps being retried."""
 
 SLOTS = 16384
 _MASK = SLOTS - 1
@@ -77,3 +96,34 @@ def slot_tag(slot: int) -> str:
         if combo >> index & 1:
             tag[index // 4] ^= 1 << (index % 4)
     return tag.decode()
+
+
+def _split_by_migration(exc: BaseException) -> bool:
+    # redis-py's own retries gave up: on repeated TRYAGAIN (or MOVED/ASK while slots move) it
+    # raises a bare ClusterError naming its exhausted TTL.
+    return isinstance(exc, TryAgainError) or (
+        type(exc) is ClusterError and "TTL exhausted" in str(exc)
+    )
+
+
+def through_migration(send: Callable[..., Any], *args: Any) -> Any:
+    """``send(*args)`` (a cluster client's ``execute_command``), retried for up to
+    ``MIGRATION_WAIT`` seconds while a slot migration splits the command's keys."""
+    try:
+        return send(*args)
+    except (TryAgainError, ClusterError) as exc:
+        if not _split_by_migration(exc):
+            raise
+        first = exc
+    end = time.monotonic() + MIGRATION_WAIT
+    log.info("rediskit: %s met a slot migration (%s); retrying for up to %.0f s",
+             args[0] if args else "command", first, MIGRATION_WAIT)
+    pause = 0.01
+    while True:
+        time.sleep(min(pause, max(0.0, end - time.monotonic())))  # nothing to wait on: the
+        pause = min(pause * 2, 0.2)  # migration is another client's work
+        try:
+            return send(*args)
+        except (TryAgainError, ClusterError) as exc:
+            if not _split_by_migration(exc) or time.monotonic() >= end:
+                raise
