@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._redis.keys import KeySpace
+from ._redis.keys import KeySpace, glob_escape
 from ._redis.scripts import as_text, load_script
 from .lease import LeaseKind
 
@@ -113,11 +113,6 @@ def parse_owner(owner: str) -> tuple[str | None, int | None]:
     if len(parts) < 3 or not parts[-2].isdigit():
         return None, None
     return "/".join(parts[:-2]), int(parts[-2])
-
-
-def glob_escape(text: str) -> str:
-    """``text`` with SCAN MATCH's special characters (``* ? [ ] \\``) escaped."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def scan_keys(client: Any, match: str, count: int = SCAN_COUNT) -> Iterator[str]:

@@ -21,21 +21,37 @@ Every key the library writes expires: none is left behind by a name that is neve
   long as its longest-lived entry (on a cluster, a tag's directory of slot groups as long as
   its longest-lived entry plus a minute). Claims records (the Celery layer):
   ``rediskit_claims_ttl``.
+- a thread's release record (``..:released:<process>/<thread>``): 15 s after its last
+  release of that lock or semaphore (``_redis/release.py``).
+
+Prefixes and names are checked by ``_validate`` (``key_prefix``, ``resource_key``): no braces
+(the hash tag), no control characters, at most ``MAX_NAME_BYTES``; prefixes also without glob
+characters. Every SCAN pattern built from a prefix or a name escapes it with :func:`glob_escape`
+all the same, so a name such as ``report[1]`` matches only itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._validate import resource_key, to_ms
+from .._validate import MAX_NAME_BYTES, key_prefix, resource_key, to_ms
 from ..durations import Duration, parse_duration
-from ..errors import ConfigurationError
 from .slots import slot_tag
 
-__all__ = ["IDLE_TTL", "KeySpace", "LockKeys", "SemaphoreKeys"]
+__all__ = ["IDLE_TTL", "KeySpace", "LockKeys", "SemaphoreKeys", "glob_escape"]
 
 IDLE_TTL = 7 * 86400.0
 """Seconds a key outlives its last use by default (a week): see the module docstring."""
+
+# Lock and semaphore names: a user's key (checked against MAX_NAME_BYTES where it comes in), or
+# a name derived from one (the fill lock "cache/<key>"), which may be a little longer.
+_DERIVED_LIMIT = MAX_NAME_BYTES + 64
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with SCAN MATCH's special characters (``* ? [ ] \\``) escaped, so that it
+    matches only itself inside a pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 @dataclass(frozen=True)
@@ -87,23 +103,17 @@ class KeySpace:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prefix, str) or not self.prefix:
-            raise ConfigurationError(f"prefix must be a non-empty string, got {self.prefix!r}")
-        if "{" in self.prefix or "}" in self.prefix:
-            raise ConfigurationError(
-                f"prefix must not contain '{{' or '}}' (hash tags are added per resource), "
-                f"got {self.prefix!r}"
-            )
+        key_prefix(self.prefix)
         seconds = parse_duration(self.idle_ttl, "idle_ttl")
         object.__setattr__(self, "idle_ttl", seconds)
         object.__setattr__(self, "idle_ms", to_ms(seconds))
 
     def lock(self, name: str) -> LockKeys:
-        base = f"{self.prefix}:lock:{{{resource_key(name)}}}"
+        base = f"{self.prefix}:lock:{{{resource_key(name, _DERIVED_LIMIT)}}}"
         return LockKeys(base, base + ":fence", base + ":queue", base + ":waiters")
 
     def semaphore(self, name: str) -> SemaphoreKeys:
-        base = f"{self.prefix}:sem:{{{resource_key(name)}}}"
+        base = f"{self.prefix}:sem:{{{resource_key(name, _DERIVED_LIMIT)}}}"
         return SemaphoreKeys(
             base + ":holders", base + ":total", base + ":initial", base + ":queue",
             base + ":waiters", base + ":pinned",
@@ -166,8 +176,8 @@ class KeySpace:
 
     def cache_pattern(self) -> str:
         """SCAN pattern matching every cache entry and tag set under this prefix."""
-        return f"{self.prefix}:cache:*"
+        return f"{glob_escape(self.prefix)}:cache:*"
 
     def lock_pattern(self) -> str:
         """SCAN pattern matching the owner key of every lock under this prefix."""
-        return f"{self.prefix}:lock:{{*}}"
+        return f"{glob_escape(self.prefix)}:lock:{{*}}"

@@ -16,6 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from .slots import through_migration
@@ -38,13 +39,14 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def run(self, client: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run on ``client`` (a redis-py client or cluster client) with ``keys`` and ``args``."""
+    def run(self, client: Any, keys: list[str], args: list[Any], *, raw: bool = False) -> Any:
+        """Run on ``client`` (a redis-py client or cluster client) with ``keys`` and ``args``;
+        ``raw``: strings in the reply come back as bytes whatever the client decodes."""
         try:
-            return call(client, "EVALSHA", self.sha, len(keys), *keys, *args)
+            return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
         except NoScriptError:
             client.script_load(self.source)  # on a cluster client: every primary
-            return call(client, "EVALSHA", self.sha, len(keys), *keys, *args)
+            return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
 
 
     def run_many(self, client: Any, calls: list[list[str]]) -> list[Any]:
@@ -90,33 +92,49 @@ def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def call(client: Any, *args: Any) -> Any:
+_RAW = {NEVER_DECODE: True}  # execute_command's option for "do not decode this reply"
+
+
+def call(client: Any, *args: Any, raw: bool = False) -> Any:
     """Send one command and read its reply: a lean path for the library's hot commands.
+
+    ``raw``: string replies come back as bytes even from a ``decode_responses=True`` client
+    (for stored payloads, which need not be text).
 
     On a plain ``redis.Redis`` this borrows a connection from the client's own pool and talks
     to it directly, skipping redis-py's per-command retry closure and metrics bookkeeping
-    (about a third of its client-side cost). Any connection trouble hands the command to
-    ``client.execute_command``, so redis-py's retry policy still applies; error replies are
-    raised as usual. Other clients (cluster, single-connection) always take the normal path;
-    on a cluster client a command whose keys a slot migration splits is retried a while
+    (about a third of its client-side cost). Error replies are raised as usual.
+
+    After a connection error or timeout the command may or may not have run: the connection is
+    dropped and the command sent again through ``client.execute_command``, so redis-py's retry
+    policy applies from there. Every command the library sends this way gives the same answer
+    when it is sent twice (a release carries a release id for that; see ``release.py``). Any
+    other exception (``KeyboardInterrupt``, Celery's ``SoftTimeLimitExceeded`` raised into the
+    read) drops the connection, whose reply is now unknown, and propagates without a re-send.
+    Other clients (cluster, single-connection) always take the normal path; on a cluster
+    client a command whose keys a slot migration splits is retried a while
     (:func:`~.slots.through_migration`).
     """
+    options = _RAW if raw else {}
     pool = getattr(client, "connection_pool", None)
-    if pool is None:
-        return through_migration(client.execute_command, *args)  # a cluster client
+    if pool is None:  # a cluster client
+        return through_migration(lambda: client.execute_command(*args, **options))
     if getattr(client, "connection", None) is not None:
-        return client.execute_command(*args)
+        return client.execute_command(*args, **options)
     conn = pool.get_connection()
     try:
         conn.send_command(*args)
-        return conn.read_response()
+        return conn.read_response(disable_decoding=raw)
     except ResponseError:
         raise  # an error reply: the connection is fine
-    except Exception:
-        conn.disconnect()  # unknown state: drop it and let redis-py retry as it would
-        return client.execute_command(*args)
+    except (ConnectionError, TimeoutError, OSError):
+        conn.disconnect()  # unknown state: drop it and send again (below)
+    except BaseException:
+        conn.disconnect()  # a reply may still be on its way: never reuse this connection
+        raise
     finally:
         pool.release(conn)
+    return client.execute_command(*args, **_RAW) if raw else client.execute_command(*args)
 
 
 def _read(name: str) -> str:

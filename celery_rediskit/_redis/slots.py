@@ -106,24 +106,23 @@ def _split_by_migration(exc: BaseException) -> bool:
     )
 
 
-def through_migration(send: Callable[..., Any], *args: Any) -> Any:
-    """``send(*args)`` (a cluster client's ``execute_command``), retried for up to
-    ``MIGRATION_WAIT`` seconds while a slot migration splits the command's keys."""
+def through_migration(send: Callable[[], Any]) -> Any:
+    """``send()`` (a cluster client's command), retried for up to ``MIGRATION_WAIT`` seconds
+    while a slot migration splits the command's keys."""
     try:
-        return send(*args)
+        return send()
     except (TryAgainError, ClusterError) as exc:
         if not _split_by_migration(exc):
             raise
-        first = exc
+        log.info("rediskit: a command met a slot migration (%s); retrying for up to %.0f s",
+                 exc, MIGRATION_WAIT)
     end = time.monotonic() + MIGRATION_WAIT
-    log.info("rediskit: %s met a slot migration (%s); retrying for up to %.0f s",
-             args[0] if args else "command", first, MIGRATION_WAIT)
     pause = 0.01
     while True:
         time.sleep(min(pause, max(0.0, end - time.monotonic())))  # nothing to wait on: the
         pause = min(pause * 2, 0.2)  # migration is another client's work
         try:
-            return send(*args)
+            return send()
         except (TryAgainError, ClusterError) as exc:
             if not _split_by_migration(exc) or time.monotonic() >= end:
                 raise

@@ -2,24 +2,50 @@
 
 A caller's first attempt already joins the queue (once its process is subscribed to its wake
 channel), so a contended acquisition costs this attempt, and the release that hands it over.
-Each sleep is bounded by the holder's remaining lease and by the caller's deadline: a lost
-wake-up or a crashed holder costs at most one bounded wait before the caller asks again.
+
+Failure model:
+
+- A wake-up message can be lost (see ``wakeup.py``). Every sleep is therefore bounded by the
+  holder's remaining lease, the caller's deadline, and a short re-check interval (at most
+  ``RECHECK_MAX`` seconds, or lease / 3 if smaller) after which the waiter asks Redis again:
+  a lost wake-up costs at most one such interval. This is a safety net, not polling: a
+  waiter is woken by its grant as soon as it arrives.
+- A grant learned late must not come with its lease partly spent: the renewer counts a lease
+  from the moment acquire returns (less ``renewal.deadline_margin``), so the server must keep
+  it that long. Asking Redis again renews a grant already made to the caller to its full lease
+  (the acquire scripts' "already granted" path). A grant message says how long after the
+  waiter's last check-in it was made; when the waiter gets it later than that by more than
+  ``min(FRESH_MAX, deadline_margin(lease) / 2)`` (measured conservatively, on its own clock),
+  it asks again (one round trip) before returning. The prompt hand-off, the common case,
+  costs nothing more.
+- Any way out of a wait other than a grant (timeout, abort, KeyboardInterrupt, SystemExit,
+  a soft time limit, an exception thrown into the thread, a Redis error) leaves the queue in
+  Redis, or gives back a grant made meanwhile, so the next release goes to a live waiter.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from threading import Event
 from typing import Any
 
 from ..errors import AcquireAborted, LockTimeout
+from ..renewal import deadline_margin
 from .scripts import LuaScript
 from .wakeup import WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
-__all__ = ["WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
+__all__ = ["FRESH_MAX", "RECHECK_MAX", "WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
+
+log = logging.getLogger(__name__)
 
 WAITER_GRACE_MS = 2000  # how long a queued waiter stays live past its bounded wait (ms)
+RECHECK_MAX = 2.0
+"""Seconds: the longest a waiter sleeps before asking Redis again (lease / 3 if smaller)."""
+FRESH_MAX = 0.05
+"""Seconds: a grant learned later than this (or half the renewer's deadline margin, if
+smaller) is renewed before acquire returns it."""
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
 
 
@@ -35,23 +61,30 @@ def acquire_queued(
     channel_prefix: str,
     timeout: float | None,
     abort: Event | None,
+    lease: float,
 ) -> int:
     """Run an acquire ``script`` until granted; ``argv[2]`` is its "join the queue" flag.
 
     The script returns a token (>= 1) when granted, else ``-1 - bound_ms``. ``timeout`` 0
     means one attempt without queueing (``LockTimeout`` if not granted). ``cancel(key, owner,
-    keep)`` leaves the queue (see :func:`wait_for_grant`).
+    keep)`` leaves the queue (see :func:`wait_for_grant`); ``lease`` is the lease asked for
+    (seconds).
     """
     hub = hub_for(client)
     # Once this process listens for grants, the first attempt already joins the queue (the
     # slot must exist before the script runs, or an instant grant could be missed).
     slot = register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
     argv[2] = "1" if slot is not None else "0"
+    generation = hub.generation
+    checked_in = time.monotonic()
     try:
         first = int(script.run(client, keys, argv))  # positional arguments: this is hot
     except BaseException:
+        # Interrupted, or the reply was lost: the script may have queued the caller or granted
+        # it the key. Leave no trace either way.
         if slot is not None:
             drop_slot(owner)
+        _leave_quietly(lambda: cancel(key, owner, False), kind, key)
         raise
     if first >= 1:
         if slot is not None:
@@ -69,7 +102,8 @@ def acquire_queued(
     return wait_for_grant(
         kind=kind, key=key, owner=owner, attempt=attempt,
         cancel=lambda keep: cancel(key, owner, keep),
-        timeout=timeout, abort=abort, hub=hub, slot=slot, first=first if slot else None,
+        timeout=timeout, abort=abort, hub=hub, lease=lease, slot=slot,
+        first=(first, checked_in, generation) if slot else None,
     )
 
 
@@ -83,50 +117,96 @@ def wait_for_grant(
     timeout: float | None,
     abort: Event | None,
     hub: WakeupHub,
+    lease: float,
     slot: WaitSlot | None = None,
-    first: int | None = None,
+    first: tuple[int, float, int] | None = None,
 ) -> int:
     """Acquire by calling ``attempt(join_queue)`` until it returns a token (>= 1).
 
     ``attempt`` returns a token, or ``-1 - bound_ms`` (the holder's remaining lease) when not
-    granted. ``cancel(keep)`` leaves the queue; with ``keep``
-    it returns a token if a grant raced the give-up (then the caller keeps it).
+    granted; called for a key already granted to the caller, it renews the grant to the full
+    ``lease`` (seconds). ``cancel(keep)`` leaves the queue; with ``keep`` it returns a token if
+    a grant raced the give-up (then the caller keeps it); without, it gives such a grant back.
     ``slot`` and ``first`` carry a first attempt the caller already made (joined to the queue
-    when ``slot`` is given), so the uncontended path stays in the caller.
+    when ``slot`` is given): its result, ``time.monotonic()`` just before it was sent, and
+    ``hub.generation`` then; so the uncontended path stays in the caller.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    recheck = min(RECHECK_MAX, lease / 3)
+    fresh = min(FRESH_MAX, deadline_margin(lease) / 2)
     if slot is None:
         slot = register_slot(owner)
         first = None
     try:
-        result = attempt(True) if first is None else first
+        if first is None:
+            generation = hub.generation
+            checked_in = time.monotonic()
+            result = attempt(True)
+        else:
+            result, checked_in, generation = first
         while True:
             if result >= 1:
                 return result
-            if slot.token is not None:
-                return slot.token
-            bound = (-1 - result) / 1000 + _MARGIN
-            wait = bound if deadline is None else min(bound, deadline - time.monotonic())
-            if wait <= 0:
-                return _give_up(kind, key, timeout, cancel)
-            slot.recheck = False
-            hub.wait(slot, wait, abort)
-            if slot.token is not None:
-                return slot.token
-            if abort is not None and abort.is_set():
-                _abandon(cancel)
-                raise AcquireAborted(f"waiting for {kind} {key!r} was aborted", key)
-            result = attempt(True)  # bound reached or asked to recheck: ask Redis again
+            token = slot.token
+            if token is not None:
+                # Granted by a release. The grant was made `after` seconds past our check-in;
+                # if we learn of it much later than that, its lease is partly spent: ask
+                # again below, which renews it (or, if it ended meanwhile, queues us again).
+                after = slot.after
+                if after is not None and time.monotonic() - checked_in - after <= fresh:
+                    return token
+                slot.token = None
+            else:
+                now = time.monotonic()
+                wait = min((-1 - result) / 1000 + _MARGIN, recheck)
+                if deadline is not None:
+                    if deadline <= now:
+                        return _give_up(kind, key, timeout, cancel, attempt)
+                    wait = min(wait, deadline - now)
+                hub.wait(slot, wait, abort, generation)
+                if slot.token is not None:
+                    continue
+                if abort is not None and abort.is_set():
+                    cancel(False)
+                    raise AcquireAborted(f"waiting for {kind} {key!r} was aborted", key)
+            # Bound or re-check interval reached, subscription re-established, or a late
+            # grant to renew: ask Redis again.
+            generation = hub.generation
+            checked_in = time.monotonic()
+            result = attempt(True)
+    except (LockTimeout, AcquireAborted):
+        raise  # the caller has left the queue already
+    except BaseException:
+        # Anything else ends the wait (KeyboardInterrupt, SystemExit, a soft time limit, an
+        # exception thrown into the thread, a Redis error): leave the queue, or give back a
+        # grant made meanwhile, so the next release goes to a live waiter.
+        _leave_quietly(lambda: cancel(False), kind, key)
+        raise
     finally:
         drop_slot(owner)
 
 
-def _give_up(kind: str, key: str, timeout: float | None, cancel: Callable[[bool], int]) -> int:
-    token = cancel(True)
-    if token >= 1:
-        return token  # granted in the same instant: keep it rather than waste the handoff
+def _give_up(
+    kind: str,
+    key: str,
+    timeout: float | None,
+    cancel: Callable[[bool], int],
+    attempt: Callable[[bool], int],
+) -> int:
+    if cancel(True) >= 1:
+        # Granted in the same instant, or by a release whose message was lost: keep it rather
+        # than waste the handoff, renewed to its full lease (asking again without queueing).
+        token = attempt(False)
+        if token >= 1:
+            return token
     raise LockTimeout(f"could not acquire {kind} {key!r} within {timeout} s", key)
 
 
-def _abandon(cancel: Callable[[bool], int]) -> None:
-    cancel(False)
+def _leave_quietly(leave: Callable[[], object], kind: str, key: str) -> None:
+    """Run ``leave`` (cancel without keeping a grant) on the way out of a failed wait; its own
+    failure is logged, not raised, so the exception that ended the wait is the one seen. If it
+    fails, the entry still drops out of the queue by itself once its deadline passes."""
+    try:
+        leave()
+    except BaseException as exc:  # the exception that ended the wait matters more
+        log.warning("rediskit: could not leave the queue of %s %r: %r", kind, key, exc)

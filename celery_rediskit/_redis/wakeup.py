@@ -1,16 +1,26 @@
 """Waking waiters when a lock or permit is handed to them.
 
 Release scripts hand ownership straight to the first live waiter in Redis and then tell it:
-by publishing ``"<waiter id> <token>"`` on the waiter's process channel, or, when the waiter
-lives in the releasing process, by returning that text so the releaser wakes it directly.
+by publishing ``"<waiter id> <token> <ms since its last check-in>"`` on the waiter's process
+channel, or, when the waiter lives in the releasing process, by returning that text so the
+releaser wakes it directly. The last field lets the waiter tell how late the message reached
+it, measured on its own clock from when it last asked Redis: a grant learned late is renewed
+to its full lease before acquire returns (see ``waiting.py``).
 
 Each process has one id (``lease.process_id()``, new after ``fork``), one registry of local waiters,
 and, per Redis client, one pub/sub connection. There is no listener thread: one of the waiting
 threads reads the connection (leader/follower), delivers what it reads to the others and,
 when its own grant arrives, hands the reading over. A process with a single waiter (a Celery
-prefork child) so gets its grant straight from the socket, without a thread hop. A lost
-message is never fatal: every wait is also bounded by the holder's remaining lease, after which
-the waiter asks Redis again.
+prefork child) so gets its grant straight from the socket, without a thread hop.
+
+Failure model. A message is lost when it is published while the connection is down or being
+re-established, or when a NAT or load balancer silently drops the idle connection (neither
+side is told). So, while anyone waits, the reading thread PINGs the connection after
+``HEALTH_IDLE`` seconds of silence and counts it dead when the PING is not answered within
+``HEALTH_TIMEOUT``; a dead or broken connection is replaced, and only once the server has
+confirmed the new SUBSCRIBE does the hub bump its ``generation``, which sends every waiter back
+to Redis to look for a grant it missed. Independently, no wait sleeps longer than a short
+re-check interval (``waiting.py``), so a lost message costs at most that interval.
 """
 
 from __future__ import annotations
@@ -27,10 +37,14 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..lease import ABORT_CHECK, process_id
 
 __all__ = [
+    "HEALTH_IDLE",
+    "HEALTH_TIMEOUT",
     "WaitSlot",
     "WakeupHub",
     "hand_over_local",
@@ -39,6 +53,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+HEALTH_IDLE = 1.0
+"""Seconds of silence on a wake-up connection, while someone waits, before it is PINGed."""
+HEALTH_TIMEOUT = 1.0
+"""Seconds a PING may go unanswered before the wake-up connection counts as dead."""
+_SOCKET_TIMEOUT = 2.0  # upper bound of the wake-up connection's socket timeouts on reconnect
 
 
 class _ProcessState:
@@ -64,25 +84,28 @@ class WaitSlot:
     """Where a waiting thread is told it was granted: ``token`` is set, then it is woken.
 
     A pre-acquired lock is the wake-up signal: far cheaper to create than an ``Event``, and
-    created on every contended acquisition. ``recheck`` asks the waiter to ask Redis again
-    (its grant may have been lost); ``reading`` is the hub whose connection it reads now.
+    created on every contended acquisition. ``after`` is how long after the waiter's last
+    check-in the grant was made (seconds; None when the message did not say); ``reading`` is
+    the hub whose connection the waiter reads now.
     """
 
-    __slots__ = ("_signal", "reading", "recheck", "token")
+    __slots__ = ("_signal", "after", "reading", "token")
 
     def __init__(self) -> None:
         self._signal = _thread.allocate_lock()
         self._signal.acquire()
         self.token: int | None = None
-        self.recheck = False
+        self.after: float | None = None
         self.reading: WakeupHub | None = None
 
-    def grant(self, token: int) -> None:
+    def grant(self, token: int, after: float | None) -> None:
+        self.after = after
         self.token = token
         self.poke()
 
     def poke(self) -> None:
-        """Wake the waiter (to look at its token, its recheck flag, or to take over reading)."""
+        """Wake the waiter (to look at its token, the hub's generation, or to take over
+        reading)."""
         with contextlib.suppress(RuntimeError):  # woken already
             self._signal.release()
 
@@ -110,15 +133,20 @@ def hand_over_local(message: str | bytes) -> None:
 
 
 def wake_local(message: str | bytes) -> None:
-    """Deliver ``"<waiter id> <token>"`` to a waiter of this process, if it still waits."""
+    """Deliver ``"<waiter id> <token> [<ms since its check-in>]"`` to a waiter of this
+    process, if it still waits."""
     text = message.decode() if isinstance(message, bytes) else message
-    owner, _, token = text.rpartition(" ")
+    owner, token, *since = text.split(" ")
     slot = _state.slots.get(owner)
     if slot is not None:
-        slot.grant(int(token))
+        slot.grant(int(token), int(since[0]) / 1000 if since else None)
         reading = slot.reading
         if reading is not None:
             reading.interrupt()  # it sleeps in select() on its socket: nudge it
+
+
+class _Unanswered(Exception):
+    """The wake-up connection did not answer a PING in time (it was silently dropped)."""
 
 
 class WakeupHub:
@@ -127,7 +155,9 @@ class WakeupHub:
     ``ensure(prefix)`` subscribes once and waits for the server's confirmation, so a grant
     published after the caller joins a queue cannot be missed for lack of a subscription.
     ``wait(slot, ...)`` sleeps a waiter until its grant, reading the connection itself when
-    nobody else does.
+    nobody else does. ``generation`` rises each time the subscription is confirmed again after
+    the connection was lost: a waiter that last asked Redis in an older generation may have
+    missed its grant, and asks again.
     """
 
     def __init__(self, client: Any) -> None:
@@ -135,10 +165,15 @@ class WakeupHub:
         self._pubsub: Any = None
         self._subscribed: set[str] = set()  # channel prefixes whose channel is confirmed
         self._confirmed: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
+        self._channels: dict[str, str] = {}  # channel -> its prefix
+        self._lock = threading.Lock()  # guards subscribing and every write to the connection
         self._reader = threading.Lock()  # held by the thread reading the socket
         self._waiting: set[WaitSlot] = set()
         self._failures = 0
+        self._lost = False  # the connection was lost; the new subscription is not confirmed yet
+        self._heard = 0.0  # time.monotonic() when the connection last proved alive
+        self._ping_sent: float | None = None  # when an unanswered health-check PING was sent
+        self.generation = 0
         # A pipe the reading thread also selects on, so a grant handed over inside this
         # process wakes it at once even though nothing arrives on its socket.
         self._poller: Any = None
@@ -178,6 +213,7 @@ class WakeupHub:
             confirmed = self._confirmed.get(channel)
             if confirmed is None:
                 confirmed = self._confirmed[channel] = threading.Event()
+                self._channels[channel] = channel_prefix
                 try:
                     if self._pubsub is None:
                         client = self._client()
@@ -185,8 +221,11 @@ class WakeupHub:
                             raise redis.ConnectionError("the Redis client was discarded")
                         self._pubsub = client.pubsub()
                     self._pubsub.subscribe(channel)
+                    self._heard = time.monotonic()
+                    _bound_reconnects(self._pubsub.connection)
                 except BaseException:
                     del self._confirmed[channel]  # the next caller tries again
+                    del self._channels[channel]
                     raise
         end = time.monotonic() + timeout
         while not confirmed.is_set():
@@ -201,15 +240,24 @@ class WakeupHub:
                     self._hand_over(None)
             else:
                 confirmed.wait(min(left, 0.05))  # the reader will see the confirmation
-        self._subscribed.add(channel_prefix)
+        with self._lock:
+            if confirmed.is_set():  # (not cleared again by a loss meanwhile)
+                self._subscribed.add(channel_prefix)
 
-    def wait(self, slot: WaitSlot, timeout: float | None, abort: threading.Event | None) -> None:
-        """Sleep until ``slot`` is granted or asked to recheck, ``timeout`` seconds pass
-        (None: no limit) or ``abort`` is set (noticed within ABORT_CHECK seconds)."""
+    def wait(
+        self,
+        slot: WaitSlot,
+        timeout: float | None,
+        abort: threading.Event | None,
+        generation: int,
+    ) -> None:
+        """Sleep until ``slot`` is granted, ``timeout`` seconds pass (None: no limit),
+        ``abort`` is set (noticed within ABORT_CHECK seconds) or :attr:`generation` is no
+        longer ``generation`` (the subscription was re-established: a grant may be missed)."""
         end = None if timeout is None else time.monotonic() + timeout
         self._waiting.add(slot)
         try:
-            while slot.token is None and not slot.recheck:
+            while slot.token is None and self.generation == generation:
                 if abort is not None and abort.is_set():
                     return
                 step = None if end is None else end - time.monotonic()
@@ -221,7 +269,8 @@ class WakeupHub:
                     slot.reading = self
                     try:
                         if slot.token is None:  # a local grant may have come just now
-                            self._read(lambda: slot.token is not None or slot.recheck, step)
+                            self._read(lambda: (slot.token is not None
+                                                or self.generation != generation), step)
                     finally:
                         slot.reading = None
                         self._reader.release()
@@ -244,39 +293,69 @@ class WakeupHub:
 
         Sleeps in poll() on the socket and the nudge pipe together; reads only when the socket
         is readable or redis-py's parser still holds buffered data, and then straight from the
-        connection (this is the hot path of every cross-process handoff).
+        connection (this is the hot path of every cross-process handoff). Health-checks the
+        connection meanwhile and replaces it when it is dead.
         """
         pubsub = self._pubsub
         end = None if timeout is None else time.monotonic() + timeout
         buffered = True  # a previous reader may have left messages in the parser's buffer
         while not done():
-            left = None if end is None else end - time.monotonic()
+            now = time.monotonic()
+            left = None if end is None else end - now
             if left is not None and left <= 0:
                 return
             try:
                 conn = pubsub.connection
-                # can_read() also reconnects (and so re-subscribes) a dropped connection.
+                if conn._sock is None:  # dropped (by us or by redis-py): connect again
+                    self._mark_lost()
+                    self._reconnect(conn)
+                    continue
                 if buffered and conn.can_read(timeout=0):
-                    self._dispatch(conn.read_response(disconnect_on_error=False,
+                    self._received(conn.read_response(disconnect_on_error=False,
                                                       push_request=True))
                     continue
                 buffered = False
+                # Wake up for the next health action too: a PING due, or an answer overdue.
+                due = (self._heard + HEALTH_IDLE if self._ping_sent is None
+                       else self._ping_sent + HEALTH_TIMEOUT)
+                step = max(0.0, due - now) if left is None else max(0.0, min(due - now, left))
                 poller = self._poller_for(conn._sock)
-                events = poller.poll(None if left is None else max(0, int(left * 1000) + 1))
+                events = poller.poll(int(step * 1000) + 1)
                 for fd, _ in events:
                     if fd == self._nudge_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._nudge_r, 4096)
                     else:
-                        self._dispatch(conn.read_response(disconnect_on_error=False,
+                        self._received(conn.read_response(disconnect_on_error=False,
                                                           push_request=True))
                         buffered = True  # one recv may have brought several messages
-                self._failures = 0
-            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
-                with contextlib.suppress(Exception):
-                    pubsub.connection.disconnect()  # the next read reconnects and re-subscribes
-                self._connection_lost(exc)
-                return
+                if not events and time.monotonic() >= due:
+                    self._health_check(conn)
+            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError,
+                    _Unanswered) as exc:
+                self._connection_lost(exc, end)
+
+    def _received(self, response: Any) -> None:
+        # Anything read proves the connection alive (a PING's answer is just that).
+        self._heard = time.monotonic()
+        self._ping_sent = None
+        self._dispatch(response)
+
+    def _health_check(self, conn: Any) -> None:
+        if self._ping_sent is not None:
+            waited = time.monotonic() - self._ping_sent
+            raise _Unanswered(f"no answer to PING within {waited:.1f} s")
+        with self._lock:
+            conn.send_command("PING", check_health=False)
+        self._ping_sent = time.monotonic()
+
+    def _reconnect(self, conn: Any) -> None:
+        # redis-py's connect callback (PubSub.on_connect) sends SUBSCRIBE again for every
+        # channel; the confirmations are read like any message (see _dispatch).
+        with self._lock:
+            conn.connect()
+        self._heard = time.monotonic()
+        self._ping_sent = None
 
     def _poller_for(self, sock: Any) -> Any:
         # One poll object per socket: made again only after redis-py reconnected.
@@ -288,7 +367,7 @@ class WakeupHub:
         return self._poller
 
     def _dispatch(self, response: Any) -> None:
-        if response is None:
+        if response is None or not isinstance(response, list):
             return
         kind = response[0]
         if kind in (b"message", "message"):
@@ -299,17 +378,56 @@ class WakeupHub:
             event = self._confirmed.get(name)
             if event is not None:
                 event.set()
+            if self._lost:
+                self._maybe_resubscribed()
 
-    def _connection_lost(self, exc: BaseException) -> None:
-        # redis-py reconnects and re-subscribes on the next read. Grants published meanwhile
-        # are lost: every local waiter asks Redis again at once.
+    def _maybe_resubscribed(self) -> None:
+        # Every channel is confirmed again: from now on grants reach this process, so each
+        # waiter asks Redis for one it may have missed meanwhile (and not before: a grant
+        # published between that look and the confirmation would be lost again).
+        with self._lock:
+            if not all(event.is_set() for event in self._confirmed.values()):
+                return
+            self._lost = False
+            self._failures = 0
+            self._subscribed.update(self._channels.values())
+            self.generation += 1
+        log.info("rediskit wake-up connection re-established")
+        for slot in list(self._waiting):
+            slot.poke()
+
+    def _connection_lost(self, exc: BaseException, end: float | None) -> None:
+        # Drop the connection; the next read connects again and re-subscribes. Until the new
+        # subscription is confirmed, new waiters subscribe first (ready() is False).
         self._failures += 1
         if self._failures == 1:
             log.warning("rediskit wake-up connection lost (%s); reconnecting", exc)
-        for slot in list(_state.slots.values()):
-            slot.recheck = True
-            slot.poke()
-        time.sleep(min(0.05 * self._failures, 1.0))  # back off while the server is down
+        self._mark_lost()
+        with self._lock, contextlib.suppress(Exception):
+            self._pubsub.connection.disconnect()
+        if self._failures > 1:  # back off while the server is down
+            pause = min(0.05 * self._failures, 1.0)
+            if end is not None:
+                pause = min(pause, max(0.0, end - time.monotonic()))
+            time.sleep(pause)
+
+    def _mark_lost(self) -> None:
+        with self._lock:
+            self._lost = True
+            self._subscribed.clear()
+            for event in self._confirmed.values():
+                event.clear()
+            self._ping_sent = None
+
+
+def _bound_reconnects(conn: Any) -> None:
+    """Make reconnecting the wake-up connection quick to fail: the hub retries by itself
+    (while anyone waits), and a waiter reading the connection must not hang in a connect."""
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        current = getattr(conn, name, None)
+        if current is None or current > _SOCKET_TIMEOUT:
+            setattr(conn, name, _SOCKET_TIMEOUT)
+    conn.retry = Retry(NoBackoff(), 0)
 
 
 def hub_for(client: Any) -> WakeupHub:

@@ -184,7 +184,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            return script.run(self.client, keys, args)
+            return script.run(self.client, keys, args, raw=True)  # entries are bytes
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
 
@@ -194,7 +194,7 @@ class RedisCacheProvider(CacheProvider):
         if self.breaker.is_open:
             raise self._unavailable()
         try:
-            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}")
+            data = call(self.client, "GET", self._entry_prefix + resource_key(key) + "}", raw=True)
         except OUTAGE_ERRORS as exc:
             raise self._outage(exc) from exc
         if data is None:
@@ -298,8 +298,9 @@ class RedisCacheProvider(CacheProvider):
     # -- single flight across processes ---------------------------------------------------------
 
     def _lock_keys(self, key: str) -> tuple[str, list[str]]:
+        entry = self.entry_key(key)  # checks the key itself first
         name = self.keys.cache_lock_name(key)
-        return name, [*self.keys.lock_list(name), self.entry_key(key)]
+        return name, [*self.keys.lock_list(name), entry]
 
     def claim(
         self,
@@ -340,10 +341,20 @@ class RedisCacheProvider(CacheProvider):
         except CacheUnavailable:
             claim.handle.detach()
             return Claim(key, "bypass", store=False)
+        except BaseException:
+            self._abandon_quietly(claim)  # interrupted: hand the fill lock on
+            raise
         if value is MISSING:
             return claim  # the computer failed or died: our turn
         self.abandon(claim)
         return Claim(key, "hit", value)
+
+    def _abandon_quietly(self, claim: Claim) -> None:
+        try:
+            self.abandon(claim)
+        except BaseException as exc:  # the exception being raised matters more
+            log.warning("rediskit cache: could not release the fill lock of %r: %r",
+                        claim.key, exc)
 
     def _hit(self, key: str, data: bytes) -> Claim:
         try:
@@ -381,8 +392,10 @@ class RedisCacheProvider(CacheProvider):
             return
         claim.handle = None
         held.detach()
-        _name, keys = self._lock_keys(claim.key)
-        args = [*self._locks.release_argv(held.owner), *store, self._tags_of(keys[4])]
+        name = self.keys.cache_lock_name(claim.key)
+        entry = self.entry_key(claim.key)
+        keys = [*self._locks.release_keys(name), entry]
+        args = [*self._locks.release_argv(held.owner), *store, self._tags_of(entry)]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):
             hand_over_local(result)  # the next waiter is a thread of this process

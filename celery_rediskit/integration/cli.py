@@ -24,6 +24,7 @@ from celery.bin.base import CeleryCommand
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .._validate import resource_key
 from ..cache import CacheUnavailable, RedisCacheProvider
 from ..errors import RedisKitError
 from ..lease import LeaseKind
@@ -116,9 +117,10 @@ class Ops:
                 for tail in tails:
                     if key.endswith(tail):
                         return key[len(head):len(key) - len(tail)]
-        if not key or "{" in key or "}" in key:
-            _fail(f"invalid key {key!r}: a resource name may not contain '{{' or '}}'", 2)
-        return key
+        try:
+            return resource_key(key)
+        except RedisKitError as exc:
+            _fail(f"invalid key: {exc}", 2)
 
 
 def _ops(ctx: click.Context) -> Ops:

@@ -72,7 +72,10 @@ class Settings:
                 f"rediskit_url must be a Redis URL (redis://, rediss:// or unix://), "
                 f"got {self.url!r}"
             )
-        KeySpace(self.prefix)  # validates the prefix
+        try:
+            KeySpace(self.prefix)  # validates the prefix
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"rediskit_{exc}") from None  # "rediskit_prefix must be..."
         for name in DURATIONS:
             object.__setattr__(
                 self, name, parse_duration(getattr(self, name), f"rediskit_{name}")

@@ -5,11 +5,16 @@
 --
 -- A queue is two keys with the resource's hash tag:
 --   queue   LIST of waiter ids, oldest first
---   waiters HASH waiter id -> "<deadline ms (server clock)>:<lease ms it asked for>"
+--   waiters HASH waiter id -> "<deadline>:<lease it asked for>:<last check-in>" (ms; deadline
+--           and check-in on the server's clock)
 -- Both expire at the latest deadline of a waiter that joined: past it, every waiter is dead.
 -- A waiter id is "<process id>:<n>"; grants are published on <channel prefix><process id>
--- as "<waiter id> <token>". A waiter refreshes its deadline each time it re-checks, so one
--- that died drops out by itself once its deadline passes.
+-- as "<waiter id> <token> <ms since the waiter's last check-in>" (the waiter knows when it
+-- checked in, so it can tell how late the message reached it without comparing clocks).
+-- A waiter refreshes its entry each time it re-checks, so one that died drops out by itself
+-- once its deadline passes.
+
+local wq_since = {}  -- waiter id -> ms from its last check-in to now, set by wq_head
 
 -- The first live waiter and the lease it asked for; dead ones met on the way are dropped.
 -- The returned waiter stays in the queue: wq_pop removes it once it is served.
@@ -19,8 +24,11 @@ local function wq_head(queue, waiters, now)
     if not w then return nil, nil end
     local v = redis.call('HGET', waiters, w)
     if v then
-      local deadline, lease = string.match(v, '^(%d+):(%d+)$')
-      if tonumber(deadline) > now then return w, tonumber(lease) end
+      local deadline, lease, joined = string.match(v, '^(%d+):(%d+):?(%d*)$')
+      if tonumber(deadline) > now then
+        if joined ~= '' then wq_since[w] = math.max(0, now - tonumber(joined)) end
+        return w, tonumber(lease)
+      end
     end
     redis.call('LPOP', queue)
     redis.call('HDEL', waiters, w)
@@ -32,9 +40,9 @@ local function wq_pop(queue, waiters, w)
   redis.call('HDEL', waiters, w)
 end
 
--- Add a waiter at the tail, or refresh its deadline if it is queued already.
-local function wq_join(queue, waiters, w, deadline, lease)
-  if redis.call('HSET', waiters, w, deadline .. ':' .. lease) == 1 then
+-- Add a waiter at the tail, or refresh its entry if it is queued already (now: its check-in).
+local function wq_join(queue, waiters, w, deadline, lease, now)
+  if redis.call('HSET', waiters, w, deadline .. ':' .. lease .. ':' .. now) == 1 then
     redis.call('RPUSH', queue, w)
   end
   keep_until(queue, deadline)
@@ -47,12 +55,14 @@ local function wq_leave(queue, waiters, w)
   end
 end
 
--- Tell a waiter it was granted. Returns "<waiter> <token>" instead of publishing when the
--- waiter lives in the calling process (local_proc), which then wakes it without a network hop.
+-- Tell a waiter (just returned by wq_head) it was granted. Returns the message instead of
+-- publishing it when the waiter lives in the calling process (local_proc), which then wakes it
+-- without a network hop.
 -- The token is written in full (%.0f): Lua's own number to text would round a 16-digit token.
 local function wq_notify(chan_prefix, local_proc, w, token)
-  local proc = string.match(w, '^[^:]+')
   local msg = w .. ' ' .. string.format('%.0f', token)
+  if wq_since[w] then msg = msg .. ' ' .. wq_since[w] end
+  local proc = string.match(w, '^[^:]+')
   if proc == local_proc then return msg end
   redis.call('PUBLISH', chan_prefix .. proc, msg)
   return nil

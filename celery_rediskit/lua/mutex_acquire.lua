@@ -11,7 +11,8 @@
 -- ARGV[4] grace, ms: how long past the holder's lease a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
 -- ARGV[6] idle lifetime, ms: the fence key outlives the last grant's lease by half to all of it
--- Returns: token >= 1 when the caller holds the lock (newly, or granted earlier by a release);
+-- Returns: token >= 1 when the caller holds the lock for the lease from now (newly, or granted
+--          earlier by a release: its lease is then set to ARGV[2] again);
 --          otherwise -1 - (holder's remaining lease in ms), i.e. <= -1, so the caller can bound
 --          its wait (half the grace when the holder has no expiry).
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -28,7 +29,9 @@ end
 
 local holder = redis.call('GET', lock)
 if holder == owner then
-  return tonumber(redis.call('GET', fence))  -- granted to us by a release while we waited
+  -- Granted to us by a release while we waited: the full lease from now, however late we ask.
+  redis.call('PEXPIRE', lock, lease)
+  return tonumber(redis.call('GET', fence))
 end
 local now = nil
 if not holder then
@@ -50,6 +53,6 @@ local pttl = redis.call('PTTL', lock)
 if pttl < 0 then pttl = math.floor(tonumber(ARGV[4]) / 2) end  -- no expiry (set by hand)
 if ARGV[3] == '1' then
   now = now or now_ms()
-  wq_join(queue, waiters, owner, now + pttl + tonumber(ARGV[4]), lease)
+  wq_join(queue, waiters, owner, now + pttl + tonumber(ARGV[4]), lease, now)
 end
 return -1 - pttl

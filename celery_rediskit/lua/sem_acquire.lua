@@ -13,7 +13,8 @@
 -- ARGV[6] permits to initialise with when the semaphore does not exist yet
 -- ARGV[7] idle lifetime, ms: total, initial and holders expire half to all of it after the
 --         last acquire (holders never before the last holder's lease ends)
--- Returns 1 when the caller holds a permit (newly, or granted earlier by a release);
+-- Returns 1 when the caller holds a permit for the lease from now (newly, or granted earlier by
+--         a release: its lease end is then set to now + ARGV[2] again);
 --         otherwise -1 - (ms until the nearest holder's lease ends; half the grace when no
 --         holder bounds the wait), so the caller can bound its wait.
 --         With KEYS[6], when the stored total differed from the declared one: {stored total,
@@ -60,12 +61,20 @@ if redis.call('LLEN', queue) == 0 then
     keep_for(holders, lease, idle)
     return 1
   end
-  if redis.call('ZSCORE', holders, owner) then return 1 end
+  if redis.call('ZSCORE', holders, owner) then  -- granted earlier: the full lease from now
+    redis.call('ZADD', holders, 'XX', now + lease, owner)
+    keep_for(holders, lease, idle)
+    return 1
+  end
 end
 
 -- libraries here
 
-if redis.call('ZSCORE', holders, owner) then return 1 end
+if redis.call('ZSCORE', holders, owner) then  -- granted earlier: the full lease from now
+  redis.call('ZADD', holders, 'XX', now + lease, owner)
+  keep_for(holders, lease, idle)
+  return 1
+end
 
 -- Free permits go to the queue first (also after a holder's lease ended), then to the caller.
 sem_serve(holders, total, queue, waiters, now, ARGV[5], '')
@@ -80,6 +89,6 @@ local bound = math.floor(grace / 2)
 local nearest = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
 if nearest[2] then bound = math.max(0, tonumber(nearest[2]) - now) end
 if ARGV[3] == '1' then
-  wq_join(queue, waiters, owner, now + bound + grace, lease)
+  wq_join(queue, waiters, owner, now + bound + grace, lease, now)
 end
 return -1 - bound

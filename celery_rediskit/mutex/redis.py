@@ -6,6 +6,9 @@ takes ``max(last + 1, server clock in µs)``, so tokens keep rising when the key
 expires ``idle_ttl / 2`` to ``idle_ttl`` after the last grant's lease), ``...:queue`` /
 ``...:waiters`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
 the lock straight to the first live waiter, so nobody can jump the queue.
+``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
+that a release re-sent after its reply was lost answers truthfully and still wakes a waiter of
+this process (``_redis/release.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._redis.keys import IDLE_TTL, KeySpace
+from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
@@ -60,7 +64,7 @@ class RedisMutexStorage(MutexStorage):
         return acquire_queued(
             "lock", key, owner, self.client, self._acquire, self._key_list(key),
             self.acquire_argv(owner, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort,
+            timeout, abort, lease,
         )
 
     def acquire_argv(self, owner: str, lease: float) -> list[Any]:
@@ -69,8 +73,16 @@ class RedisMutexStorage(MutexStorage):
         return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, self._idle_ms]
 
     def release_argv(self, owner: str, *, force: bool = False) -> list[Any]:
-        """ARGV of ``mutex_release.lua`` (also reused by the cache's fill script)."""
-        return [owner, self._channel_prefix, process_id(), "1" if force else "0", self._idle_ms]
+        """ARGV of ``mutex_release.lua`` for one release call, with a new release id (also
+        reused by the cache's fill script): every send of one call must use the same list."""
+        return [owner, self._channel_prefix, process_id(), "1" if force else "0", self._idle_ms,
+                release_id(), RECORD_MS]
+
+    def release_keys(self, key: str) -> list[str]:
+        """KEYS of ``mutex_release.lua``: the lock's keys and the calling thread's release
+        record."""
+        keys = self._key_list(key)
+        return [*keys, record_key(keys[0])]
 
     def try_acquire(
         self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None
@@ -85,15 +97,17 @@ class RedisMutexStorage(MutexStorage):
         return int(self._acquire.run_after(self.client, before, keys, argv))
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
-        token = int(self._cancel.run(self.client, self._key_list(key), [owner]))
-        if token >= 1 and not keep:
-            self.release(key, owner)
+        """A waiter gives up: with ``keep``, the token of a grant made meanwhile (else 0);
+        without, it leaves the queue or hands such a grant on (the release script does both,
+        in one round trip)."""
+        if not keep:
+            self._run_release(key, owner, force=False)
             return 0
-        return token
+        return int(self._cancel.run(self.client, self._key_list(key), [owner]))
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:
         result = self._release.run(
-            self.client, self._key_list(key), self.release_argv(owner, force=force)
+            self.client, self.release_keys(key), self.release_argv(owner, force=force)
         )
         if isinstance(result, (bytes, str)):
             hand_over_local(result)  # the next owner waits in this process

@@ -9,7 +9,9 @@ script first drops holders whose lease ended, so a crashed holder's permit comes
 Every key expires: ``total``, ``initial`` and ``holders`` ``idle_ttl / 2`` to ``idle_ttl``
 after the last acquire (the next acquire then initialises the semaphore again from the permits
 it declares; ``holders`` never before the last holder's lease ends), the queue with its last
-waiter's deadline.
+waiter's deadline. ``...:released:<process id>/<thread>`` records a thread's latest release for
+a few seconds, so that a release re-sent after its reply was lost answers truthfully
+(``_redis/release.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._redis.keys import IDLE_TTL, KeySpace
+from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
@@ -84,7 +87,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         return acquire_queued(
             "permit", key, owner, self.client, self._acquire, self._key_list(key),
             self._acquire_argv(owner, permits, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort,
+            timeout, abort, lease,
         )
 
     def _acquire_argv(self, owner: str, permits: int, lease: float) -> list[Any]:
@@ -124,8 +127,13 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         return 1 if keep and held == 2 else 0
 
     def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
-        args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop"]
-        result = self._release.run(self.client, self._key_list(key), args)
+        # A new release id per call: a re-send of this call after a lost reply finds it
+        # recorded and answers as the first send did (see _redis/release.py).
+        args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop",
+                release_id(), RECORD_MS]
+        keys = self._key_list(key)
+        record = record_key(keys[0].removesuffix(":holders"))
+        result = self._release.run(self.client, [*keys, record], args)
         if isinstance(result, list):
             for message in result[1:]:
                 hand_over_local(message)  # a waiter of this process just got a permit

@@ -4,11 +4,14 @@ re-loaded when the server has forgotten them."""
 from __future__ import annotations
 
 import re
+import signal
+import time
 
+import pytest
 import redis
 
 from celery_rediskit import RedisMutexStorage, create_mutex
-from celery_rediskit._redis.scripts import compose, load_script
+from celery_rediskit._redis.scripts import call, compose, load_script
 from tests.roundtrips import counting_client
 
 
@@ -72,3 +75,30 @@ def test_scripts_reload_after_a_server_restart(private_server: object, prefix: s
         # A fresh server lost the counter, yet the token rises: it follows the server's clock.
         assert lease.fencing_token > before.fencing_token
 
+
+
+class _Interrupted(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded, raised into whatever the task is doing."""
+
+
+def test_an_exception_raised_into_a_read_propagates_and_the_command_is_not_sent_again(
+    redis_url: str, prefix: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.ping()  # the pooled connection exists: the read is what gets interrupted
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted):
+            call(client, "BLPOP", f"{prefix}:empty", 2)  # the server answers after 2 s
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 1.5, "the command was sent again after the interrupt"
+    assert client.ping() is True  # the interrupted connection was dropped, not reused
+    client.close()

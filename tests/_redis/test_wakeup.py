@@ -6,12 +6,21 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
 
-from celery_rediskit import RedisMutexStorage, create_mutex
+from celery_rediskit import (
+    RedisMutexStorage,
+    RedisSemaphoreStorage,
+    create_mutex,
+    create_semaphore,
+)
 from celery_rediskit._redis import wakeup
+from celery_rediskit._redis.scripts import load_script
+from celery_rediskit._redis.waiting import WAITER_GRACE_MS
+from tests.interrupts import Background, wait_until
 
 
 @pytest.fixture
@@ -87,3 +96,107 @@ def test_a_discarded_client_leaves_no_wakeup_connection_or_pipe(redis_url: str,
     assert all(hub.closed for hub in hubs), "a hub outlived its client"
     assert not any(hub in (entry[1] for entry in wakeup._state.hubs.values()) for hub in hubs)
 
+
+
+# -- a grant learned late still comes with its full lease -------------------------------------
+
+ELSEWHERE = "elsewhere/1/abc"  # a process id nobody listens for: its grants are published
+
+
+def _queue_as(storage: Any, kind: str, owner: str, lease_ms: int) -> int:
+    """Run the acquire script as ``owner`` with "join the queue" set; its reply."""
+    if kind == "mutex":
+        keys = storage.keys.lock_list("res")
+        argv = [owner, lease_ms, "1", WAITER_GRACE_MS, storage.keys.wake_channel_prefix,
+                storage.keys.idle_ms]
+        return int(load_script("mutex_acquire").run(storage.client, keys, argv))
+    keys = storage.keys.semaphore_list("res")
+    argv = [owner, lease_ms, "1", WAITER_GRACE_MS, storage.keys.wake_channel_prefix, 1,
+            storage.keys.idle_ms]
+    return int(load_script("sem_acquire").run(storage.client, keys, argv))
+
+
+def _remaining_ms(storage: Any, kind: str, owner: str) -> int:
+    client = storage.client
+    if kind == "mutex":
+        lock = storage.keys.lock("res").lock
+        assert client.get(lock) == owner.encode()
+        return int(client.pttl(lock))
+    ends = client.zscore(storage.keys.semaphore("res").holders, owner)
+    seconds, micros = client.time()
+    return int(ends - (seconds * 1000 + micros // 1000))
+
+
+def _age_the_grant(storage: Any, kind: str, owner: str, left_ms: int) -> None:
+    """Leave ``owner`` only ``left_ms`` of its lease, as if it learned of the grant late."""
+    client = storage.client
+    if kind == "mutex":
+        client.pexpire(storage.keys.lock("res").lock, left_ms)
+        return
+    seconds, micros = client.time()
+    client.zadd(storage.keys.semaphore("res").holders,
+                {owner: seconds * 1000 + micros // 1000 + left_ms}, xx=True)
+
+
+def _storage(kind: str, client: redis.Redis, prefix: str) -> Any:
+    if kind == "mutex":
+        return RedisMutexStorage(client, prefix=prefix)
+    return RedisSemaphoreStorage(client, prefix=prefix)
+
+
+def _try(storage: Any, kind: str, owner: str, lease: float) -> int:
+    if kind == "mutex":
+        return int(storage.try_acquire("res", owner, lease))
+    return int(storage.try_acquire("res", owner, 1, lease))
+
+
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_asking_again_after_a_grant_renews_it_to_the_full_lease(
+    kind: str, client: redis.Redis, prefix: str
+) -> None:
+    """A waiter that learns of its grant only when it asks Redis again (its message was lost)
+    gets the full lease it asked for, not what is left of it."""
+    storage = _storage(kind, client, prefix)
+    holder, waiter = f"{ELSEWHERE}:1", f"{ELSEWHERE}:2"
+    assert _try(storage, kind, holder, 30.0) >= 1
+    assert _queue_as(storage, kind, waiter, 6000) <= -1
+    assert storage.release("res", holder)  # handed to the waiter; the message goes nowhere
+    _age_the_grant(storage, kind, waiter, 60)
+    assert _try(storage, kind, waiter, 6.0) >= 1  # "granted earlier by a release"
+    left = _remaining_ms(storage, kind, waiter)
+    assert left > 5500, f"the already granted path left the lease at {left} ms of 6000"
+
+
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_a_lost_grant_is_learned_within_the_recheck_interval(
+    kind: str, client: redis.Redis, prefix: str
+) -> None:
+    """A wait sleeps at most min(2 s, lease / 3) between looks at Redis, whatever its bound:
+    a grant whose message is lost is learned then, not when the holder's lease (30 s) or the
+    caller's timeout would have ended, and comes with its full lease."""
+    storage = _storage(kind, client, prefix)
+    holder = f"{ELSEWHERE}:1"
+    assert _try(storage, kind, holder, 30.0) >= 1
+    granter = (create_mutex(timeout=8, lease=4.5, storage=storage) if kind == "mutex" else
+               create_semaphore(permits=1, timeout=8, lease=4.5, storage=storage))
+    waiter = Background(lambda: granter.acquire("res"))
+    waiter.start()
+    keys = storage.keys.lock("res") if kind == "mutex" else storage.keys.semaphore("res")
+    wait_until(lambda: client.hlen(keys.waiters) == 1)
+    # The holder's release hands over as usual but publishes where nobody listens.
+    if kind == "mutex":
+        args = [holder, "nowhere:", ELSEWHERE, "0", storage.keys.idle_ms]
+        load_script("mutex_release").run(client, storage.keys.lock_list("res"), args)
+    else:
+        args = [holder, "nowhere:", ELSEWHERE, "drop"]
+        load_script("sem_release").run(client, storage.keys.semaphore_list("res"), args)
+    released_at = time.monotonic()
+    waiter.join(15)
+    assert waiter.error is None, f"the grant was never learned: {waiter.error!r}"
+    took = waiter.finished_at - released_at
+    assert took < 1.5 + 1.0, f"the lost grant was learned after {took:.2f} s"
+    lease = waiter.result
+    try:
+        assert lease.ttl() > 4.0
+    finally:
+        lease.release()

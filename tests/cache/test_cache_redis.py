@@ -14,8 +14,9 @@ from typing import Any
 import cachefuncs
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_rediskit._redis.keys import IDLE_TTL
+from celery_rediskit._redis.keys import IDLE_TTL, KeySpace
 from celery_rediskit.cache import (
     MISSING,
     RedisCacheProvider,
@@ -25,6 +26,7 @@ from celery_rediskit.cache import (
     revalidate_tag,
 )
 from celery_rediskit.errors import ConfigurationError, SerializationError
+from tests.interrupts import HOWS, Background, interrupt_wait, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -57,6 +59,26 @@ def test_clear_deletes_only_this_prefix(provider: RedisCacheProvider, client: re
     assert provider.get("k1", MISSING) is MISSING
     assert other.get("keep") == 1 and client.get(f"{prefix}:unrelated") == b"1"
     other.clear()
+
+
+def test_a_glob_prefix_never_clears_the_entries_of_other_prefixes(
+    client: redis.Redis, prefix: str
+) -> None:
+    """``prefix="svc[12]"`` as a glob matches ``svc1`` and ``svc2``: it is refused."""
+    neighbours = [RedisCacheProvider(client, prefix=prefix + n) for n in "12"]
+    for n, neighbour in enumerate(neighbours):
+        neighbour.set("k", n, ttl=60)
+    refused: ConfigurationError | None = None
+    try:
+        RedisCacheProvider(client, prefix=prefix + "[12]").clear()
+    except ConfigurationError as exc:
+        refused = exc
+    assert [p.get("k", MISSING) for p in neighbours] == [0, 1], (
+        f"clear() under prefix {prefix}[12] deleted the entries of {prefix}1 and {prefix}2"
+    )
+    assert refused is not None and "prefix" in str(refused) and "glob" in str(refused)
+    for neighbour in neighbours:
+        neighbour.clear()
 
 
 def test_tag_index_lives_in_redis_and_cleans_itself(
@@ -207,6 +229,40 @@ def test_wait_is_bounded(global_provider: RedisCacheProvider) -> None:
     assert 0.25 < time.monotonic() - t0 < 2.0 and calls == [1, 1]
     release.set()
     holder.join()
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SoftTimeLimitExceeded],
+                         ids=lambda e: e.__name__)
+def test_an_interrupted_single_flight_wait_leaves_the_queue(
+    provider: RedisCacheProvider, prefix: str, exc: type[BaseException], how: str
+) -> None:
+    """A caller interrupted while it waits for another caller's fill leaves the fill lock's
+    queue: the fill hands the lock to the live waiter behind it, which finds the entry at
+    once instead of waiting for the departed waiter's lease (30 s)."""
+    keys = KeySpace(prefix).lock(provider.keys.cache_lock_name("k"))
+    queued = provider.client.hlen
+    computer = provider.claim("k")
+    assert computer.state == "owner"
+    live = Background(lambda: provider.claim("k", lease=30, wait=5))
+
+    def queue_a_live_waiter_behind() -> None:
+        wait_until(lambda: queued(keys.waiters) == 1)
+        live.start()
+        wait_until(lambda: queued(keys.waiters) == 2)
+
+    interrupt_wait(how, exc, lambda abort: provider.claim("k", lease=30, wait=30, abort=abort),
+                   queue_a_live_waiter_behind)
+    waiting = (queued(keys.waiters), provider.client.llen(keys.queue))
+    filled_at = time.monotonic()
+    provider.fill(computer, "value", 60)
+    live.join(10)
+    assert live.error is None and live.result.state == "hit", (
+        f"the live waiter got {live.result or live.error!r}: the fill lock went to "
+        f"{provider.client.get(keys.lock)!r}"
+    )
+    assert live.finished_at - filled_at < 1.0
+    assert waiting == (1, 1), "the interrupted waiter stayed queued in Redis"
 
 
 def test_takeover_after_computer_dies(redis_url: str, prefix: str, client: redis.Redis) -> None:

@@ -248,6 +248,7 @@ def test_permits(env: Env) -> None:
     fails(env.rediskit("permits", name, "--set", "abc"), 2, "--set")
     fails(env.rediskit("permits", name, "--set", "1", "--reset"), 2, "--set", "--reset")
     fails(env.rediskit("permits", "bad{key}", "--reset"), 2, "bad{key}")
+    fails(env.rediskit("permits", "bad\nkey", "--reset"), 2, "control character")
 
     # releasing permits: one holder, then every holder
     other = new_owner_id()

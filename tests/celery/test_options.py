@@ -86,6 +86,12 @@ def test_url_defaults_to_redis_broker_else_names_the_setting(redis_url: str) -> 
         RedisKit(other)
 
 
+def test_a_bad_prefix_names_the_setting_and_the_accepted_form(redis_url: str) -> None:
+    app = Celery("p", broker=redis_url, set_as_current=False)
+    with pytest.raises(ConfigurationError, match=r"^rediskit_prefix must be .* glob characters"):
+        RedisKit(app, prefix="svc[12]")
+
+
 def test_django_style_settings(redis_url: str) -> None:
     class DjangoSettings:
         CELERY_BROKER_URL = "amqp://guest@localhost//"

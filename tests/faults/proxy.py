@@ -18,6 +18,10 @@ The faults, each applied by one synchronous call that returns once it is in forc
   ``PubSub``: ``ps.connection._sock.getsockname()[1]``), goes silent for good, as when a NAT or
   a load balancer forgets an idle connection: whatever either side sends is discarded, and
   neither side is told. ``heal()`` does not revive it (the NAT entry is gone).
+- ``swallow_reply(match)``: the next command whose bytes contain ``match`` reaches the server,
+  but its reply never reaches the client: the proxy discards it and resets that connection, as
+  a network failing between the server's execution and the client's read. The client sees a
+  read error after the command ran (``swallowed`` counts the replies discarded so).
 
 A connection the server refuses (it is down or restarting) is reset towards the client. A side
 that closes or resets its socket has the other side closed or reset in turn. ``close()`` stops
@@ -95,7 +99,7 @@ class _Pipe:
 
 class _Link:
     __slots__ = ("bytes_down", "bytes_up", "client", "client_port", "down", "dropped",
-                 "subscribed", "tail", "up", "upstream")
+                 "recent", "subscribed", "swallow", "tail", "up", "upstream")
 
     def __init__(self, client: socket.socket, upstream: socket.socket, client_port: int) -> None:
         self.client = client
@@ -108,6 +112,8 @@ class _Link:
         self.tail = b""  # the last bytes sent upstream, so a command split across reads is seen
         self.bytes_up = 0
         self.bytes_down = 0
+        self.recent = b""  # the last bytes sent upstream, for swallow_reply's match
+        self.swallow = False  # discard the next reply and reset (see FaultProxy.swallow_reply)
 
     def info(self) -> LinkInfo:
         return LinkInfo(self.client_port, self.subscribed, self.dropped, self.bytes_up,
@@ -146,6 +152,8 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self.accepted = 0  # connections accepted so far
         self.refused = 0  # connections reset because the server refused them
+        self._swallow_match: bytes | None = None
+        self.swallowed = 0  # replies discarded by swallow_reply
 
     @property
     def url(self) -> str:
@@ -237,6 +245,20 @@ class FaultProxy:
                     link.down.pending.clear()
                     return
             raise LookupError(f"no proxied connection from client port {client_port}")
+        self._call(apply)
+
+    def swallow_reply(self, match: bytes) -> None:
+        """Arm a one-shot fault: the next command sent with ``match`` in its bytes is forwarded
+        to the server, and the server's reply to it is discarded and its connection reset.
+
+        The command must be the only one in flight on its connection (not pipelined behind
+        commands whose replies are still to come): the first bytes back are taken as its reply.
+        """
+        if not match:
+            raise ValueError("swallow_reply needs a non-empty match")
+
+        def apply() -> None:
+            self._swallow_match = bytes(match)
         self._call(apply)
 
     def links(self) -> list[LinkInfo]:
@@ -340,12 +362,22 @@ class FaultProxy:
             return
         if pipe is link.up:
             link.bytes_up += len(data)
+            match = self._swallow_match
+            if match is not None:
+                if match in link.recent + data:
+                    link.swallow = True
+                    self._swallow_match = None
+                link.recent = data[-len(match):]
             if not link.subscribed:
                 seen = (link.tail + data).upper()
                 link.subscribed = b"SUBSCRIBE" in seen
                 link.tail = data[-16:]
         else:
             link.bytes_down += len(data)
+            if link.swallow:  # the reply of the command swallow_reply matched: lose it
+                self.swallowed += 1
+                self._close_link(link, abort=True)
+                return
         if link.dropped:
             return  # the NAT forgot this connection: bytes vanish
         delay = self._delay_up if pipe is link.up else self._delay_down

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.faults.proxy import FaultProxy, local_port
 from tests.faults.servers import FaultServer
@@ -132,6 +134,22 @@ def test_drop_silences_one_pubsub_connection_and_nothing_else(
     [dropped] = [link for link in fault_proxy.links() if link.client_port == port]
     assert dropped.dropped
     ps.close()
+    client.close()
+    direct.close()
+
+
+def test_swallow_reply_runs_the_command_but_loses_its_reply(
+    fault_proxy: FaultProxy, fault_server: FaultServer
+) -> None:
+    client = redis.Redis.from_url(fault_proxy.url, retry=Retry(NoBackoff(), 0))
+    direct = fault_server.client()
+    client.set("before", "1")  # a command without the match passes
+    fault_proxy.swallow_reply(b"swallowed-key")
+    with pytest.raises(redis.ConnectionError):
+        client.incr("swallowed-key")
+    assert direct.get("swallowed-key") == b"1"  # the server ran it once
+    assert fault_proxy.swallowed == 1
+    assert client.incr("swallowed-key") == 2  # one-shot: the next send passes
     client.close()
     direct.close()
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.cluster import key_slot
 
 from celery_rediskit import (
@@ -20,6 +21,7 @@ from celery_rediskit import (
     create_mutex,
 )
 from celery_rediskit._redis.keys import KeySpace
+from tests.interrupts import HOWS, Background, interrupt_wait, wait_until
 from tests.processes import run_contenders
 
 pytestmark = pytest.mark.usefixtures("no_stray_leases")
@@ -231,14 +233,45 @@ def test_sigstop_past_the_lease_gives_a_higher_token_and_refuses_the_old_release
     lease.release()
 
 
+INTERRUPTS = [KeyboardInterrupt, SystemExit, SoftTimeLimitExceeded]
 
 
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("exc", INTERRUPTS, ids=lambda e: e.__name__)
+def test_an_interrupted_wait_leaves_the_queue_and_the_next_release_serves_a_live_waiter(
+    redis_storage: RedisMutexStorage, exc: type[BaseException], how: str
+) -> None:
+    """A wait ended by anything but its timeout or abort leaves no ghost in the queue: the
+    release goes to the live waiter behind it at once, not after the ghost's lease (30 s)."""
+    mutex = create_mutex(timeout=30, lease=30, storage=redis_storage)
+    keys = redis_storage.keys.lock("res")
+    queued = redis_storage.client.hlen
+    held = mutex.acquire("res")
+    live = Background(lambda: mutex.acquire("res", timeout=5))
 
+    def queue_a_live_waiter_behind() -> None:
+        wait_until(lambda: queued(keys.waiters) == 1)
+        live.start()
+        wait_until(lambda: queued(keys.waiters) == 2)
 
-
-
-
-
+    interrupt_wait(how, exc, lambda abort: mutex.acquire("res", abort=abort),
+                   queue_a_live_waiter_behind)
+    try:
+        waiting = (queued(keys.waiters), redis_storage.client.llen(keys.queue))
+        released_at = time.monotonic()
+        held.release()
+        live.join(10)
+        holder = redis_storage.get_lock_info("res").holder
+        assert live.error is None, (
+            f"the release went to {holder!r}, not to the live waiter, which got {live.error!r}"
+        )
+        assert live.finished_at - released_at < 1.0
+        assert holder == live.result.owner
+        assert waiting == (1, 1), "the interrupted waiter stayed queued in Redis"
+    finally:
+        live.join(10)
+        if live.result is not None:
+            live.result.release()
 
 
 @pytest.mark.parametrize("name", ["db", "db:main", "tenant/42", "}x"])

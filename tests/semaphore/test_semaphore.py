@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.cluster import key_slot
 
 from celery_rediskit import (
@@ -24,6 +25,7 @@ from celery_rediskit import (
 from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.renewal import renewer
 from celery_rediskit.semaphore import Semaphore
+from tests.interrupts import HOWS, Background, interrupt_wait, wait_until
 from tests.processes import run_contenders
 
 
@@ -243,6 +245,45 @@ def test_release_in_another_process_wakes_a_waiter_at_once(
     assert holder.command("release").startswith("RELEASED True")
     thread.join(5)
     assert got["at"] - released_at < 0.5
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SoftTimeLimitExceeded],
+                         ids=lambda e: e.__name__)
+def test_an_interrupted_wait_leaves_the_queue_and_the_next_release_serves_a_live_waiter(
+    redis_storage: RedisSemaphoreStorage, exc: type[BaseException], how: str
+) -> None:
+    """A wait ended by anything but its timeout or abort leaves no ghost in the queue: the
+    freed permit goes to the live waiter behind it at once, not after the ghost's lease."""
+    sem = create_semaphore(permits=1, timeout=30, lease=30, storage=redis_storage)
+    keys = redis_storage.keys.semaphore("db")
+    queued = redis_storage.client.hlen
+    held = sem.acquire("db")
+    live = Background(lambda: sem.acquire("db", timeout=5))
+
+    def queue_a_live_waiter_behind() -> None:
+        wait_until(lambda: queued(keys.waiters) == 1)
+        live.start()
+        wait_until(lambda: queued(keys.waiters) == 2)
+
+    interrupt_wait(how, exc, lambda abort: sem.acquire("db", abort=abort),
+                   queue_a_live_waiter_behind)
+    try:
+        waiting = (queued(keys.waiters), redis_storage.client.llen(keys.queue))
+        released_at = time.monotonic()
+        held.release()
+        live.join(10)
+        holders = list(redis_storage.get_semaphore_info("db").holders)
+        assert live.error is None, (
+            f"the permit went to {holders}, not to the live waiter, which got {live.error!r}"
+        )
+        assert live.finished_at - released_at < 1.0
+        assert holders == [live.result.owner]
+        assert waiting == (1, 1), "the interrupted waiter stayed queued in Redis"
+    finally:
+        live.join(10)
+        if live.result is not None:
+            live.result.release()
 
 
 @pytest.mark.parametrize(
