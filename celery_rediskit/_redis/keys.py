@@ -148,6 +148,12 @@ class KeySpace:
         """Grants are published on ``<prefix>:wake:<process id>``: one channel per process."""
         return f"{self.prefix}:wake:"
 
+    def sharded_wake_prefix(self, slot: int) -> str:
+        """Redis Cluster: grants of keys in hash slot ``slot`` are published with SPUBLISH on
+        ``<prefix>:wake:{<slot tag>}:<process id>``, a channel of that slot, so a message goes
+        only to the shard of its key (one channel per process and slot in use)."""
+        return f"{self.prefix}:wake:{{{slot_tag(slot)}}}:"
+
     def cache_entry(self, name: str) -> str:
         """Key of cache entry ``name``. Its hash tag is that of the entry's fill lock,
         ``lock(cache_lock_name(name))``, so one script can store the entry and release the lock."""

@@ -29,9 +29,10 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from redis.cluster import RedisCluster
 from redis.exceptions import ClusterError, TryAgainError
 
-__all__ = ["MIGRATION_WAIT", "SLOTS", "key_slot", "slot_tag", "through_migration"]
+__all__ = ["MIGRATION_WAIT", "SLOTS", "is_cluster", "key_slot", "slot_tag", "through_migration"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ SLOTS = 16384
 _MASK = SLOTS - 1
 _LENGTH = 4
 _BASE = b"@" * _LENGTH
+
+
+def is_cluster(client: Any) -> bool:
+    """True for a Redis Cluster client (``redis.cluster.RedisCluster``)."""
+    return isinstance(client, RedisCluster)
 
 
 def key_slot(key: str | bytes) -> int:

@@ -313,7 +313,7 @@ class RedisCacheProvider(CacheProvider):
         lease = positive_seconds("lease", lease)
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
-        args = self._locks.acquire_argv(owner, lease)
+        args = self._locks.acquire_argv(owner, lease, name)
         try:
             result = self._run(self._claim, keys, args)
         except CacheUnavailable:
@@ -395,7 +395,7 @@ class RedisCacheProvider(CacheProvider):
         name = self.keys.cache_lock_name(claim.key)
         entry = self.entry_key(claim.key)
         keys = [*self._locks.release_keys(name), entry]
-        args = [*self._locks.release_argv(held.owner), *store, self._tags_of(entry)]
+        args = [*self._locks.release_argv(held.owner, name), *store, self._tags_of(entry)]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):
             hand_over_local(result)  # the next waiter is a thread of this process
