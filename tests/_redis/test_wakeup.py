@@ -18,6 +18,7 @@ from celery_rediskit import (
     create_semaphore,
 )
 from celery_rediskit._redis import wakeup
+from celery_rediskit._redis.release import RECORD_MS, record_key, release_id
 from celery_rediskit._redis.scripts import load_script
 from celery_rediskit._redis.waiting import WAITER_GRACE_MS
 from tests.interrupts import Background, wait_until
@@ -185,11 +186,14 @@ def test_a_lost_grant_is_learned_within_the_recheck_interval(
     wait_until(lambda: client.hlen(keys.waiters) == 1)
     # The holder's release hands over as usual but publishes where nobody listens.
     if kind == "mutex":
-        args = [holder, "nowhere:", ELSEWHERE, "0", storage.keys.idle_ms]
-        load_script("mutex_release").run(client, storage.keys.lock_list("res"), args)
+        args = storage.release_argv(holder)
+        args[1:3] = ["nowhere:", ELSEWHERE]
+        load_script("mutex_release").run(client, storage.release_keys("res"), args)
     else:
-        args = [holder, "nowhere:", ELSEWHERE, "drop"]
-        load_script("sem_release").run(client, storage.keys.semaphore_list("res"), args)
+        args = [holder, "nowhere:", ELSEWHERE, "drop", release_id(), RECORD_MS]
+        keys = storage.keys.semaphore_list("res")
+        record = record_key(keys[0].removesuffix(":holders"))
+        load_script("sem_release").run(client, [*keys, record], args)
     released_at = time.monotonic()
     waiter.join(15)
     assert waiter.error is None, f"the grant was never learned: {waiter.error!r}"

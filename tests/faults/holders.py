@@ -36,6 +36,7 @@ __all__ = [
     "FencedResource",
     "FencedWrite",
     "HolderProcess",
+    "LineReader",
     "REPO_ROOT",
     "child_env",
     "pause_process",
@@ -101,8 +102,9 @@ class FencedResource:
         return text, int(token or 0)
 
 
-class _Lines:
-    """Lines of a child's stdout, read by a thread so a reader can wait with a timeout."""
+class LineReader:
+    """Lines of a child's stdout, read by a thread so a reader can wait with a timeout;
+    ``next`` returns "" once the stream ended."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -117,9 +119,12 @@ class _Lines:
 
     def next(self, timeout: float) -> str:
         try:
-            return self._lines.get(timeout=timeout)
+            line = self._lines.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no line from the child within {timeout} s") from None
+        if not line:
+            self._lines.put("")  # stays at EOF
+        return line
 
 
 class HolderProcess:
@@ -134,7 +139,7 @@ class HolderProcess:
             cwd=REPO_ROOT,
         )
         assert self.proc.stdout is not None
-        self._lines = _Lines(self.proc.stdout)
+        self._lines = LineReader(self.proc.stdout)
         line = self._lines.next(timeout)
         if not line.startswith("HELD "):
             self.close()

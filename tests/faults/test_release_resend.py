@@ -111,6 +111,36 @@ def start_waiter() -> Iterator[Callable[[Callable[[threading.Event], Any]], Wait
         waiter.thread.join(LEASE)
 
 
+def record_grants(slot: wakeup.WaitSlot) -> list[str]:
+    """The grants delivered to ``slot``'s waiter from now on, as they are delivered (the waiter
+    may consume a grant at once, so its slot's token is no proof by the time release returns).
+    Records what ``hand_over_local`` passes to ``wake_local`` for this slot's owner."""
+    owner = next(o for o, s in wakeup._state.slots.items() if s is slot)
+    seen: list[str] = []
+    deliver = wakeup.wake_local
+
+    def recording(message: str | bytes) -> None:
+        text = message.decode() if isinstance(message, bytes) else message
+        if text.split(" ")[0] == owner:
+            seen.append(text)
+        deliver(message)
+
+    _patches.append((wakeup, "wake_local", deliver))
+    wakeup.wake_local = recording  # type: ignore[assignment]
+    return seen
+
+
+_patches: list[tuple[object, str, object]] = []
+
+
+@pytest.fixture(autouse=True)
+def _undo_patches() -> Iterator[None]:
+    yield
+    while _patches:
+        target, name, original = _patches.pop()
+        setattr(target, name, original)
+
+
 def waiting_slots() -> list[wakeup.WaitSlot]:
     """The wait slots of this process's waiters (each is told its grant through its slot)."""
     return list(wakeup._state.slots.values())
@@ -142,11 +172,12 @@ def test_mutex_release_with_a_lost_reply_hands_over_to_a_local_waiter(
     direct = fault_server.client()
     wait_until(lambda: direct.llen(storage.keys.lock("res").queue) == 1, "the waiter queues")
     [slot] = waiting_slots()
+    grants = record_grants(slot)
 
     fault_proxy.swallow_reply(sha_of("mutex_release"))
     assert holder.release() is True, "the re-sent release said 'not released'"
     assert fault_proxy.swallowed == 1
-    assert slot.token is not None, "the release did not hand the lock to the local waiter"
+    assert grants, "the release did not hand the lock to the local waiter"
     assert waiter.done.wait(HANDED_WITHIN), "the waiter was left to its bounded wait"
     [granted] = waiter.result
     assert not isinstance(granted, Exception), granted
@@ -223,11 +254,12 @@ def test_semaphore_release_with_a_lost_reply_hands_over_to_a_local_waiter(
     direct = fault_server.client()
     wait_until(lambda: direct.llen(storage.keys.semaphore("db").queue) == 1, "the waiter queues")
     [slot] = waiting_slots()
+    grants = record_grants(slot)
 
     fault_proxy.swallow_reply(sha_of("sem_release"))
     assert holder.release() is True, "the re-sent release said 'not released'"
     assert fault_proxy.swallowed == 1
-    assert slot.token is not None, "the release did not hand the permit to the local waiter"
+    assert grants, "the release did not hand the permit to the local waiter"
     assert waiter.done.wait(HANDED_WITHIN), "the waiter was left to its bounded wait"
     [granted] = waiter.result
     assert not isinstance(granted, Exception), granted

@@ -191,7 +191,8 @@ def test_waiters_ask_again_only_once_the_new_subscription_is_confirmed(
     assert subscribers == 1, "the waiter looked in Redis before it was subscribed again"
     fault_proxy.heal()
     storage = RedisMutexStorage(direct, prefix)
-    args = [holder, f"{prefix}:wake:", "elsewhere/1/abc", "0", storage.keys.idle_ms]
-    load_script("mutex_release").run(direct, storage.keys.lock_list("res"), args)
+    args = storage.release_argv(holder)
+    args[2] = "elsewhere/1/abc"  # released from another process: the grant is published
+    load_script("mutex_release").run(direct, storage.release_keys("res"), args)
     waiter.join(10)
     assert waiter.error is None and not waiter.is_alive(), repr(waiter.error)
