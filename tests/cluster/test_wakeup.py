@@ -13,8 +13,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from celery_rediskit import RedisMutexStorage, RedisSemaphoreStorage, create_mutex
-from celery_rediskit import create_semaphore
+from celery_rediskit import (
+    RedisMutexStorage,
+    RedisSemaphoreStorage,
+    create_mutex,
+    create_semaphore,
+)
 from celery_rediskit._redis import wakeup
 from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit._redis.slots import key_slot
