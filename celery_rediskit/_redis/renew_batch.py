@@ -56,7 +56,6 @@ __all__ = [
     "BATCH_SIZE",
     "MAX_RENEWAL_TIMEOUT",
     "RedisRenewal",
-    "dedicated_connection",
     "renew_in_batches",
     "renewal_target",
     "renewal_timeout",
@@ -173,21 +172,6 @@ def renew_in_batches(
     return results
 
 
-def dedicated_connection(pool: Any, timeout: float) -> Any:
-    """A new connection made from ``pool``'s settings (host, auth, TLS, db, connection
-    class) but outside it: ``timeout`` seconds for connecting and for every reply, no retry,
-    no health check. (Not connected yet: the first command connects it.)"""
-    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_ONLY}
-    kwargs.update(
-        socket_timeout=timeout, socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0), health_check_interval=0,
-    )
-    for name in ("orig_socket_timeout", "orig_socket_connect_timeout"):
-        if name in kwargs:
-            kwargs[name] = timeout
-    return pool.connection_class(**kwargs)
-
-
 class RedisRenewal:
     """Renews leases of every storage on one redis-py client, over a connection of its own.
 
@@ -282,7 +266,15 @@ class RedisRenewal:
             self._drop()
             conn = None
         if conn is None:
-            conn = self._conn = dedicated_connection(pool, timeout)
+            kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_ONLY}
+            kwargs.update(
+                socket_timeout=timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            )
+            for name in ("orig_socket_timeout", "orig_socket_connect_timeout"):
+                if name in kwargs:
+                    kwargs[name] = timeout
+            conn = self._conn = pool.connection_class(**kwargs)
             self._timeout = timeout
         return conn
 

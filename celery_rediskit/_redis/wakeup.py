@@ -54,7 +54,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..lease import ABORT_CHECK, process_id
-from .renew_batch import dedicated_connection
 from .slots import is_cluster, key_slot
 
 __all__ = [
@@ -534,7 +533,7 @@ class ShardedWakeupHub(WakeupHub):
         node = client.get_node_from_key(channel)
         link = self._links.get(node.name)
         if link is None:
-            conn = dedicated_connection(node.redis_connection.connection_pool, _SOCKET_TIMEOUT)
+            conn = _own_connection(node.redis_connection.connection_pool)
             conn.connect()
             link = self._links[node.name] = _Link(node.name, conn)
             self._fds[conn._sock.fileno()] = link
@@ -747,6 +746,19 @@ class ShardedWakeupHub(WakeupHub):
             return
         if self._lost and not self._moved:
             self._maybe_resubscribed()
+
+
+def _own_connection(pool: Any) -> Any:
+    """A connection of its own made from ``pool``'s settings (host, auth, TLS, connection
+    class) with short timeouts and no retry, as the renewal's (``renew_batch.py``)."""
+    kwargs = {k: v for k, v in pool.connection_kwargs.items()
+              if not k.startswith("maint_notifications")}  # the pool's own, not a connection's
+    kwargs.update(socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_SOCKET_TIMEOUT,
+                  retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    for name in ("orig_socket_timeout", "orig_socket_connect_timeout"):
+        if name in kwargs:
+            kwargs[name] = _SOCKET_TIMEOUT
+    return pool.connection_class(**kwargs)
 
 
 def _bound_reconnects(conn: Any) -> None:
