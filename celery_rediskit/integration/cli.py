@@ -87,15 +87,21 @@ class Ops:
         self.app = app
         self.settings = kit.settings
         self.prefix = kit.settings.prefix
-        timeout = min(kit.settings.socket_timeout, 3.0)
-        self.client = redis.Redis.from_url(
-            kit.settings.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), **kit.settings.tls_options(),
-        )
+        if kit.ready_client is not None:  # RedisKit(app, client=...): the app's own client
+            self.client = kit.ready_client
+        else:  # the app's client, with short timeouts and no retries
+            timeout = min(kit.settings.socket_timeout, 3.0)
+            self.client = redis.Redis.from_url(
+                kit.settings.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0), **kit.settings.tls_options(),
+            )
 
     @property
     def where(self) -> str:
-        kwargs = self.client.connection_pool.connection_kwargs
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:  # a cluster client: its seed node
+            return str(self.settings.url)
+        kwargs = pool.connection_kwargs
         if "path" in kwargs:
             return f"unix://{kwargs['path']}"
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

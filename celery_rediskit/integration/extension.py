@@ -41,15 +41,19 @@ _GONE = (Terminated, WorkerLostError)
 class RedisKit:
     """The integration, installed on ``app``: ``RedisKit(app)`` or ``RedisKit(app, url=...)``.
 
-    Keyword settings override ``app.conf.rediskit_*`` (see :class:`Settings`). Define tasks
-    after installing: tasks created before keep their old base class.
+    Keyword settings override ``app.conf.rediskit_*`` (see :class:`Settings`). ``client``: a
+    ready redis-py client to use instead of one made from the settings (``redis.Redis`` or
+    ``RedisCluster``); it is shared by every process the worker forks (redis-py's pools
+    reconnect after ``fork``). Define tasks after installing: tasks created before keep their
+    old base class.
     """
 
-    def __init__(self, app: Any, url: str | None = None, prefix: str | None = None,
-                 **settings: Any) -> None:
+    def __init__(self, app: Any, url: str | None = None, prefix: str | None = None, *,
+                 client: Any = None, **settings: Any) -> None:
         if getattr(app, APP_ATTRIBUTE, None) is not None:
             raise ConfigurationError(f"RedisKit is already installed on app {app.main!r}")
         self.app = app
+        self.ready_client: Any = client
         self.settings: Settings = read_settings(app, url=url, prefix=prefix, **settings)
         self._runtime: Runtime | None = None
         self._pid = 0
@@ -78,7 +82,7 @@ class RedisKit:
         if rt is None or self._pid != pid:
             with self._lock:
                 if self._runtime is None or self._pid != pid:
-                    self._runtime = Runtime(self.settings)
+                    self._runtime = Runtime(self.settings, self.ready_client)
                     self._pid = pid
                 rt = self._runtime
         return rt

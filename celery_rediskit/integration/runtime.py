@@ -38,6 +38,8 @@ class Kit(Protocol):
 
     app: Any
     settings: Settings
+    ready_client: Any
+    """The client given as ``RedisKit(app, client=...)``, else None."""
 
     def runtime(self) -> Runtime:
         """This process's Redis objects (rebuilt after ``fork``)."""
@@ -67,10 +69,10 @@ def kit_of(app: Any) -> Kit:
 class Runtime:
     """The Redis objects of one process: client, storages, claims and the lease owners."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: Any = None) -> None:
         s = settings
         self.settings = s
-        self.client = redis.Redis.from_url(
+        self.client = client if client is not None else redis.Redis.from_url(
             s.url, socket_timeout=s.socket_timeout, socket_connect_timeout=s.socket_timeout,
             **s.tls_options(),
         )
