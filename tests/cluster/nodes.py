@@ -77,6 +77,17 @@ class Node:
         kwargs.setdefault("socket_connect_timeout", 2.0)
         return redis.Redis(port=self.port, **kwargs)
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it reads and answers nothing until :meth:`resume`."""
+        pid = self.server.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        pid = self.server.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL the server and return once it has exited."""
         pid = self.server.pid()
@@ -215,8 +226,9 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        """``redis://`` URL of the first node (a cluster client finds the others)."""
-        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+        """``redis://`` URL of the first running node (a cluster client finds the others)."""
+        node = next(n for n in self.nodes if n.server.pid() is not None)
+        return f"redis://127.0.0.1:{node.port}/0"
 
     def client(self, **kwargs: Any) -> RedisCluster:
         """A ``RedisCluster`` client knowing every node as a startup node."""
