@@ -172,6 +172,7 @@ class NodeServer:
     server: PrivateServer
     replica_of: int | None = None  # index of its master in PrivateCluster.nodes (replicas)
     id: str = ""
+    tls_port: int | None = None  # the TLS port of a PrivateCluster with ``tls`` files
 
     @property
     def port(self) -> int:
@@ -229,6 +230,9 @@ class PrivateCluster:
     replicas: int = 0
     node_timeout: int = 2000
     extra_args: tuple[str, ...] = ()
+    tls: tuple[Path, Path, Path] | None = None
+    """(CA, certificate, key) PEM files: clients and the cluster bus use TLS (each node also
+    keeps a plain loopback port, for the owner's administration)."""
     nodes: list[NodeServer] = field(default_factory=list)
     _dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rediskit-cl-")))
 
@@ -242,15 +246,25 @@ class PrivateCluster:
             taken.add(port)
             folder = self._dir / f"n{i}"
             folder.mkdir()
+            tls_args: tuple[str, ...] = ()
+            tls_port = None
+            if self.tls is not None:
+                tls_port = free_cluster_port(taken)  # the bus listens on it + 10000
+                taken.add(tls_port)
+                ca, cert, key = self.tls
+                tls_args = ("--tls-port", str(tls_port), "--tls-cluster", "yes",
+                            "--tls-replication", "yes", "--tls-cert-file", str(cert),
+                            "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                            "--tls-auth-clients", "no")
             server = PrivateServer(binary=binary, port=port, _dir=folder, extra_args=(
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(folder / "nodes.conf"),
                 "--cluster-node-timeout", str(self.node_timeout),
                 "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
-                *self.extra_args,
+                *tls_args, *self.extra_args,
             ))
             master = None if i < self.masters else (i - self.masters) % self.masters
-            self.nodes.append(NodeServer(server, replica_of=master))
+            self.nodes.append(NodeServer(server, replica_of=master, tls_port=tls_port))
         try:
             for node in self.nodes:
                 node.server.start()
@@ -271,7 +285,7 @@ class PrivateCluster:
                     c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
         with self.nodes[0].client() as first:
             for node in self.nodes[1:]:
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.tls_port or node.port)
         end = time.monotonic() + timeout
         for node in self.nodes:
             if node.replica_of is None:
