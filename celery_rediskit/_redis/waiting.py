@@ -46,6 +46,18 @@ RECHECK_MAX = 2.0
 FRESH_MAX = 0.05
 """Seconds: a grant learned later than this (or half the renewer's deadline margin, if
 smaller) is renewed before acquire returns it."""
+LATE_REPLIES = 3
+"""How many times in a row a grant that arrived late is asked for again before it is taken as
+it is (a machine that answers this slowly all the time gets its grants, renewed by the next
+tick)."""
+
+
+def fresh_for(lease: float) -> float:
+    """Seconds within which a grant must reach the caller to be returned as it is: FRESH_MAX,
+    or half the renewer's deadline margin for ``lease`` if smaller."""
+    return min(FRESH_MAX, deadline_margin(lease) / 2)
+
+
 _MARGIN = 0.005  # seconds added to a lease-bounded wait so the lease has surely ended
 
 
@@ -86,6 +98,15 @@ def acquire_queued(
             drop_slot(owner)
         _leave_quietly(lambda: cancel(key, owner, False), kind, key)
         raise
+    late_replies = 0
+    while first >= 1 and time.monotonic() - checked_in > fresh_for(lease) \
+            and late_replies < LATE_REPLIES:
+        # The reply came late (a stalled server, or this process was paused after Redis
+        # granted): the grant may be partly spent or gone. Asking again renews it to its full
+        # lease, or tells us it ended.
+        late_replies += 1
+        checked_in = time.monotonic()
+        first = int(script.run(client, keys, argv))
     if first >= 1:
         if slot is not None:
             drop_slot(owner)
@@ -133,7 +154,7 @@ def wait_for_grant(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     recheck = min(RECHECK_MAX, lease / 3)
-    fresh = min(FRESH_MAX, deadline_margin(lease) / 2)
+    fresh = fresh_for(lease)
     if slot is None:
         slot = register_slot(owner)
         first = None
@@ -144,15 +165,20 @@ def wait_for_grant(
             result = attempt(True)
         else:
             result, checked_in, generation = first
+        late_replies = 0
         while True:
             if result >= 1:
-                return result
-            token = slot.token
-            if token is not None:
+                if time.monotonic() - checked_in <= fresh or late_replies >= LATE_REPLIES:
+                    return result
+                # The reply came late (a stalled server, or this process was paused): the
+                # grant may be partly spent or gone. Asking again renews it to its full lease,
+                # or queues us again if it ended meanwhile.
+                late_replies += 1
+            elif slot.token is not None:
                 # Granted by a release. The grant was made `after` seconds past our check-in;
                 # if we learn of it much later than that, its lease is partly spent: ask
                 # again below, which renews it (or, if it ended meanwhile, queues us again).
-                after = slot.after
+                token, after = slot.token, slot.after
                 if after is not None and time.monotonic() - checked_in - after <= fresh:
                     return token
                 slot.token = None

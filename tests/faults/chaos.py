@@ -105,6 +105,11 @@ class ChaosConfig:
         return 2 * command_worst_case(sample) + self.scheduling_allowance
 
 
+# What injected faults may make an attempt fail with (network cut, reset, server restarting or
+# stalled). Anything else escaping the library is a bug the run must report, not count.
+FAULT_ERRORS = frozenset({"ConnectionError", "TimeoutError", "BusyLoadingError"})
+
+
 @dataclass
 class ChaosReport:
     config: ChaosConfig
@@ -114,8 +119,15 @@ class ChaosReport:
     driver_errors: list[str] = field(default_factory=list)
 
     @property
+    def unexpected_errors(self) -> dict[str, int]:
+        """Errors of attempts that no injected fault explains (a TypeError, a ValueError...)."""
+        return {name: n for name, n in self.result.stats["errors"].items()
+                if name not in FAULT_ERRORS}
+
+    @property
     def ok(self) -> bool:
-        return not self.result.violations and not self.driver_errors
+        return not self.result.violations and not self.driver_errors \
+            and not self.unexpected_errors
 
     def format(self, details: int = 3) -> str:
         """The report: grants, faults by kind, violations by invariant and by nearby fault
@@ -143,6 +155,8 @@ class ChaosReport:
             shown[v.invariant] = shown.get(v.invariant, 0) + 1
             lines.append("  - " + v.describe())
             lines.append("      " + json.dumps(v.details, default=str))
+        if self.unexpected_errors:
+            lines.append(f"errors no fault explains (library bugs): {self.unexpected_errors}")
         if self.driver_errors:
             lines.append(f"faults that could not be injected: {self.driver_errors}")
         lines.append(f"logs: {self.log_dir}" if self.log_dir.exists()

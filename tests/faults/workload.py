@@ -137,11 +137,11 @@ class _RecordingMutexStorage(RedisMutexStorage):
     only while the library's ``acquire`` runs."""
 
     def acquire(self, key: str, owner: str, lease: float, timeout: float | None,
-                abort: threading.Event | None = None) -> int:
+                abort: threading.Event | None = None, **options: Any) -> int:
         _attempt.owner = owner
         _attempt.interruptible = True
         try:
-            return super().acquire(key, owner, lease, timeout, abort)
+            return super().acquire(key, owner, lease, timeout, abort, **options)
         finally:
             _attempt.interruptible = False
 
@@ -150,11 +150,12 @@ class _RecordingSemaphoreStorage(RedisSemaphoreStorage):
     """The semaphore's counterpart of ``_RecordingMutexStorage``."""
 
     def acquire(self, key: str, owner: str, permits: int, lease: float,
-                timeout: float | None, abort: threading.Event | None = None) -> int:
+                timeout: float | None, abort: threading.Event | None = None,
+                **options: Any) -> int:
         _attempt.owner = owner
         _attempt.interruptible = True
         try:
-            return super().acquire(key, owner, permits, lease, timeout, abort)
+            return super().acquire(key, owner, permits, lease, timeout, abort, **options)
         finally:
             _attempt.interruptible = False
 
