@@ -169,7 +169,12 @@ class KeySpace:
         those entries is the zset ``<cache_tag_group(slot)>t``, in that slot (its hash tag is
         :func:`~._redis.slots.slot_tag` of the slot), so one script updates an entry and its
         tag sets together."""
-        return f"{self.prefix}:cache:t:{{{slot_tag(slot)}}}:"
+        return self.cache_tag_group_of(slot_tag(slot))
+
+    def cache_tag_group_of(self, group: str) -> str:
+        """:meth:`cache_tag_group` of the slot whose slot tag is ``group`` (as a tag's
+        directory lists it)."""
+        return f"{self.prefix}:cache:t:{{{group}}}:"
 
     def cache_tag_directory(self, tag: str) -> str:
         """Redis Cluster: the zset of slot tags whose slot holds entries with tag ``tag``."""

@@ -291,7 +291,7 @@ class RedisCacheProvider(CacheProvider):
             raise self._outage(exc) from exc
         calls: list[tuple[list[str], list[Any]]] = []
         for group in groups:
-            prefix = f"{self.keys.prefix}:cache:t:{{{as_text(group)}}}:"
+            prefix = self.keys.cache_tag_group_of(as_text(group))
             calls.append(([prefix + tag], [prefix]))
         return sum(int(n) for n in self._run_each(self._revalidate, calls)) if calls else 0
 
