@@ -54,6 +54,12 @@ SECTIONS: list[Section] = [
         requires=("celery_rediskit.cache:RedisCacheProvider", "celery_rediskit.cache:cached"),
     ),
     Section(
+        "cluster", "Cluster: uncontended locks over many keys, 3 masters vs 1 master",
+        runner="bench.cluster_bench:run",
+        requires=("celery_rediskit.devserver:PrivateCluster",
+                  "celery_rediskit:RedisMutexStorage"),
+    ),
+    Section(
         "celery", "Celery: plain vs singleton vs limited task throughput; cache hit",
         runner="bench.celery_bench:run",
         requires=("celery_rediskit.integration:RedisKit",),

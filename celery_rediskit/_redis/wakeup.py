@@ -21,6 +21,19 @@ side is told). So, while anyone waits, the reading thread PINGs the connection a
 confirmed the new SUBSCRIBE does the hub bump its ``generation``, which sends every waiter back
 to Redis to look for a grant it missed. Independently, no wait sleeps longer than a short
 re-check interval (``waiting.py``), so a lost message costs at most that interval.
+
+Redis Cluster (:class:`ShardedWakeupHub`). A grant is published with ``SPUBLISH`` on a channel
+of the key's own slot, ``<prefix>:wake:{<slot tag>}:<process id>`` (see ``keys.py``), so it
+goes only to the shard serving the key, never to every node as a plain ``PUBLISH`` does. A
+process subscribes (``SSUBSCRIBE``) per slot it waits on, on the master serving that slot, over
+one connection per master. Subscriptions move with the cluster: when a slot migrates, the old
+master ends them (``sunsubscribe``), when a master dies its connection breaks, and a subscribe
+sent to the wrong node is answered MOVED. Each time, the hub refreshes the client's view of
+the cluster, subscribes again where the slot now lives, and once that is confirmed bumps its
+``generation`` (every waiter asks Redis again). While a slot migrates, a grant published by a
+script running on the importing master (ASK) does not reach a subscriber still on the old one:
+such a grant is found at the next re-check. Channels of slots not used for
+``SHARDED_IDLE`` seconds are dropped once more than ``SHARDED_CHANNELS`` are subscribed.
 """
 
 from __future__ import annotations
@@ -41,10 +54,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..lease import ABORT_CHECK, process_id
+from .slots import is_cluster, key_slot
 
 __all__ = [
     "HEALTH_IDLE",
     "HEALTH_TIMEOUT",
+    "SHARDED_CHANNELS",
+    "SHARDED_IDLE",
+    "ShardedWakeupHub",
     "WaitSlot",
     "WakeupHub",
     "hand_over_local",
@@ -59,6 +76,10 @@ HEALTH_IDLE = 1.0
 HEALTH_TIMEOUT = 1.0
 """Seconds a PING may go unanswered before the wake-up connection counts as dead."""
 _SOCKET_TIMEOUT = 2.0  # upper bound of the wake-up connection's socket timeouts on reconnect
+SHARDED_CHANNELS = 256
+"""Redis Cluster: subscribed slot channels past which idle ones are dropped."""
+SHARDED_IDLE = 300.0
+"""Redis Cluster: seconds a slot channel must have gone unused before it may be dropped."""
 
 
 class _ProcessState:
@@ -420,6 +441,326 @@ class WakeupHub:
             self._ping_sent = None
 
 
+class _Link:
+    """A sharded hub's pub/sub connection to one master, and the channels subscribed on it."""
+
+    __slots__ = ("buffered", "channels", "conn", "heard", "name", "ping_sent")
+
+    def __init__(self, name: str, conn: Any) -> None:
+        self.name = name
+        self.conn = conn
+        self.channels: set[str] = set()
+        self.heard = time.monotonic()  # when the connection last proved alive
+        self.ping_sent: float | None = None  # an unanswered health-check PING
+        self.buffered = False  # the parser may hold more messages than the socket shows
+
+
+class ShardedWakeupHub(WakeupHub):
+    """The wake-ups of one Redis Cluster client in this process: sharded pub/sub over one
+    connection per master, subscribed per slot (see the module docstring).
+
+    Same interface and the same leader/follower reading as :class:`WakeupHub`; the channel
+    prefixes are those of slots (``KeySpace.sharded_wake_prefix``), each subscribed on the
+    master serving its slot, and moved when the slot moves or its master fails.
+    """
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self._links: dict[str, _Link] = {}  # node name ("host:port") -> its connection
+        self._link_of: dict[str, _Link] = {}  # channel -> the link it is subscribed on
+        self._fds: dict[int, _Link] = {}  # socket fd -> link, for the poller
+        self._moved: set[str] = set()  # channels to subscribe again where their slot lives
+        self._leaving: set[str] = set()  # channels this hub unsubscribed itself
+        self._used: dict[str, float] = {}  # channel prefix -> when it was last used
+        self._retry_at = 0.0  # no new subscribe attempt before this (backoff)
+        self._sharded_poller = select.poll()
+        self._sharded_poller.register(self._nudge_r, select.POLLIN)
+
+    def close(self) -> None:
+        with self._lock:
+            for link in list(self._links.values()):
+                self._drop_link(link)
+        super().close()
+
+    def ready(self, channel_prefix: str) -> bool:
+        if channel_prefix in self._subscribed:
+            self._used[channel_prefix] = time.monotonic()
+            return True
+        return False
+
+    def ensure(self, channel_prefix: str, timeout: float = 5.0) -> None:
+        """Subscribe to ``<channel_prefix><process id>`` on the master serving its slot (once)
+        and wait for the confirmation (at most ``timeout`` seconds)."""
+        if channel_prefix in self._subscribed:
+            return
+        channel = channel_prefix + process_id()
+        with self._lock:
+            confirmed = self._confirmed.get(channel)
+            if confirmed is None:
+                confirmed = self._confirmed[channel] = threading.Event()
+                self._channels[channel] = channel_prefix
+                try:
+                    self._subscribe(channel)
+                except BaseException:
+                    del self._confirmed[channel]  # the next caller tries again
+                    del self._channels[channel]
+                    raise
+                self._drop_idle()
+        self.interrupt()  # a thread reading now polls the connections it knew: look again
+        end = time.monotonic() + timeout
+        while not confirmed.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise redis.ConnectionError(f"no confirmation of SSUBSCRIBE {channel}")
+            if self._reader.acquire(blocking=False):
+                try:
+                    self._read(lambda: confirmed.is_set(), left)
+                finally:
+                    self._reader.release()
+                    self._hand_over(None)
+            else:
+                confirmed.wait(min(left, 0.05))  # the reader will see the confirmation
+        with self._lock:
+            if confirmed.is_set():
+                self._subscribed.add(channel_prefix)
+                self._used[channel_prefix] = time.monotonic()
+
+    # -- subscriptions (called with self._lock held) -------------------------------------------
+    def _subscribe(self, channel: str) -> None:
+        client = self._client()
+        if client is None:
+            raise redis.ConnectionError("the Redis client was discarded")
+        node = client.get_node_from_key(channel)
+        link = self._links.get(node.name)
+        if link is None:
+            conn = _own_connection(node.redis_connection.connection_pool)
+            conn.connect()
+            link = self._links[node.name] = _Link(node.name, conn)
+            self._fds[conn._sock.fileno()] = link
+            self._sharded_poller.register(conn._sock.fileno(), select.POLLIN)
+        try:
+            link.conn.send_command("SSUBSCRIBE", channel, check_health=False)
+        except BaseException:
+            self._drop_link(link)
+            raise
+        link.channels.add(channel)
+        self._link_of[channel] = link
+
+    def _drop_link(self, link: _Link) -> None:
+        # The connection is gone or broken: its channels must be subscribed again.
+        if self._links.get(link.name) is link:
+            del self._links[link.name]
+        for fd, known in list(self._fds.items()):
+            if known is link:
+                del self._fds[fd]
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._sharded_poller.unregister(fd)
+        with contextlib.suppress(Exception):
+            link.conn.disconnect()
+        for channel in list(link.channels):
+            self._channel_moved(channel)
+        link.channels.clear()
+
+    def _channel_moved(self, channel: str) -> None:
+        # No longer subscribed where grants for its slot are published.
+        link = self._link_of.pop(channel, None)
+        if link is not None:
+            link.channels.discard(channel)
+        event = self._confirmed.get(channel)
+        if event is None:
+            return  # dropped meanwhile
+        event.clear()
+        self._subscribed.discard(self._channels[channel])
+        self._moved.add(channel)
+        self._lost = True
+
+    def _drop_idle(self) -> None:
+        # Too many slot channels: unsubscribe those unused for SHARDED_IDLE seconds.
+        if len(self._channels) <= SHARDED_CHANNELS:
+            return
+        now = time.monotonic()
+        for prefix, used in sorted(self._used.items(), key=lambda item: item[1]):
+            if len(self._channels) <= SHARDED_CHANNELS or now - used < SHARDED_IDLE:
+                return
+            channel = prefix + process_id()
+            del self._used[prefix]
+            self._subscribed.discard(prefix)
+            self._channels.pop(channel, None)
+            self._confirmed.pop(channel, None)
+            self._moved.discard(channel)
+            link = self._link_of.pop(channel, None)
+            if link is not None:
+                link.channels.discard(channel)
+                self._leaving.add(channel)
+                with contextlib.suppress(redis.ConnectionError, OSError):
+                    link.conn.send_command("SUNSUBSCRIBE", channel, check_health=False)
+
+    # -- reading ------------------------------------------------------------------------------
+    def _read(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """Read and dispatch what every master sends until ``done()`` or ``timeout`` seconds
+        pass; meanwhile health-check each connection and subscribe moved channels again."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for link in list(self._links.values()):
+            link.buffered = True  # a previous reader may have left messages in a parser
+        while not done():
+            now = time.monotonic()
+            left = None if end is None else end - now
+            if left is not None and left <= 0:
+                return
+            if self._moved and now >= self._retry_at:
+                self._resubscribe()
+                continue
+            if self._read_buffered():
+                continue
+            due = self._next_action()
+            step = max(0.0, due - now) if left is None else max(0.0, min(due - now, left))
+            for fd, _ in self._sharded_poller.poll(int(step * 1000) + 1):
+                if fd == self._nudge_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._nudge_r, 4096)
+                    continue
+                readable = self._fds.get(fd)
+                if readable is not None:
+                    self._read_one(readable)
+                    readable.buffered = True  # one recv may have brought several messages
+            now = time.monotonic()
+            for link in list(self._links.values()):
+                if link.channels and now >= self._due(link):
+                    try:
+                        self._health_check(link)
+                    except (redis.ConnectionError, OSError, _Unanswered) as exc:
+                        self._link_failed(link, exc)
+
+    def _read_buffered(self) -> bool:
+        read = False
+        for link in list(self._links.values()):
+            if not link.buffered:
+                continue
+            try:
+                if link.conn.can_read(timeout=0):
+                    self._read_one(link)
+                    read = True
+                else:
+                    link.buffered = False
+            except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+                self._link_failed(link, exc)
+                read = True
+        return read
+
+    def _read_one(self, link: _Link) -> None:
+        try:
+            response = link.conn.read_response(disconnect_on_error=False, push_request=True)
+        except redis.exceptions.MovedError as exc:  # a subscribe sent where the slot no longer is
+            link.heard = time.monotonic()
+            with self._lock:
+                for channel in list(link.channels):
+                    event = self._confirmed.get(channel)
+                    if key_slot(channel) == exc.slot_id and event and not event.is_set():
+                        self._channel_moved(channel)
+            return
+        except redis.ResponseError as exc:
+            link.heard = time.monotonic()
+            log.warning("rediskit wake-up connection to %s: %s", link.name, exc)
+            return
+        except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
+            self._link_failed(link, exc)
+            return
+        link.heard = time.monotonic()
+        link.ping_sent = None
+        self._dispatch_sharded(link, response)
+
+    def _dispatch_sharded(self, link: _Link, response: Any) -> None:
+        if not isinstance(response, list) or len(response) < 2:
+            return  # a PING's answer (RESP3), or nothing
+        kind = response[0]
+        if kind in (b"smessage", "smessage"):
+            wake_local(response[2])
+            return
+        channel = response[1].decode() if isinstance(response[1], bytes) else str(response[1])
+        if kind in (b"ssubscribe", "ssubscribe"):
+            event = self._confirmed.get(channel)
+            if event is not None and self._link_of.get(channel) is link:
+                event.set()
+            if self._lost and not self._moved:
+                self._maybe_resubscribed()
+        elif kind in (b"sunsubscribe", "sunsubscribe"):
+            with self._lock:
+                if channel in self._leaving:
+                    self._leaving.discard(channel)
+                    return
+                if self._link_of.get(channel) is not link:
+                    return  # subscribed elsewhere already
+                self._channel_moved(channel)
+            log.info("rediskit wake-up channel %s left %s (its slot moved); subscribing again",
+                     channel, link.name)
+
+    def _due(self, link: _Link) -> float:
+        # When this link's next health action is due: a PING, or its overdue answer.
+        if link.ping_sent is None:
+            return link.heard + HEALTH_IDLE
+        return link.ping_sent + HEALTH_TIMEOUT
+
+    def _next_action(self) -> float:
+        due = [self._due(link) for link in self._links.values() if link.channels]
+        if self._moved:
+            due.append(self._retry_at)
+        return min(due, default=time.monotonic() + HEALTH_IDLE)
+
+    def _health_check(self, link: _Link) -> None:
+        if link.ping_sent is not None:
+            waited = time.monotonic() - link.ping_sent
+            raise _Unanswered(f"no answer to PING within {waited:.1f} s")
+        with self._lock:
+            link.conn.send_command("PING", check_health=False)
+        link.ping_sent = time.monotonic()
+
+    def _link_failed(self, link: _Link, exc: BaseException) -> None:
+        self._failures += 1
+        if self._failures == 1:
+            log.warning("rediskit wake-up connection to %s lost (%s); subscribing again",
+                        link.name, exc)
+        with self._lock:
+            self._drop_link(link)
+        # The cluster may not have noticed yet (a failover takes seconds): don't hammer it.
+        self._retry_at = time.monotonic() + min(0.05 * self._failures, 1.0)
+
+    def _resubscribe(self) -> None:
+        # Learn where each slot lives now, then subscribe the moved channels there. The
+        # confirmations arrive like any message; the last one bumps the generation.
+        client = self._client()
+        if client is None:
+            return
+        try:
+            client.nodes_manager.initialize()
+            with self._lock:
+                for channel in list(self._moved):
+                    if channel in self._confirmed:
+                        self._subscribe(channel)
+                    self._moved.discard(channel)
+        except Exception as exc:  # the cluster is still failing over, or unreachable
+            self._failures += 1
+            if self._failures == 1:
+                log.warning("rediskit: subscribing wake-up channels again failed (%s); "
+                            "retrying", exc)
+            self._retry_at = time.monotonic() + min(0.05 * self._failures, 1.0)
+            return
+        if self._lost and not self._moved:
+            self._maybe_resubscribed()
+
+
+def _own_connection(pool: Any) -> Any:
+    """A connection of its own made from ``pool``'s settings (host, auth, TLS, connection
+    class) with short timeouts and no retry, as the renewal's (``renew_batch.py``)."""
+    kwargs = {k: v for k, v in pool.connection_kwargs.items()
+              if not k.startswith("maint_notifications")}  # the pool's own, not a connection's
+    kwargs.update(socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_SOCKET_TIMEOUT,
+                  retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    for name in ("orig_socket_timeout", "orig_socket_connect_timeout"):
+        if name in kwargs:
+            kwargs[name] = _SOCKET_TIMEOUT
+    return pool.connection_class(**kwargs)
+
+
 def _bound_reconnects(conn: Any) -> None:
     """Make reconnecting the wake-up connection quick to fail: the hub retries by itself
     (while anyone waits), and a waiter reading the connection must not hang in a connect."""
@@ -441,7 +782,7 @@ def hub_for(client: Any) -> WakeupHub:
     with state.lock:
         found = state.hubs.get(id(client))
         if found is None or found[0]() is not client:
-            hub = WakeupHub(client)
+            hub = ShardedWakeupHub(client) if is_cluster(client) else WakeupHub(client)
             key = id(client)
 
             def forget(ref: weakref.ref[Any]) -> None:

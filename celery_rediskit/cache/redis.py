@@ -11,10 +11,21 @@ entry and take the fill lock, in one script), then ``cache_unlock`` (store the v
 the lock to the first waiter, in one script). Waiters queue on the mutex and are woken when it
 is handed to them; they then find the entry and pass the lock on.
 
-Tags and Redis Cluster: an entry's tag sets hash to other slots than the entry, and a script
-may only touch one slot there. Rather than give up atomicity (an entry indexed under some of
-its tags but not others), this provider refuses tags on a ``RedisCluster`` client; untagged
-entries, single-flight and ``clear`` work there.
+Tags on Redis Cluster, where a script may only touch keys of one slot. An entry's tag
+bookkeeping stays in the entry's own slot: tag ``T`` of the entries in slot ``s`` is the zset
+``P:cache:t:{<slot tag of s>}:T`` (``KeySpace.cache_tag_group``), updated by the entry's own
+script, so an entry is always indexed under exactly the tags it carries. A directory per tag,
+``P:cache:tg:{T}``, lists the slot groups holding its entries; ``set``/``fill`` with tags add
+the entry's group to it before storing the entry (one more round trip, pipelined over the
+tags), so the directory names at least every group that holds an entry with the tag (a group
+emptied since stays listed until its entries' lifetime, plus a minute for clock differences
+between nodes, has passed). ``revalidate_tag`` reads the directory, then revalidates each group
+in its slot (pipelined: one round trip per master).
+
+The one limit: ``revalidate_tag`` is atomic per slot, not across the cluster. While it runs, a
+reader may find an entry of one slot already gone and one of another slot still there. Once it
+returns, every entry that carried the tag when it was called is gone; an entry stored while it
+ran may survive, as a ``set`` just after it would.
 """
 
 from __future__ import annotations
@@ -25,14 +36,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
-from .._redis.scripts import LuaScript, call, load_script
+from .._redis.scripts import LuaScript, as_text, call, load_script
+from .._redis.slots import key_slot, slot_tag
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
 from ..durations import Duration, optional_duration
-from ..errors import AcquireAborted, ConfigurationError, LockError, SerializationError
+from ..errors import AcquireAborted, LockError, SerializationError
 from ..lease import new_owner_id
 from ..mutex.base import MutexLease
 from ..mutex.redis import RedisMutexStorage
@@ -44,6 +57,11 @@ from .serializers import Serializer
 __all__ = ["RedisCacheProvider"]
 
 log = logging.getLogger("celery_rediskit.cache")
+
+TAG_DIRECTORY_MARGIN = 60.0
+"""Redis Cluster: seconds a tag's directory remembers a slot group past the lifetime of the
+entry that put it there, so that clocks of different nodes that differ by up to this much
+never drop a group while one of its entries lives."""
 
 
 class _FillLease(MutexLease):
@@ -60,7 +78,7 @@ class _FillLease(MutexLease):
 class RedisCacheProvider(CacheProvider):
     """A cache in Redis, shared across processes and restarts.
 
-    ``redis_client`` is a ``redis.Redis`` (or ``RedisCluster``, without tags); ``prefix``
+    ``redis_client`` is a ``redis.Redis`` or a ``RedisCluster``; ``prefix``
     (default ``"rediskit"``) starts every key it uses, and ``clear()`` deletes only entries
     under it. ``serializer`` names a kombu serializer (default ``"json"``); ``accept`` lists
     the serializers whose entries may be read (default: ``serializer`` only). ``pickle`` and
@@ -101,6 +119,7 @@ class RedisCacheProvider(CacheProvider):
         self._expire = load_script("cache_expire")
         self._revalidate = load_script("cache_revalidate")
         self._claim = load_script("cache_claim")  # continues into mutex_acquire.lua
+        self._tag_group = load_script("cache_tag_group")
         self._unlock = load_script("cache_unlock")  # continues into mutex_release.lua
 
     # -- helpers -------------------------------------------------------------------------------
@@ -122,14 +141,45 @@ class RedisCacheProvider(CacheProvider):
         err.__cause__ = exc
         return err
 
-    def _check_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
-        tag_list = check_tags(tags)
-        if tag_list and self.is_cluster:
-            raise ConfigurationError(
-                "cache tags are not supported on Redis Cluster: an entry and its tag sets live "
-                "in different slots, which one script cannot update atomically"
-            )
-        return tag_list
+    def _tags_of(self, entry: str) -> str:
+        """The tag prefix for the scripts of ``entry``: on a cluster, its slot group's."""
+        if self.is_cluster:
+            return self.keys.cache_tag_group(key_slot(entry))
+        return self._tag_prefix
+
+    def _note_groups(self, entry: str, tags: tuple[str, ...], ttl_ms: int) -> None:
+        """Cluster: add the slot group of ``entry`` to the directory of each of ``tags``
+        (before the entry is stored: the directory must never miss a stored entry)."""
+        if not (tags and self.is_cluster):
+            return
+        group = slot_tag(key_slot(entry))
+        cover = ttl_ms + to_ms(TAG_DIRECTORY_MARGIN)
+        self._run_each(self._tag_group, [
+            ([self.keys.cache_tag_directory(tag)], [group, cover]) for tag in tags
+        ])
+
+    def _run_each(self, script: LuaScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per (keys, args) in ``calls``, pipelined (a cluster client
+        sends each node its share in one round trip); the replies in order."""
+        if self.breaker.is_open:
+            raise self._unavailable()
+        try:
+            replies = self._pipelined(script, calls)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                self.client.script_load(script.source)  # on a cluster client: every primary
+                replies = self._pipelined(script, calls)
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _pipelined(self, script: LuaScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
 
     def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         if self.breaker.is_open:
@@ -157,12 +207,15 @@ class RedisCacheProvider(CacheProvider):
     ) -> None:
         entry = self.entry_key(key)
         seconds = optional_duration(ttl, "ttl")
-        payload = self.serializer.dumps(value, self._check_tags(tags))
+        tag_list = check_tags(tags)
+        payload = self.serializer.dumps(value, tag_list)
         ttl_ms = self._lifetime_ms(seconds)
-        self._run(self._set, [entry], [payload, ttl_ms, self._tag_prefix])
+        self._note_groups(entry, tag_list, ttl_ms)
+        self._run(self._set, [entry], [payload, ttl_ms, self._tags_of(entry)])
 
     def delete(self, key: str) -> bool:
-        return bool(self._run(self._delete, [self.entry_key(key)], [self._tag_prefix]))
+        entry = self.entry_key(key)
+        return bool(self._run(self._delete, [entry], [self._tags_of(entry)]))
 
     def exists(self, key: str) -> bool:
         entry = self.entry_key(key)
@@ -175,7 +228,17 @@ class RedisCacheProvider(CacheProvider):
 
     def expire(self, key: str, ttl: float | str | None) -> bool:
         ttl_ms = self._lifetime_ms(optional_duration(ttl, "ttl"))
-        return bool(self._run(self._expire, [self.entry_key(key)], [ttl_ms, self._tag_prefix]))
+        entry = self.entry_key(key)
+        if not self.is_cluster:
+            return bool(self._run(self._expire, [entry], [ttl_ms, self._tag_prefix]))
+        # Cluster: the script returns the entry's tags, whose directories must then cover the
+        # new lifetime. Until they do (one round trip), the directory still covers the old
+        # lifetime, which has not passed: the entry was alive when the script ran.
+        reply = self._run(self._expire, [entry], [ttl_ms, self._tags_of(entry), "tags"])
+        if not reply:
+            return False
+        self._note_groups(entry, tuple(as_text(t) for t in reply[1:]), ttl_ms)
+        return True
 
     def ttl(self, key: str) -> float | None:
         """Remaining lifetime of ``key`` in seconds; None if it is absent (or has no expiry,
@@ -214,9 +277,24 @@ class RedisCacheProvider(CacheProvider):
         return count
 
     def revalidate_tag(self, tag: str) -> int:
-        (tag,) = self._check_tags((tag,))
-        key = f"{self._tag_prefix}{{{tag}}}"
-        return int(self._run(self._revalidate, [key], [self._tag_prefix]))
+        (tag,) = check_tags((tag,))
+        if not self.is_cluster:
+            key = f"{self._tag_prefix}{{{tag}}}"
+            return int(self._run(self._revalidate, [key], [self._tag_prefix]))
+        # Cluster: every slot group the directory names, each atomically in its own slot.
+        # The directory is left as it is: a set may have just added a group and be about to
+        # store its entry there.
+        if self.breaker.is_open:
+            raise self._unavailable()
+        try:
+            groups = self.client.zrange(self.keys.cache_tag_directory(tag), 0, -1)
+        except OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from exc
+        calls: list[tuple[list[str], list[Any]]] = []
+        for group in groups:
+            prefix = self.keys.cache_tag_group_of(as_text(group))
+            calls.append(([prefix + tag], [prefix]))
+        return sum(int(n) for n in self._run_each(self._revalidate, calls)) if calls else 0
 
     # -- single flight across processes ---------------------------------------------------------
 
@@ -236,7 +314,7 @@ class RedisCacheProvider(CacheProvider):
         lease = positive_seconds("lease", lease)
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
-        args = self._locks.acquire_argv(owner, lease)
+        args = self._locks.acquire_argv(owner, lease, name)
         try:
             result = self._run(self._claim, keys, args)
         except CacheUnavailable:
@@ -296,11 +374,15 @@ class RedisCacheProvider(CacheProvider):
     ) -> None:
         try:
             seconds = optional_duration(ttl, "ttl")
-            payload = self.serializer.dumps(value, self._check_tags(tags))
+            tag_list = check_tags(tags)
+            payload = self.serializer.dumps(value, tag_list)
+            ttl_ms = self._lifetime_ms(seconds)
+            if isinstance(claim.handle, _FillLease):
+                self._note_groups(self.entry_key(claim.key), tag_list, ttl_ms)
         except BaseException:
             self.abandon(claim)
             raise
-        self._finish(claim, [b"1", payload, self._lifetime_ms(seconds)])
+        self._finish(claim, [b"1", payload, ttl_ms])
 
     def abandon(self, claim: Claim) -> None:
         self._finish(claim, [b"0", b"", 0])
@@ -312,8 +394,9 @@ class RedisCacheProvider(CacheProvider):
         claim.handle = None
         held.detach()
         name = self.keys.cache_lock_name(claim.key)
-        keys = [*self._locks.release_keys(name), self.entry_key(claim.key)]
-        args = [*self._locks.release_argv(held.owner), *store, self._tag_prefix]
+        entry = self.entry_key(claim.key)
+        keys = [*self._locks.release_keys(name), entry]
+        args = [*self._locks.release_argv(held.owner, name), *store, self._tags_of(entry)]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):
             hand_over_local(result)  # the next waiter is a thread of this process

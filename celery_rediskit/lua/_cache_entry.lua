@@ -9,8 +9,12 @@
 -- set is written, and the set's own expiry is the latest of its members', so the index never
 -- grows past the live entries. Deleting or overwriting an entry removes it from its old sets.
 --
--- Cluster: tag keys are built here from the tag prefix, so these scripts need every key on
--- one node; the provider refuses tags on a Redis Cluster client (see redis_provider.py).
+-- Tag sets are named here from a tag prefix. On one server it is "<prefix>:cache:t:" and tag T
+-- is the set "<prefix>:cache:t:{T}". On a Redis Cluster a script may only touch one slot, so
+-- the provider passes the prefix of the entry's slot group, "<prefix>:cache:t:{<slot tag>}:"
+-- (it carries a hash tag: see _redis/slots.py), and tag T's entries of that slot are the set
+-- "<prefix>:cache:t:{<slot tag>}:T", in the entry's own slot. A directory per tag lists the
+-- slot groups holding its entries (cache_tag_group.lua; see cache/redis.py).
 
 -- The tags recorded in a stored entry (nil or false: none).
 local function cache_tags(value)
@@ -26,8 +30,25 @@ local function cache_tags(value)
   return tags
 end
 
+-- The tag set of `tag` under tag prefix `prefix`: a prefix carrying a hash tag is a slot
+-- group's (cluster), and the tag follows it; otherwise the tag is the set's own hash tag.
 local function cache_tag_key(prefix, tag)
+  if string.find(prefix, '{', 1, true) then return prefix .. tag end
   return prefix .. '{' .. tag .. '}'
+end
+
+-- Add `member` to zset `key` scored by its expiry `at` (ms, server clock; "+inf": none), after
+-- dropping members whose expiry has passed; the set lives as long as its longest-lived member.
+-- `ttl` is at - now (0 or less: none).
+local function cache_zadd_live(key, member, at, ttl, now)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local pttl = redis.call('PTTL', key) -- after the trim, which may have deleted the set
+  redis.call('ZADD', key, at, member)
+  if ttl <= 0 then
+    redis.call('PERSIST', key)
+  elseif pttl == -2 or (pttl >= 0 and pttl < ttl) then
+    redis.call('PEXPIRE', key, ttl)
+  end
 end
 
 -- Remove `entry` from the tag sets named in its stored `value`, except the set `keep`.
@@ -46,15 +67,7 @@ local function cache_index(entry, value, ttl, prefix)
   local score = '+inf'
   if ttl > 0 then score = now + ttl end
   for _, t in ipairs(tags) do
-    local tk = cache_tag_key(prefix, t)
-    redis.call('ZREMRANGEBYSCORE', tk, '-inf', now)
-    local pttl = redis.call('PTTL', tk) -- after the trim, which may have deleted the set
-    redis.call('ZADD', tk, score, entry)
-    if ttl <= 0 then
-      redis.call('PERSIST', tk)
-    elseif pttl == -2 or (pttl >= 0 and pttl < ttl) then
-      redis.call('PEXPIRE', tk, ttl)
-    end
+    cache_zadd_live(cache_tag_key(prefix, t), entry, score, ttl, now)
   end
 end
 

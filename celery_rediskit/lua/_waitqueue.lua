@@ -57,13 +57,19 @@ end
 
 -- Tell a waiter (just returned by wq_head) it was granted. Returns the message instead of
 -- publishing it when the waiter lives in the calling process (local_proc), which then wakes it
--- without a network hop.
+-- without a network hop. A channel prefix carrying a hash tag is a Redis Cluster slot's
+-- ("<prefix>:wake:{<slot tag>}:", the slot of the script's keys): the message goes out with
+-- SPUBLISH, to that slot's shard only, not to every node of the cluster as PUBLISH would.
 -- The token is written in full (%.0f): Lua's own number to text would round a 16-digit token.
 local function wq_notify(chan_prefix, local_proc, w, token)
   local msg = w .. ' ' .. string.format('%.0f', token)
   if wq_since[w] then msg = msg .. ' ' .. wq_since[w] end
   local proc = string.match(w, '^[^:]+')
   if proc == local_proc then return msg end
-  redis.call('PUBLISH', chan_prefix .. proc, msg)
+  if string.find(chan_prefix, '{', 1, true) then
+    redis.call('SPUBLISH', chan_prefix .. proc, msg)
+  else
+    redis.call('PUBLISH', chan_prefix .. proc, msg)
+  end
   return nil
 end

@@ -22,6 +22,7 @@ from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
+from .._redis.slots import is_cluster, key_slot
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
@@ -47,6 +48,7 @@ class RedisMutexStorage(MutexStorage):
         self._idle_ms = self.keys.idle_ms
         self._renewal = renewal_target(client)
         self._channel_prefix = self.keys.wake_channel_prefix
+        self._sharded = is_cluster(client)  # grants published per slot (SPUBLISH)
         self._acquire = load_script("mutex_acquire")
         self._release = load_script("mutex_release")
         self._cancel = load_script("mutex_cancel")
@@ -62,22 +64,31 @@ class RedisMutexStorage(MutexStorage):
         timeout: float | None,
         abort: threading.Event | None = None,
     ) -> int:
+        argv = self.acquire_argv(owner, lease, key)
         return acquire_queued(
             "lock", key, owner, self.client, self._acquire, self._key_list(key),
-            self.acquire_argv(owner, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort, lease,
+            argv, self._cancel_wait, argv[4], timeout, abort, lease,
         )
 
-    def acquire_argv(self, owner: str, lease: float) -> list[Any]:
-        """ARGV of ``mutex_acquire.lua`` for one try without queueing (index 2 is the "join
-        the queue" flag); the cache's single-flight script reuses this layout."""
-        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, self._idle_ms]
+    def wake_prefix(self, key: str) -> str:
+        """The channel prefix of grants of lock ``key``: the process channel's, or on a Redis
+        Cluster the one of the lock's slot (sharded pub/sub)."""
+        if self._sharded:
+            return self.keys.sharded_wake_prefix(key_slot(self._key_list(key)[0]))
+        return self._channel_prefix
 
-    def release_argv(self, owner: str, *, force: bool = False) -> list[Any]:
-        """ARGV of ``mutex_release.lua`` for one release call, with a new release id (also
-        reused by the cache's fill script): every send of one call must use the same list."""
-        return [owner, self._channel_prefix, process_id(), "1" if force else "0", self._idle_ms,
-                release_id(), RECORD_MS]
+    def acquire_argv(self, owner: str, lease: float, key: str) -> list[Any]:
+        """ARGV of ``mutex_acquire.lua`` for one try at lock ``key`` without queueing (index 2
+        is the "join the queue" flag); the cache's single-flight script reuses this layout."""
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self.wake_prefix(key),
+                self._idle_ms]
+
+    def release_argv(self, owner: str, key: str, *, force: bool = False) -> list[Any]:
+        """ARGV of ``mutex_release.lua`` for one release call of lock ``key``, with a new
+        release id (also reused by the cache's fill script): every send of one call must use
+        the same list."""
+        return [owner, self.wake_prefix(key), process_id(), "1" if force else "0",
+                self._idle_ms, release_id(), RECORD_MS]
 
     def release_keys(self, key: str) -> list[str]:
         """KEYS of ``mutex_release.lua``: the lock's keys and the calling thread's release
@@ -92,7 +103,7 @@ class RedisMutexStorage(MutexStorage):
         ``key`` for ``lease`` seconds, else <= -1. ``before`` (an idempotent command, e.g. a
         record of the claim) is sent first in the same round trip."""
         keys = self._key_list(key)
-        argv = self.acquire_argv(owner, lease)
+        argv = self.acquire_argv(owner, lease, key)
         if before is None:
             return int(self._acquire.run(self.client, keys, argv))
         return int(self._acquire.run_after(self.client, before, keys, argv))
@@ -108,7 +119,7 @@ class RedisMutexStorage(MutexStorage):
 
     def _run_release(self, key: str, owner: str, force: bool) -> bool:
         result = self._release.run(
-            self.client, self.release_keys(key), self.release_argv(owner, force=force)
+            self.client, self.release_keys(key), self.release_argv(owner, key, force=force)
         )
         if isinstance(result, (bytes, str)):
             hand_over_local(result)  # the next owner waits in this process

@@ -25,6 +25,7 @@ from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
+from .._redis.slots import is_cluster, key_slot
 from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_int, resource_key, to_ms
@@ -59,6 +60,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         self._renewal = renewal_target(client)
         self.default_permits = positive_int("permits", permits)
         self._channel_prefix = self.keys.wake_channel_prefix
+        self._sharded = is_cluster(client)  # grants published per slot (SPUBLISH)
         self._acquire = load_script("sem_acquire")
         self._release = load_script("sem_release")
         self._admin = load_script("sem_admin")
@@ -85,15 +87,22 @@ class RedisSemaphoreStorage(SemaphoreStorage):
                 return 1
             if timeout == 0:
                 raise LockTimeout(f"permit {key!r} is not available", key)
+        argv = self._acquire_argv(owner, permits, lease, key)
         return acquire_queued(
             "permit", key, owner, self.client, self._acquire, self._key_list(key),
-            self._acquire_argv(owner, permits, lease), self._cancel_wait, self._channel_prefix,
-            timeout, abort, lease,
+            argv, self._cancel_wait, argv[4], timeout, abort, lease,
         )
 
-    def _acquire_argv(self, owner: str, permits: int, lease: float) -> list[Any]:
+    def wake_prefix(self, key: str) -> str:
+        """The channel prefix of grants of semaphore ``key``: the process channel's, or on a
+        Redis Cluster the one of the semaphore's slot (sharded pub/sub)."""
+        if self._sharded:
+            return self.keys.sharded_wake_prefix(key_slot(self._key_list(key)[0]))
+        return self._channel_prefix
+
+    def _acquire_argv(self, owner: str, permits: int, lease: float, key: str) -> list[Any]:
         # ARGV of sem_acquire.lua for one try without queueing (index 2: "join the queue").
-        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self._channel_prefix, permits,
+        return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self.wake_prefix(key), permits,
                 self._idle_ms]
 
     def try_acquire(
@@ -111,7 +120,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         idempotent command) is sent first in the same round trip. ``declared``: ``permits``
         is the total the caller's code declares (see ``base.py``)."""
         keys = self._pin_list(key) if declared else self._key_list(key)
-        argv = self._acquire_argv(owner, permits, lease)
+        argv = self._acquire_argv(owner, permits, lease, key)
         if before is None:
             reply = self._acquire.run(self.client, keys, argv)
         else:
@@ -130,7 +139,7 @@ class RedisSemaphoreStorage(SemaphoreStorage):
     def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
         # A new release id per call: a re-send of this call after a lost reply finds it
         # recorded and answers as the first send did (see _redis/release.py).
-        args = [owner, self._channel_prefix, process_id(), "keep" if keep else "drop",
+        args = [owner, self.wake_prefix(key), process_id(), "keep" if keep else "drop",
                 release_id(), RECORD_MS]
         keys = self._key_list(key)
         record = record_key(keys[0].removesuffix(":holders"))
@@ -185,8 +194,9 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         )
 
     def _admin_op(self, key: str, op: str, n: int = 0) -> int:
-        keys = self._pin_list(resource_key(key))
-        args = [op, n, self._channel_prefix, self.default_permits, self._idle_ms]
+        key = resource_key(key)
+        keys = self._pin_list(key)
+        args = [op, n, self.wake_prefix(key), self.default_permits, self._idle_ms]
         return int(self._admin.run(self.client, keys, args))
 
     def initialize(self, key: str, permits: int) -> None:

@@ -186,7 +186,7 @@ def test_a_lost_grant_is_learned_within_the_recheck_interval(
     wait_until(lambda: client.hlen(keys.waiters) == 1)
     # The holder's release hands over as usual but publishes where nobody listens.
     if kind == "mutex":
-        args = storage.release_argv(holder)
+        args = storage.release_argv(holder, "res")
         args[1:3] = ["nowhere:", ELSEWHERE]
         load_script("mutex_release").run(client, storage.release_keys("res"), args)
     else:

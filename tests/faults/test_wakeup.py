@@ -191,7 +191,7 @@ def test_waiters_ask_again_only_once_the_new_subscription_is_confirmed(
     assert subscribers == 1, "the waiter looked in Redis before it was subscribed again"
     fault_proxy.heal()
     storage = RedisMutexStorage(direct, prefix)
-    args = storage.release_argv(holder)
+    args = storage.release_argv(holder, "res")
     args[2] = "elsewhere/1/abc"  # released from another process: the grant is published
     load_script("mutex_release").run(direct, storage.release_keys("res"), args)
     waiter.join(10)
