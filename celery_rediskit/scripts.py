@@ -10,17 +10,29 @@ a script cache reset), it is loaded again and re-run.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from redis.connection import ConnectionPool
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 __all__ = ["LuaScript", "as_text", "call", "call_many", "load_script"]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
 _PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
+
+
+def _get_connection_needs_name() -> bool:
+    # redis-py before 5.3 requires get_connection(command_name); 5.3 made the argument
+    # optional and warns (DeprecationWarning) on every call that passes it.
+    param = inspect.signature(ConnectionPool.get_connection).parameters.get("command_name")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+_NAMED = _get_connection_needs_name()
 
 
 class LuaScript:
@@ -97,7 +109,7 @@ def call(client: Any, *args: Any) -> Any:
     pool = getattr(client, "connection_pool", None)
     if pool is None or getattr(client, "connection", None) is not None:
         return client.execute_command(*args)
-    conn = pool.get_connection()
+    conn = pool.get_connection(args[0]) if _NAMED else pool.get_connection()
     try:
         conn.send_command(*args)
         return conn.read_response()
@@ -147,13 +159,15 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
     command does not hide the others' results. Uses the lean path of :func:`call` on a plain
     ``redis.Redis``, a non-transactional pipeline elsewhere.
     """
+    if not commands:
+        return []
     pool = getattr(client, "connection_pool", None)
     if pool is None or getattr(client, "connection", None) is not None:
         pipe = client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
-    conn = pool.get_connection()
+    conn = pool.get_connection(commands[0][0]) if _NAMED else pool.get_connection()
     try:
         conn.send_packed_command(conn.pack_commands(commands))
         replies = []

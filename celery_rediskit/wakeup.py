@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -44,6 +45,18 @@ __all__ = [
 ABORT_CHECK = 0.02  # seconds: how often a wait looks at the caller's abort event
 
 log = logging.getLogger(__name__)
+
+
+def _read_options() -> dict[str, Any]:
+    # What redis-py's own pub/sub passes to read_response, as far as this redis-py has it:
+    # disconnect_on_error since 4.6 (before, a read error always disconnects, which _read
+    # does anyway), push_request since 5.0 (RESP3 push messages).
+    accepted = inspect.signature(redis.connection.Connection.read_response).parameters
+    wanted = {"disconnect_on_error": False, "push_request": True}
+    return {name: value for name, value in wanted.items() if name in accepted}
+
+
+_READ_OPTIONS = _read_options()
 
 
 def _make_process_id() -> str:
@@ -283,8 +296,7 @@ class WakeupHub:
                 conn = pubsub.connection
                 # can_read() also reconnects (and so re-subscribes) a dropped connection.
                 if buffered and conn.can_read(timeout=0):
-                    self._dispatch(conn.read_response(disconnect_on_error=False,
-                                                      push_request=True))
+                    self._dispatch(conn.read_response(**_READ_OPTIONS))
                     continue
                 buffered = False
                 poller = self._poller_for(conn._sock)
@@ -294,8 +306,7 @@ class WakeupHub:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._nudge_r, 4096)
                     else:
-                        self._dispatch(conn.read_response(disconnect_on_error=False,
-                                                          push_request=True))
+                        self._dispatch(conn.read_response(**_READ_OPTIONS))
                         buffered = True  # one recv may have brought several messages
                 self._failures = 0
             except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as exc:
