@@ -8,11 +8,13 @@ a killed child) is released by task id from the claims recorded in Redis (``clai
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC
+from functools import cache
 from typing import Any, ClassVar
 
 from celery import Task
@@ -38,6 +40,22 @@ SKIPPED = "SKIPPED"
 """State of a task that finished without running because its singleton lock was held."""
 
 _CALLBACK_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
+
+
+def _hit_result(task_id: str, value: Any, name: str) -> Any:
+    """A cache hit as an already-finished result (carrying the task name on Celery 5.4+)."""
+    from celery import states
+    from celery.result import EagerResult
+
+    named = {"name": name} if _eager_result_takes_name() else {}
+    return EagerResult(task_id, value, states.SUCCESS, **named)
+
+
+@cache
+def _eager_result_takes_name() -> bool:
+    from celery.result import EagerResult
+
+    return "name" in inspect.signature(EagerResult.__init__).parameters
 
 
 class TaskLocked(LockError):
@@ -375,10 +393,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if policy.cache_ttl is not None and not has_callbacks:
             found, value = rt.cache_lookup(self, policy, arguments, args or (), kwargs or {})
             if found:
-                from celery import states
-                from celery.result import EagerResult
-
-                return EagerResult(task_id or uuid(), value, states.SUCCESS, name=self.name)
+                return _hit_result(task_id or uuid(), value, self.name)
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
         given = task_id is not None
