@@ -4,8 +4,13 @@ CHAOS_ARGS ?= --seconds 180
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# test-min: a second virtualenv with the lowest supported celery, kombu and redis-py
+# (constraints-min.txt, kept equal to the floors in pyproject.toml).
+VENV_MIN  := .venv-min
+PY_MIN    := $(VENV_MIN)/bin/python
+STAMP_MIN := $(VENV_MIN)/.installed
 
-.PHONY: test chaos demo lint bench clean
+.PHONY: test test-min chaos demo lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +26,18 @@ test: $(STAMP)
 chaos: $(STAMP)
 	$(PY) -m tests.faults.chaos $(CHAOS_ARGS)
 
+$(STAMP_MIN): pyproject.toml constraints-min.txt
+	test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip install -q --upgrade pip
+	$(PY_MIN) -m pip install -q -c constraints-min.txt -e '.[test]'
+	touch $(STAMP_MIN)
+
+# The whole suite (primitives, cache and the Celery layer) on the floors. First it prints the
+# pinned packages' versions and fails if .venv-min drifted from them (a hand-run pip, say).
+test-min: $(STAMP_MIN)
+	$(PY_MIN) -c 'import importlib.metadata as m, re, sys; pins = re.findall(r"^([\w.-]+)==(\S+)", open("constraints-min.txt").read(), re.M); print("test-min:", ", ".join(f"{n} {m.version(n)}" for n, _ in pins)); sys.exit(any(m.version(n) != v for n, v in pins))'
+	$(PY_MIN) -m pytest -q
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
@@ -32,4 +49,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,12 +11,14 @@ redis-py adds microseconds per call on the hot path. When the server has forgott
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from redis.client import NEVER_DECODE
+from redis.connection import ConnectionPool
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -35,6 +37,21 @@ _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
 _THEN = re.compile(r"^-- then: (\w+)\s*$", re.MULTILINE)
 _EARLY = re.compile(r"^-- early:", re.MULTILINE)
 _PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
+
+
+def _get_connection_needs_name() -> bool:
+    # redis-py before 5.3 requires get_connection(command_name); 5.3 made the argument
+    # optional and warns (DeprecationWarning) on every call that passes it.
+    param = inspect.signature(ConnectionPool.get_connection).parameters.get("command_name")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+_NAMED = _get_connection_needs_name()
+
+
+def _connection(pool: Any, command: Any) -> Any:
+    """A connection from ``pool``, naming ``command`` where this redis-py requires it."""
+    return pool.get_connection(command) if _NAMED else pool.get_connection()
 
 
 class LuaScript:
@@ -129,7 +146,7 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
         return _cluster_call(client, args, raw)
     if getattr(client, "connection", None) is not None:
         return client.execute_command(*args, **options)
-    conn = pool.get_connection()
+    conn = _connection(pool, args[0])
     try:
         conn.send_command(*args)
         return conn.read_response(disable_decoding=raw)
@@ -165,7 +182,7 @@ def _cluster_call(client: Any, args: tuple[Any, ...], raw: bool) -> Any:
         if node_client is not None:
             pool = node_client.connection_pool
             try:
-                conn = pool.get_connection()
+                conn = _connection(pool, args[0])
             except (ConnectionError, TimeoutError, OSError):
                 conn = None  # the node is down: the client's path learns the new layout
             if conn is not None:
@@ -248,15 +265,17 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
 
     Error replies are returned in place as exception objects, not raised, so one failing
     command does not hide the others' results. Uses the lean path of :func:`call` on a plain
-    ``redis.Redis``, a non-transactional pipeline elsewhere.
+    ``redis.Redis``, a non-transactional pipeline elsewhere. No commands: no replies.
     """
+    if not commands:
+        return []
     pool = getattr(client, "connection_pool", None)
     if pool is None or getattr(client, "connection", None) is not None:
         pipe = client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
-    conn = pool.get_connection()
+    conn = _connection(pool, commands[0][0])
     try:
         conn.send_packed_command(conn.pack_commands(commands))
         replies = []

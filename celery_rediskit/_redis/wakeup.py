@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import inspect
 import logging
 import os
 import select
@@ -68,6 +69,18 @@ __all__ = [
     "hub_for",
     "wake_local",
 ]
+
+
+def _read_options() -> dict[str, Any]:
+    # What redis-py's own pub/sub passes to read_response, as far as this redis-py has it:
+    # disconnect_on_error since 4.6 (before, a read error always disconnects, which the
+    # readers here do anyway), push_request since 5.0 (RESP3 push messages).
+    accepted = inspect.signature(redis.connection.Connection.read_response).parameters
+    wanted = {"disconnect_on_error": False, "push_request": True}
+    return {name: value for name, value in wanted.items() if name in accepted}
+
+
+_READ_OPTIONS = _read_options()
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +345,7 @@ class WakeupHub:
                     self._reconnect(conn)
                     continue
                 if buffered and conn.can_read(timeout=0):
-                    self._received(conn.read_response(disconnect_on_error=False,
-                                                      push_request=True))
+                    self._received(conn.read_response(**_READ_OPTIONS))
                     continue
                 buffered = False
                 # Wake up for the next health action too: a PING due, or an answer overdue.
@@ -347,8 +359,7 @@ class WakeupHub:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._nudge_r, 4096)
                     else:
-                        self._received(conn.read_response(disconnect_on_error=False,
-                                                          push_request=True))
+                        self._received(conn.read_response(**_READ_OPTIONS))
                         buffered = True  # one recv may have brought several messages
                 if not events and time.monotonic() >= due:
                     self._health_check(conn)
@@ -649,7 +660,7 @@ class ShardedWakeupHub(WakeupHub):
 
     def _read_one(self, link: _Link) -> None:
         try:
-            response = link.conn.read_response(disconnect_on_error=False, push_request=True)
+            response = link.conn.read_response(**_READ_OPTIONS)
         except redis.exceptions.MovedError as exc:  # a subscribe sent where the slot no longer is
             link.heard = time.monotonic()
             with self._lock:

@@ -7,7 +7,8 @@
 - ``celery inspect rediskit_leases`` (:func:`rediskit_leases`): each worker answers with the
   leases it holds now and when each was last renewed. :func:`register` registers the
   command; ``RedisKit(app)`` and the ``celery rediskit`` CLI plugin both call it, so it is
-  known to workers and to the ``celery`` command line (which refuses unknown names).
+  known to workers and to the ``celery`` command line (which refuses unknown names; on Celery
+  before 5.4 it also adds the name to that command line's list of choices).
 
 Task metadata comes from the claims records (``claims.py``): a running task's record lists
 the owner ids of its leases and a holder line written in the same SET. A lease whose owner is
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import click
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
@@ -238,6 +241,24 @@ def rediskit_leases(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
         return [{"error": f"{type(exc).__name__}: {exc}"}]
 
 
+def _offer_to_inspect_cli(name: str) -> None:
+    """Let ``celery inspect`` of Celery before 5.4 accept ``name``.
+
+    Those versions fix the command's choices when ``celery.bin.control`` is imported, which is
+    before the ``celery.commands`` plugins (such as ours, which imports this module) load.
+    Celery 5.4+ looks the name up when the command runs: nothing to do there.
+    """
+    module = sys.modules.get("celery.bin.control")
+    if module is None:
+        return  # not the celery CLI, or one whose choices are yet to be built (and include it)
+    for param in getattr(getattr(module, "inspect", None), "params", ()):
+        choice = getattr(param, "type", None)
+        if isinstance(choice, click.Choice) and name not in choice.choices:
+            choice.choices = (*choice.choices, name)
+
+
+
 def register() -> None:
     """Register ``rediskit_leases`` as a ``celery inspect`` command (in this process)."""
     inspect_command(default_timeout=1.0)(rediskit_leases)
+    _offer_to_inspect_cli("rediskit_leases")

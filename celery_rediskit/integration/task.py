@@ -8,10 +8,12 @@ a killed child) is released by task id from the claims recorded in Redis (``clai
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
@@ -53,6 +55,12 @@ _CALLBACK_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 _INLINE_RUNNERS = frozenset({"celery.map", "celery.starmap"})
 """Celery's builtin tasks that run their items as direct calls, ``task(*item)``: ``map``,
 ``starmap`` and ``chunks`` (a group of ``starmap`` tasks). Such a call honours the options."""
+
+
+@cache
+def _eager_result_takes_name() -> bool:
+    """``EagerResult(name=...)`` exists from Celery 5.4 on."""
+    return "name" in inspect.signature(EagerResult.__init__).parameters
 
 
 class TaskLocked(LockError):
@@ -592,7 +600,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         ignore = options.get("ignore_result")
         if not (self.ignore_result if ignore is None else ignore):
             self.backend.store_result(task_id, value, states.SUCCESS)
-        return EagerResult(task_id, value, states.SUCCESS, name=self.name)
+        named = {"name": self.name} if _eager_result_takes_name() else {}
+        return EagerResult(task_id, value, states.SUCCESS, **named)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the cached result of the call ``task(*args, **kwargs)``; True if one existed."""

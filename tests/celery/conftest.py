@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
+from celery.contrib.testing.worker import TestWorkController, start_worker
+from kombu.asynchronous import set_event_loop
 
 from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.integration import RedisKit
@@ -60,10 +61,17 @@ def in_process_worker(a: Celery, pool: str = "threads",
     """``with in_process_worker(app):`` a worker in this process (define the tasks first).
     Modules that share one worker between their tests call it from a module fixture."""
     a.finalize()
+    # Celery before 5.7 hands a second in-process worker the first one's event loop (a
+    # process-wide global) whose timer nobody feeds: its countdown and ETA tasks never
+    # run. A real worker is alone in its process; give each test worker a fresh loop.
+    set_event_loop(None)
+    # shutdown_timeout only bounds the join: after a broker reconnect, the worker of a
+    # Celery before 5.7 can sit up to 10 s (its timer's max interval) in its event loop's
+    # poll before it sees the stop.
     return start_worker(
         a, pool=pool, concurrency=concurrency, perform_ping_check=False,
-        loglevel=logging.WARNING, shutdown_timeout=10.0,
-        hostname=f"w-{uuid.uuid4().hex[:6]}@test",
+        loglevel=logging.WARNING, shutdown_timeout=30.0,
+        WorkController=_named_worker(f"w-{uuid.uuid4().hex[:6]}@test"),
     )
 
 
@@ -71,3 +79,15 @@ def in_process_worker(a: Celery, pool: str = "threads",
 def worker() -> WorkerFactory:
     """``with worker(app, pool="threads", concurrency=4):`` an in-process worker."""
     return in_process_worker
+
+
+def _named_worker(hostname: str) -> type[TestWorkController]:
+    """The test worker class with its node name set: ``start_worker(hostname=...)`` exists only
+    from Celery 5.5 (before, every in-process worker is ``gen<pid>@<host>``)."""
+
+    class Named(TestWorkController):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["hostname"] = hostname
+            super().__init__(*args, **kwargs)
+
+    return Named
