@@ -35,7 +35,7 @@ from types import FrameType
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff  # in every redis-py the project supports
 from redis.retry import Retry
 
 from celery_rediskit import (
@@ -89,7 +89,7 @@ def client_options(cfg: WorkerConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_timeout": cfg.socket_timeout,
         "socket_connect_timeout": cfg.socket_timeout,
-        "retry": Retry(ExponentialWithJitterBackoff(cap=cfg.backoff_cap, base=0.02),
+        "retry": Retry(EqualJitterBackoff(cap=cfg.backoff_cap, base=0.02),
                        cfg.retries),
     }
     if "driver_info" in inspect.signature(redis.Redis.__init__).parameters:
