@@ -9,6 +9,10 @@ STAMP  := $(VENV)/.installed
 VENV_MIN  := .venv-min
 PY_MIN    := $(VENV_MIN)/bin/python
 STAMP_MIN := $(VENV_MIN)/.installed
+MIN_TESTS ?= tests/_redis tests/cache tests/mutex tests/semaphore tests/test_*.py \
+	tests/celery/test_options.py tests/celery/test_singleton.py tests/celery/test_skip.py \
+	tests/celery/test_url.py tests/celery/test_eager.py tests/celery/test_canvas.py \
+	tests/celery/test_child_watch.py tests/celery/test_backoff.py tests/celery/test_cli.py
 
 .PHONY: test test-min chaos demo lint bench clean
 
@@ -32,11 +36,12 @@ $(STAMP_MIN): pyproject.toml constraints-min.txt
 	$(PY_MIN) -m pip install -q -c constraints-min.txt -e '.[test]'
 	touch $(STAMP_MIN)
 
-# The whole suite (primitives, cache and the Celery layer) on the floors. First it prints the
-# pinned packages' versions and fails if .venv-min drifted from them (a hand-run pip, say).
+# The primitives, the cache and the core of the Celery layer on the floors (MIN_TESTS). First
+# it prints the pinned packages' versions and fails if .venv-min drifted from them (a hand-run
+# pip, say). The topology and fault suites (Sentinel, Cluster, faults/) run in `make test` only.
 test-min: $(STAMP_MIN)
 	$(PY_MIN) -c 'import importlib.metadata as m, re, sys; pins = re.findall(r"^([\w.-]+)==(\S+)", open("constraints-min.txt").read(), re.M); print("test-min:", ", ".join(f"{n} {m.version(n)}" for n, _ in pins)); sys.exit(any(m.version(n) != v for n, v in pins))'
-	$(PY_MIN) -m pytest -q
+	$(PY_MIN) -m pytest -q $(MIN_TESTS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
