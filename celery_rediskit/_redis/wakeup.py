@@ -261,11 +261,20 @@ class WakeupHub:
                     del self._confirmed[channel]  # the next caller tries again
                     del self._channels[channel]
                     raise
+        self._await_confirmation(confirmed, timeout, f"SUBSCRIBE {channel}")
+        with self._lock:
+            if confirmed.is_set():  # (not cleared again by a loss meanwhile)
+                self._subscribed.add(channel_prefix)
+
+    def _await_confirmation(self, confirmed: threading.Event, timeout: float,
+                            what: str) -> None:
+        """Wait up to ``timeout`` seconds for the server to confirm ``what``, reading the
+        connection ourselves when no other thread does; ``ConnectionError`` if it never does."""
         end = time.monotonic() + timeout
         while not confirmed.is_set():
             left = end - time.monotonic()
             if left <= 0:
-                raise redis.ConnectionError(f"no confirmation of SUBSCRIBE {channel}")
+                raise redis.ConnectionError(f"no confirmation of {what}")
             if self._reader.acquire(blocking=False):
                 try:
                     self._read(lambda: confirmed.is_set(), left)
@@ -274,9 +283,6 @@ class WakeupHub:
                     self._hand_over(None)
             else:
                 confirmed.wait(min(left, 0.05))  # the reader will see the confirmation
-        with self._lock:
-            if confirmed.is_set():  # (not cleared again by a loss meanwhile)
-                self._subscribed.add(channel_prefix)
 
     def wait(
         self,
@@ -518,19 +524,7 @@ class ShardedWakeupHub(WakeupHub):
                     raise
                 self._drop_idle()
         self.interrupt()  # a thread reading now polls the connections it knew: look again
-        end = time.monotonic() + timeout
-        while not confirmed.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                raise redis.ConnectionError(f"no confirmation of SSUBSCRIBE {channel}")
-            if self._reader.acquire(blocking=False):
-                try:
-                    self._read(lambda: confirmed.is_set(), left)
-                finally:
-                    self._reader.release()
-                    self._hand_over(None)
-            else:
-                confirmed.wait(min(left, 0.05))  # the reader will see the confirmation
+        self._await_confirmation(confirmed, timeout, f"SSUBSCRIBE {channel}")
         with self._lock:
             if confirmed.is_set():
                 self._subscribed.add(channel_prefix)
