@@ -24,7 +24,7 @@ from celery.utils.imports import symbol_by_name
 
 from .._redis.clients import check_client
 from ..errors import ConfigurationError
-from . import claims, control
+from . import claims, control, parking
 from .children import ChildWatch, ChildWatchStep
 from .options import OPTION_NAMES, parse_policy
 from .runtime import APP_ATTRIBUTE, Runtime, check_client_options, set_installer
@@ -67,11 +67,13 @@ class RedisKit:
         self._pid = 0
         self._lock = threading.Lock()
         self.child_watch = ChildWatch(self._release_after_child)
+        self.sweeper = parking.Sweeper(self)  # re-sends parked tasks (worker main process)
         setattr(app, APP_ATTRIBUTE, self)
         self._install_task_class()
         self._wrap_task_decorator()
         self._connect_signals()
         control.register()  # `celery inspect rediskit_leases`
+        parking.install_revoke_hook()  # revoke() takes a task out of the parked queues
 
     @classmethod
     def of(cls, app: Any) -> RedisKit:
@@ -91,6 +93,9 @@ class RedisKit:
             with self._lock:
                 if self._runtime is None or self._pid != pid:
                     self._runtime = Runtime(self.settings, self.ready_client)
+                    runtime = self._runtime
+                    self._runtime.after_release = (
+                        lambda released: parking.dispatch(self.app, runtime, released))
                     self._pid = pid
                 rt = self._runtime
         return rt
@@ -175,6 +180,7 @@ class RedisKit:
         signals.worker_init.connect(on_worker_init, weak=False)
         self._handlers = (on_revoked, on_failure, on_worker_init)
         app.steps["worker"].add(ChildWatchStep)  # the worker's timer, for the child watch
+        app.steps["worker"].add(parking.SweeperStep)  # re-sends parked tasks
 
     def _release_when_stopped(self, task_id: str, why: str) -> None:
         """The main process signalled the child running ``task_id`` (terminate, hard time

@@ -43,8 +43,8 @@ OPTION_NAMES = (
     "cache_ttl", "cache_key", "cache_tags",
 )
 SCOPES = ("running", "queued")
-ON_LOCKED = ("retry", "skip", "raise")
-ON_LIMITED = ("retry", "wait")
+ON_LOCKED = ("retry", "skip", "raise", "park")
+ON_LIMITED = ("retry", "wait", "park")
 
 
 def canonical(value: Any) -> Any:
@@ -153,6 +153,11 @@ class TaskPolicy:
         if not any(spec.fields for spec in self.limits):
             fixed = sorted({(spec.template, spec.permits) for spec in self.limits})
         setattr_(self, "_fixed_limits", fixed)
+
+    @property
+    def parks(self) -> bool:
+        """True when a held lock or a full limit parks the task (``"park"``)."""
+        return self.on_locked == "park" or self.on_limited == "park"
 
     @property
     def active(self) -> bool:
