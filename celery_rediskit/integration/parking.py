@@ -43,6 +43,7 @@ from ..parking import (
     RedisParkingStore,
     reservation_owner,
 )
+from .crashpoints import crash_point
 from .runtime import APP_ATTRIBUTE, Kit, Runtime
 
 __all__ = [
@@ -150,9 +151,17 @@ def publish(app: Any, d: Dispatch) -> bool:
 
 
 def publish_all(app: Any, store: RedisParkingStore, dispatches: Iterable[Dispatch]) -> None:
+    """Publish entries just taken (a publish that fails is left to the sweeper)."""
     taken = list(dispatches)
     if taken:
-        store.publish_all(taken, lambda d: publish(app, d))
+        crash_point("release:after-take")
+        store.publish_all(taken, lambda d: _publish_then(app, d))
+
+
+def _publish_then(app: Any, d: Dispatch) -> bool:
+    publish(app, d)
+    crash_point("release:after-publish")
+    return True
 
 
 def parks(policy: Any, kind: LeaseKind | str) -> bool:
@@ -219,6 +228,7 @@ def park(task: Any, rt: Runtime, request: Any, kind: LeaseKind, name: str, owner
         return out.token
     if out.status == DUPLICATE:
         drop_copy(task, rt, request, f"its task id is parked at {name!r} already")
+    crash_point("park:after-park")
     log.info("rediskit: %s[%s] parked: %s %r is %s", task.name, request.id, kind.grant, name,
              "held" if kind == LeaseKind.MUTEX else "full")
     if task.send_events:
