@@ -32,9 +32,11 @@ from celery.worker.control import inspect_command
 
 from .._redis.scripts import call_many
 from ..lease import Lease, LeaseKind
+from ..parking import RedisParkingStore
 from ..renewal import renewer
 from ..report import Holder, Resource, glob_escape, read_resources, scan_keys
 from .claims import parse_record
+from .parking import parked_tasks
 from .runtime import APP_ATTRIBUTE, Kit, kit_of
 
 __all__ = ["LockReport", "lock_report", "rediskit_leases", "worker_leases"]
@@ -165,8 +167,6 @@ def lock_report(
 
 def with_parked(kit: Kit, client: Any, resources: list[Resource]) -> list[Resource]:
     """``resources`` with their parked counts (parked and being re-sent), one round trip."""
-    from ..parking import RedisParkingStore
-
     if not resources:
         return resources
     s = kit.settings
@@ -258,8 +258,6 @@ def rediskit_leases(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
 def rediskit_parked(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
     """The tasks parked under the app's prefix (read from Redis: every worker answers the
     same list), oldest turn first per resource."""
-    from .parking import parked_tasks
-
     app = state.consumer.app
     if getattr(app, APP_ATTRIBUTE, None) is None:
         return []

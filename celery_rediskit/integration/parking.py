@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 
 from celery import bootsteps
 from celery.exceptions import Ignore
+from celery.worker.control import Panel
 from kombu.utils.json import dumps as _dumps
 from kombu.utils.json import loads as _loads
 
@@ -389,8 +390,6 @@ def parked_tasks(app: Any) -> list[dict[str, Any]]:
 def install_revoke_hook() -> None:
     """Make the workers' ``revoke`` control command also take the revoked tasks out of the
     parked queues (process-wide, once; the command's own work is unchanged)."""
-    from celery.worker.control import Panel
-
     original = Panel.data.get("revoke")
     if original is None or getattr(original, "_rediskit", False):
         return

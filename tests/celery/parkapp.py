@@ -38,8 +38,11 @@ def build(url: str, prefix: str, broker: str | None = None) -> Celery:
         client.rpush(f"{prefix}:runs:{run}", task.request.id)
         deadline = time.monotonic() + 120
         while hold and time.monotonic() < deadline:  # short waits: the socket timeout
-            if client.blpop([f"{prefix}:go:{run}"], timeout=1):
-                break
+            try:
+                if client.blpop([f"{prefix}:go:{run}"], timeout=1):
+                    break
+            except redis.ConnectionError:  # Redis restarts (a test does that): wait on
+                time.sleep(0.1)
         return str(task.request.id)
 
     # Two tasks on one limit: the holder is acknowledged early (a short visibility timeout
