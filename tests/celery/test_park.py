@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from celery import chord, group
 from celery.result import AsyncResult
+from click.testing import CliRunner
 
 from celery_rediskit.errors import ConfigurationError
 from celery_rediskit.integration import RedisKit, TaskLocked
+from celery_rediskit.integration.cli import rediskit
 from celery_rediskit.integration.control import lock_report
 from celery_rediskit.integration.parking import PARKED, parked_tasks, store_of
 
@@ -208,3 +210,75 @@ def test_eager_park_raises_task_locked(app) -> None:
     storage.try_acquire(name, "someone/1/x:1", 5.0)
     with pytest.raises(TaskLocked):
         job.apply(throw=True).get()
+
+
+def test_multiple_limits_keep_the_turn(app, worker, client, prefix) -> None:
+    """A task with two limits parks at the first full one (releasing what it took); re-sent
+    from there, it meets the other full and parks again with the turn of its first park, so
+    it goes ahead of a task that parked there after that turn (the turn rule)."""
+    order = prefix + ":order"
+
+    def body(tag: str, hold: bool) -> str:
+        client.rpush(order, tag)
+        if hold:
+            client.blpop([f"{prefix}:go:{tag}"], timeout=WAIT)
+        return tag
+
+    @app.task(shared=False, concurrency_limit=["ta:1", "tb:1"], on_limited="park")
+    def both(tag: str, hold: bool = False) -> str:
+        return body(tag, hold)
+
+    @app.task(shared=False, concurrency_limit="ta:1", on_limited="park")
+    def only_a(tag: str, hold: bool = False) -> str:
+        return body(tag, hold)
+
+    @app.task(shared=False, concurrency_limit="tb:1", on_limited="park")
+    def only_b(tag: str, hold: bool = False) -> str:
+        return body(tag, hold)
+
+    with worker(app, concurrency=6):
+        hb = only_b.delay("HB", True)
+        wait_for(lambda: client.llen(order) == 1)
+        t = both.delay("T")  # takes ta, parks at tb (its turn: now), gives ta back
+        wait_for(lambda: parked_count(app, "s", "tb") == 1)
+        ha = only_a.delay("HA", True)
+        wait_for(lambda: client.llen(order) == 2)
+        u = only_a.delay("U")  # parks at ta, after T's turn
+        wait_for(lambda: parked_count(app, "s", "ta") == 1)
+        client.rpush(f"{prefix}:go:HB", 1)
+        # T is re-sent for tb, finds ta full and parks there with its first turn
+        wait_for(lambda: parked_count(app, "s", "ta") == 2)
+        assert [e["task_id"] for e in parked_tasks(app) if e["resource"] == "ta"] == \
+            [t.id, u.id]
+        client.rpush(f"{prefix}:go:HA", 1)
+        for r in (hb, ha, t, u):
+            r.get(timeout=WAIT)
+    assert [x.decode() for x in client.lrange(order, 0, -1)] == ["HB", "HA", "T", "U"]
+
+
+def test_locks_command_shows_parked_counts(app, worker, client, prefix) -> None:
+    """``celery rediskit locks`` prints the parked count under the resource (table), and
+    ``parked`` in its JSON."""
+    @app.task(shared=False, concurrency_limit="cli:1", on_limited="park")
+    def job(hold: bool) -> None:
+        if hold:
+            client.blpop([prefix + ":go"], timeout=WAIT)
+
+    class Obj:
+        pass
+
+    obj = Obj()
+    obj.app = app  # type: ignore[attr-defined]
+    with worker(app, concurrency=4):
+        first = job.delay(True)
+        wait_for(lambda: RedisKit.of(app).runtime().semaphore_storage
+                 .get_semaphore_info("cli").acquired == 1)
+        rest = [job.delay(False) for _ in range(3)]
+        wait_for(lambda: parked_count(app, "s", "cli") == 3)
+        out = CliRunner().invoke(rediskit, ["locks", "--no-ping"], obj=obj)
+        assert out.exit_code == 0, out.output
+        assert "parked" in out.output and "3 task(s) waiting" in out.output
+        client.rpush(prefix + ":go", 1)
+        first.get(timeout=WAIT)
+        for r in rest:
+            r.get(timeout=WAIT)
