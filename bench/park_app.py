@@ -26,6 +26,10 @@ def build(url: str, broker: str, prefix: str) -> Celery:
         worker_prefetch_multiplier=1,
         result_expires=600,
     )
+    if os.environ.get("RKB_DISABLE_PREFETCH") == "1":
+        # a worker takes a message only when a process of it is free (Celery 5.6+, Redis):
+        # else a worker whose processes are all busy holds a re-sent message until one frees
+        app.conf.worker_disable_prefetch = True
     RedisKit(app, url=url, prefix=prefix)
     client = redis.Redis.from_url(url)
     done = f"{prefix}:done"
