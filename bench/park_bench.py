@@ -5,7 +5,8 @@ Two ``celery worker -P prefork -c 4`` subprocesses serve one queue. For each lim
 ``"x:4"``) and mode, ``N`` tasks of ``T`` seconds are sent at once; the wall time runs from
 the first send to the last body's end. The ideal is ``N * T / permits``. Broker publishes are
 counted on a broker Redis of the section's own (``INFO commandstats``: kombu publishes with
-LPUSH), so the result backend and the library's keys (on the bench server) do not count.
+LPUSH), so the result backend and the library's keys (on the bench server) do not count;
+events (the ``task-parked`` event, PUBLISH on the broker) are reported apart.
 
 Targets: park reaches at least 0.9 of the ideal (ideal / wall), with at most 2 publishes per
 task. Retry is reported for comparison. ``--scale`` scales ``N`` (1000 at 1.0, at least 100).
@@ -33,14 +34,17 @@ PROCESSES = 4
 HERE = Path(__file__).resolve().parent
 
 
-def _lpush_calls(client: Any) -> int:
+def _calls(client: Any) -> tuple[int, int]:
+    """(LPUSH calls: task messages, PUBLISH calls: events) on the broker so far."""
     stats = client.info("commandstats")
-    return int(stats.get("cmdstat_lpush", {}).get("calls", 0))
+    return (int(stats.get("cmdstat_lpush", {}).get("calls", 0)),
+            int(stats.get("cmdstat_publish", {}).get("calls", 0)))
 
 
 def _measure(app: Any, env: BenchEnv, broker: Any, name: str, n: int,
-             permits: int = 1) -> tuple[float, float, float]:
-    """(wall seconds, broker publishes per task, steady ratio) of ``n`` tasks ``name``.
+             permits: int = 1) -> tuple[float, float, float, float]:
+    """(wall seconds, broker publishes per task, steady ratio, events per task) of ``n``
+    tasks ``name``.
 
     The steady ratio is ideal / wall counted from the moment the queue of sent messages is
     first empty (every task parked, re-queued or running) to the end: a re-sent message
@@ -49,7 +53,7 @@ def _measure(app: Any, env: BenchEnv, broker: Any, name: str, n: int,
     env.admin.set(done, 0)
     task = app.tasks[name]
     queue = f"q-{env.prefix}"
-    before = _lpush_calls(broker)
+    before = _calls(broker)
     start = time.perf_counter()
     with app.producer_or_acquire() as producer:  # one connection: sending costs the least
         for _ in range(n):
@@ -65,7 +69,8 @@ def _measure(app: Any, env: BenchEnv, broker: Any, name: str, n: int,
     end = time.perf_counter()
     since, count = drained or (start, 0)
     steady = (n - count) * T / permits / (end - since) if end > since else float("nan")
-    return end - start, (_lpush_calls(broker) - before) / n, steady
+    after = _calls(broker)
+    return end - start, (after[0] - before[0]) / n, steady, (after[1] - before[1]) / n
 
 
 def run(env: BenchEnv, log: Callable[[str], None]) -> SectionResult:
@@ -103,17 +108,20 @@ def run(env: BenchEnv, log: Callable[[str], None]) -> SectionResult:
                 ideal = n * T / permits
                 for mode in ("park", "retry"):
                     name = f"{mode}{permits}"
-                    wall, publishes, steady = _measure(app, env, broker, name, n, permits)
+                    wall, publishes, steady, events = _measure(app, env, broker, name, n,
+                                                               permits)
                     figures[name] = (wall, ideal / wall, publishes)
                     log(f"park: {n} x {T * 1000:.0f} ms, limit x:{permits}, {mode}: "
                         f"{wall:.2f} s (ideal {ideal:.2f} s, {ideal / wall:.2f}; after the "
-                        f"backlog {steady:.2f}), {publishes:.2f} publishes/task")
+                        f"backlog {steady:.2f}), {publishes:.2f} publishes/task, "
+                        f"{events:.2f} events/task")
                     rows.append([f'"x:{permits}"', mode, f"{wall:.2f} s", f"{ideal:.2f} s",
-                                 f"{ideal / wall:.2f}", f"{steady:.2f}", f"{publishes:.2f}"])
+                                 f"{ideal / wall:.2f}", f"{steady:.2f}", f"{publishes:.2f}",
+                                 f"{events:.2f}"])
             res.tables.append((
                 f"{n} tasks of {T * 1000:.0f} ms, {WORKERS} prefork workers x {PROCESSES}",
                 ["limit", "mode", "wall", "ideal (N*t/permits)", "ideal/wall",
-                 "after backlog", "publishes/task"], rows))
+                 "after backlog", "publishes/task", "events/task"], rows))
             for permits in (1, 4):
                 wall, ratio, publishes = figures[f"park{permits}"]
                 retry_wall = figures[f"retry{permits}"][0]

@@ -331,6 +331,9 @@ class SweeperStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if isinstance(sweeper, Sweeper):
             sweeper.stop()
 
+    def terminate(self, parent: Any) -> None:  # a cold shutdown stops it too
+        self.stop(parent)
+
 
 def app_parks(app: Any) -> bool:
     """Whether any task of ``app`` parks."""
