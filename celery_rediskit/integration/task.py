@@ -317,9 +317,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         lease: Lease
         if adopt_at >= 0 and resent is not None:
             # First the reservation this message was re-sent with: held (so released) if the
-            # task parks again at a resource before it in the plan.
-            got = parking.adopt(self, rt, request, resent, pending)
-            pending = None
+            # task parks again at a resource before it in the plan. The claims record goes
+            # with the next try (or after the plan): a copy dropped here must not overwrite
+            # the record of the run that adopted it.
+            got = parking.adopt(self, rt, request, resent, None)
             if got >= 1:
                 adopted_kind, adopted_name, _ = plan[adopt_at]
                 lease = (MutexLease if adopted_kind is LeaseKind.MUTEX else Permit)(
@@ -379,6 +380,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             rt.owners[owner] = (self, task_id)
         if adopt_at > 0:  # the plan's order: the singleton lock first (``self.lease``)
             held.insert(adopt_at, held.pop(0))
+        if pending is not None:  # only the adopted reservation: no try carried the record
+            call(rt.client, *pending)
         if claim is not None:
             call(rt.client, *record)
             request.rediskit_record = record

@@ -282,3 +282,28 @@ def test_locks_command_shows_parked_counts(app, worker, client, prefix) -> None:
         first.get(timeout=WAIT)
         for r in rest:
             r.get(timeout=WAIT)
+
+
+def test_a_resent_task_is_described_and_released_by_task_id(app, worker, client,
+                                                             prefix) -> None:
+    """The re-sent run records its claims (the adopted reservation) like any run: the lock
+    report names it, and a release by task id (revoke, kill) finds it."""
+    @app.task(shared=False, bind=True, concurrency_limit="rec:1", on_limited="park")
+    def job(self: Any, tag: str) -> str:
+        client.rpush(prefix + ":started", tag)
+        client.blpop([f"{prefix}:go:{tag}"], timeout=WAIT)
+        return tag
+
+    with worker(app, concurrency=4):
+        first = job.delay("first")
+        wait_for(lambda: client.llen(prefix + ":started") == 1)
+        second = job.delay("second")
+        wait_for(lambda: parked_count(app, "s", "rec") == 1)
+        client.rpush(f"{prefix}:go:first", 1)
+        wait_for(lambda: client.llen(prefix + ":started") == 2)
+        (res,) = [r for r in lock_report(app, ping=False).resources if r.key == "rec"]
+        assert [h.task_id for h in res.holders] == [second.id]
+        assert res.holders[0].owner.startswith("park:")
+        assert RedisKit.of(app).runtime().claims.held(second.id)
+        client.rpush(f"{prefix}:go:second", 1)
+        assert (first.get(timeout=WAIT), second.get(timeout=WAIT)) == ("first", "second")
