@@ -27,6 +27,7 @@ from ..mutex import Mutex, create_mutex
 from ..mutex.redis import RedisMutexStorage
 from ..semaphore import Semaphore, create_semaphore
 from ..semaphore.redis import RedisSemaphoreStorage
+from . import observe
 from .claims import ClaimStore, Releaser
 from .settings import Settings
 from .signals import lease_lost
@@ -215,7 +216,8 @@ class Runtime:
             "rediskit: task %s[%s] lost its %s %r: %s",
             getattr(task, "name", "?"), task_id, lease.kind.grant, lease.key, reason,
         )
-        lease_lost.send(sender=task, task_id=task_id, lease=lease, reason=reason)
+        if lease_lost.receivers:
+            observe.lost(task, task_id, lease, reason)
 
     # -- cached results --------------------------------------------------------------------
     @property
