@@ -79,8 +79,7 @@ def skipped(task: Any, task_id: str, reason: str, key: str, holder: str | None) 
 
 
 def requeued(task: Any, task_id: str, reason: str, key: str, countdown: float,
-             requeues: int) -> None:
-    kind = LeaseKind.MUTEX if reason == "locked" else LeaseKind.SEMAPHORE
+             requeues: int, kind: LeaseKind) -> None:
     task_requeued.send(sender=task, task_id=task_id, reason=reason, key=key,
                        name=declared_name(task, kind, key), countdown=countdown,
                        requeues=requeues)

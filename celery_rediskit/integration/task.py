@@ -33,6 +33,8 @@ from ..semaphore import Permit
 from . import observe
 from .backoff import requeue_countdown
 from .claims import holder_line
+from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
+from .naming import declared_name
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
 from .signals import (
@@ -52,10 +54,6 @@ log = logging.getLogger("celery_rediskit")
 SKIPPED = "SKIPPED"
 """State a monitor (``celery.events.State``, Flower) gives a task on its ``task-skipped``
 event. The task itself ends SUCCESS with the result None: see ``_rk_skip``."""
-
-SKIPPED_EVENT = "task-skipped"
-"""The custom task event sent when a task is skipped (fields ``reason``, ``lock``,
-``holder``)."""
 
 CLAIM_ATTEMPTS = 50
 """How many times ``apply_async`` tries to take a queued-scope claim that others keep
@@ -423,14 +421,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                  self.name, request.id, reason, key, holder)
         if task_skipped.receivers:
             observe.skipped(self, request.id, reason, key, holder)
-        inline = getattr(request, "rediskit_inline", False)  # the event would name the outer task
-        if not request.is_eager and not inline and self.send_events:
-            try:
-                self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
-                                holder=holder)
-            except Exception:
-                log.warning("rediskit: sending the %s event of %s failed", SKIPPED_EVENT,
-                            request.id, exc_info=True)
+        send_task_event(self, request, SKIPPED_EVENT, reason=reason, lock=key, holder=holder)
         raise _Skipped()
 
     def _rk_requeue(self, request: Any, why: str, reason: str = "locked",
@@ -451,8 +442,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
         )
         request.rediskit_keep = True
         sig.apply_async()
+        kind = LeaseKind.MUTEX if reason == "locked" else LeaseKind.SEMAPHORE
         if task_requeued.receivers:
-            observe.requeued(self, request.id, reason, key, countdown, requeues)
+            observe.requeued(self, request.id, reason, key, countdown, requeues, kind)
+        send_task_event(self, request, REQUEUED_EVENT, reason=reason, key=key,
+                        name=declared_name(self, kind, key), countdown=countdown,
+                        requeues=requeues)
         raise Retry(f"{why}: re-queued in {countdown:.2f} s", when=countdown, sig=sig)
 
     def _rk_release_leases(self, rt: Runtime, request: Any) -> None:
