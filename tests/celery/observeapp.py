@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import redis
 from celery import Celery
 
 from celery_rediskit.integration import RedisKit
@@ -45,6 +46,15 @@ def build(url: str, prefix: str, **settings: Any) -> Celery:
     @app.task(shared=False, name="cached", cache_ttl=600)
     def cached(x: int) -> int:
         return x * x
+
+    client = redis.Redis.from_url(url)
+
+    @app.task(shared=False, name="hold", concurrency_limit="slot:{run}:3")
+    def hold(run: str) -> int:
+        """Holds its permit until ``<prefix>:go:<run>`` is pushed; says it started first."""
+        client.rpush(f"{prefix}:started:{run}", os.getpid())
+        client.blpop([f"{prefix}:go:{run}"], timeout=60)
+        return os.getpid()
 
     return app
 
