@@ -20,6 +20,7 @@ from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.sentinel import Sentinel
 
 from .._redis.clients import check_client
+from .._redis.scripts import trace_commands
 from ..cache import MISSING, CacheUnavailable, RedisCacheProvider
 from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
@@ -185,6 +186,8 @@ class Runtime:
         self.settings = s
         self.client = (make_client(s) if client is None
                        else check_client("RedisKit(client=...)", client))
+        if s.trace_commands:
+            trace_commands(self.client)
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl

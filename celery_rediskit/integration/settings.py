@@ -96,6 +96,9 @@ class Settings:
       celery-rediskit[metrics]``) on this TCP port, aggregated over its pool processes
       (``integration/worker_metrics.py``); 0 picks a free port (logged). Default None: off.
     - ``metrics_address``: the address that server listens on (default ``"0.0.0.0"``).
+    - ``trace_commands``: True sends the library's commands through redis-py's
+      ``execute_command`` and pipelines, where OpenTelemetry's redis instrumentation sees
+      them (:func:`celery_rediskit.trace_commands`); it costs some speed (``make bench``).
     """
 
     url: str | None
@@ -114,6 +117,7 @@ class Settings:
     idle_ttl: float = IDLE_TTL
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
+    trace_commands: bool = False
 
     def __post_init__(self) -> None:
         url = self.url
@@ -125,6 +129,8 @@ class Settings:
                 f"Sentinel URLs (sentinel://host:26379;sentinel://host2:26379), got {url!r}"
             )
         object.__setattr__(self, "cluster", _flag(self.cluster, "rediskit_cluster"))
+        object.__setattr__(self, "trace_commands",
+                           _flag(self.trace_commands, "rediskit_trace_commands"))
         if self.redis_options is None:
             object.__setattr__(self, "redis_options", {})
         if not isinstance(self.redis_options, Mapping) or not all(
