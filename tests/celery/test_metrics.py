@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -119,6 +120,35 @@ def test_metrics_count_the_signals(registry: CollectorRegistry, redis_url: str,
     assert get("rediskit_acquire_timeouts_total", name="tight", kind="semaphore") == 1
     assert get("rediskit_cache_requests_total", task=square.name, result="miss") == 2
     assert get("rediskit_cache_requests_total", task=square.name, result="hit") == 1
+
+
+def test_lost_leases_are_counted(registry: CollectorRegistry, redis_url: str,
+                                 prefix: str) -> None:
+    app = make_app(redis_url, prefix, lease=0.6)
+    started, check = threading.Event(), threading.Event()
+
+    @app.task(shared=False, bind=True, concurrency_limit="lost:{n}:1")
+    def job(self: Any, n: int) -> bool:
+        started.set()
+        check.wait(WAIT)
+        return bool(self.lease.lost)
+
+    labels = {"name": "lost:{n}", "kind": "semaphore"}
+    try:
+        with in_process_worker(app):
+            result = job.delay(3)
+            assert started.wait(WAIT)
+            RedisKit.of(app).runtime().semaphore_storage.clear("lost:3")  # taken away
+            deadline = time.monotonic() + WAIT
+            while not registry.get_sample_value("rediskit_leases_lost_total", labels):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            check.set()
+            assert result.get(timeout=WAIT) is True
+    finally:
+        check.set()
+        app.close()
+    assert registry.get_sample_value("rediskit_leases_lost_total", labels) == 1
 
 
 def test_metrics_port_needs_a_port_number(redis_url: str) -> None:
