@@ -8,18 +8,22 @@ semaphore, each batch read in one round trip. Gauges are summed by declared name
 - ``rediskit_permits_total{name}``: the permits of the semaphores of that name;
 - ``rediskit_permits_acquired{name}``: their permits held now;
 - ``rediskit_locks_held{name}``: locks held now (singleton locks by task, queued-scope
-  claims as ``queued:singleton:<task>``).
+  claims as ``queued:singleton:<task>``);
+- ``rediskit_redis_up``: 1 when Redis answered this scrape, 0 when not (then the gauges
+  above are left out, and the outage is logged once, not at every scrape).
 
 They describe Redis, not a worker: serve them from one exporter, not from every worker.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -30,6 +34,8 @@ from .naming import NameMatcher, templates_of
 
 __all__ = ["RedisGauges", "serve_gauges"]
 
+log = logging.getLogger("celery_rediskit")
+
 
 class RedisGauges:
     """A prometheus_client collector of the gauges above, for the keys under ``prefix``."""
@@ -38,12 +44,28 @@ class RedisGauges:
         self.client = client
         self.prefix = prefix
         self.names = names
+        self.down = False  # the last scrape could not read Redis
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         total: dict[str, int] = defaultdict(int)
         acquired: dict[str, int] = defaultdict(int)
         locks: dict[str, int] = defaultdict(int)
-        for resource in read_resources(self.client, self.prefix, include_idle=True):
+        up = GaugeMetricFamily("rediskit_redis_up", "1 if Redis answered this scrape, else 0")
+        try:
+            resources = read_resources(self.client, self.prefix, include_idle=True)
+        except (redis.RedisError, OSError) as exc:
+            if not self.down:
+                log.warning("rediskit: metrics: cannot read Redis: %s", exc)
+            self.down = True
+            up.add_metric([], 0)
+            yield up
+            return
+        if self.down:
+            log.warning("rediskit: metrics: Redis answers again")
+        self.down = False
+        up.add_metric([], 1)
+        yield up
+        for resource in resources:
             name = self.names(resource.kind, resource.key)
             if resource.kind is LeaseKind.MUTEX:
                 locks[name] += 1

@@ -70,6 +70,7 @@ class RedisKit:
         self._lock = threading.Lock()
         self.child_watch = ChildWatch(self._release_after_child)
         self._metrics: Any = None  # the worker's metrics endpoint (worker_metrics.py)
+        self._metrics_error = ""
         if self.settings.metrics_port is not None and find_spec("prometheus_client") is None:
             raise ConfigurationError(
                 "rediskit_metrics_port needs prometheus_client: pip install "
@@ -191,11 +192,21 @@ class RedisKit:
         if self._metrics is None:
             # the [metrics] extra (prometheus_client) is loaded only when asked for
             served = import_module(f"{__package__}.worker_metrics")
-            self._metrics = served.WorkerMetrics(self.settings)
+            try:
+                self._metrics = served.WorkerMetrics(self.settings)
+            except OSError as exc:  # the port is taken: the worker runs on without metrics
+                self._metrics_error = (
+                    f"rediskit: cannot serve metrics on {self.settings.metrics_address}:"
+                    f"{self.settings.metrics_port}: {exc}")
+                log.error("%s", self._metrics_error)
 
     def _announce_metrics(self, sender: Any = None, **_: Any) -> None:
-        if self._metrics is not None and getattr(sender, "app", None) is self.app:
+        if getattr(sender, "app", None) is not self.app:
+            return
+        if self._metrics is not None:
             self._metrics.announce()
+        elif self._metrics_error:  # again, now that Celery's logging is set up
+            log.error("%s", self._metrics_error)
 
     def _stop_metrics(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is self.app:

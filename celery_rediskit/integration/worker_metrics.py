@@ -110,16 +110,21 @@ class WorkerMetrics:
         given = os.environ.get(ENV)
         self.own = not given
         self.path = given or tempfile.mkdtemp(prefix="rediskit-metrics-")
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self.path, fold=self.own))
+        try:
+            self.server = metrics.serve(registry, settings.metrics_address,
+                                        settings.metrics_port or 0)
+        except OSError:  # the port is taken: leave nothing behind
+            if self.own:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        self.port = self.server.server_port
         os.environ[ENV] = self.path
         if not getattr(values.ValueClass, "_multiprocess", False):
             # prometheus_client chose its values when imported, before ENV was set
             values.ValueClass = values.MultiProcessValue()
         metrics.enable()
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self.path, fold=self.own))
-        port = settings.metrics_port or 0
-        self.server = metrics.serve(registry, settings.metrics_address, port)
-        self.port = self.server.server_port
         self.address = settings.metrics_address
 
     def announce(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -228,6 +229,43 @@ def test_worker_endpoint_sees_a_running_pool_process(served: Served) -> None:
     result.get(timeout=WAIT)
 
 
+def test_a_killed_pool_process_keeps_its_counts(served: Served) -> None:
+    run = uuid.uuid4().hex[:8]
+    slot = {"name": "slot:{run}", "kind": "semaphore"}
+    before = served.scrape()
+    served.app.tasks["hold"].delay(run)
+    started = served.client.blpop([f"{served.prefix}:started:{run}"], timeout=WAIT)
+    assert started
+    pid = int(started[1])
+    assert value(served.scrape(), "rediskit_grants_total", **slot) - value(
+        before, "rediskit_grants_total", **slot) == 1
+    os.kill(pid, signal.SIGKILL)  # the holder dies: its count must stay, its file go
+    deadline = time.monotonic() + WAIT
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    after = served.scrape()
+    assert value(after, "rediskit_grants_total", **slot) - value(
+        before, "rediskit_grants_total", **slot) == 1
+    assert not any(p.name.endswith(f"_{pid}.db") for p in served.files_dir().iterdir())
+
+
+def test_a_taken_port_leaves_the_worker_running(served: Served, redis_url: str,
+                                                tmp_path: Path) -> None:
+    prefix = f"rkm2-{uuid.uuid4().hex[:8]}"
+    app = build(redis_url, prefix)
+    worker = WorkerProcess(redis_url, prefix, tmp_path / "worker.log", name="w3",
+                           concurrency=1, metrics_port=served.port)  # the module's worker's
+    try:
+        worker.wait_ready(app)
+        assert app.tasks["blocked"].delay("k").get(timeout=WAIT) > 0
+        assert f"cannot serve metrics on 0.0.0.0:{served.port}" in worker.output()
+    finally:
+        worker.stop()
+        app.close()
+    assert not re.search(r"files in", worker.output())
+
+
 def test_worker_endpoint_counts_requeues_skips_and_cache(served: Served) -> None:
     app = served.app
     rt = RedisKit.of(app).runtime()
@@ -346,6 +384,35 @@ def test_exporter_serves_the_gauges_while_a_worker_runs(served: Served,
         exporter.wait(10)
         served.client.rpush(f"{served.prefix}:go:{run}", 1)
     result.get(timeout=WAIT)
+
+
+def test_exporter_reports_redis_down_and_back(private_server: Any) -> None:
+    prefix = f"rkx-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    exporter = _exporter(private_server.url, prefix, "--port", str(port))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(exporter.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while not any("serving" in line for line in lines):
+            assert exporter.poll() is None, lines
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        assert value(scrape(port), "rediskit_redis_up") == 1
+        private_server.stop()
+        down = scrape(port)  # still answers, without the gauges
+        assert value(down, "rediskit_redis_up") == 0
+        assert not any(name == "rediskit_permits_total" for name, _ in down)
+        private_server.start()
+        deadline = time.monotonic() + WAIT
+        while value(scrape(port), "rediskit_redis_up") != 1:  # the client reconnects
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        exporter.terminate()
+        exporter.wait(10)
+    assert sum("cannot read Redis" in line for line in lines) == 1, lines  # once per outage
 
 
 def test_exporter_once_prints_the_gauges(redis_url: str, prefix: str) -> None:
