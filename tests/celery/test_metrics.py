@@ -183,7 +183,7 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     worker = WorkerProcess(redis_url, prefix, tmp_path_factory.mktemp("m") / "worker.log",
                            concurrency=2, metrics_port=port,
                            extra=("--max-tasks-per-child", "1"))
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=WAIT + 10)  # BLPOP up to WAIT
     try:
         worker.wait_ready(app)
         yield Served(app, worker, port, prefix, client)
