@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis
 
-from celery_rediskit.devserver import PrivateServer, find_server_binary, free_port
 from celery_rediskit.renewal import renewer
+from celery_rediskit.testing import PrivateServer, find_server_binary, free_port
 from tests.faults.sentinel import SentinelSetup
 from tests.faults.tls import TLSFiles
 from tests.processes import Holder
