@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,10 @@ def redis_url(rediskit_server: SessionServer) -> str:
 
 
 @pytest.fixture
-def prefix() -> str:
-    """A key prefix unique to the test, so tests never see each other's keys."""
-    return f"rkt-{uuid.uuid4().hex[:10]}"
+def prefix(rediskit_celery_config: dict[str, Any]) -> str:
+    """A key prefix unique to the test, so tests never see each other's keys: the kit's, so
+    a test can add ``rediskit_no_leaks`` to check that nothing stays held under it."""
+    return str(rediskit_celery_config["rediskit_prefix"])
 
 
 @pytest.fixture
