@@ -31,6 +31,7 @@ def celery_config(rediskit_celery_config):
 
 TESTS = '''
 import threading
+import time
 
 import pytest
 import redis
@@ -95,6 +96,25 @@ def test_worker_runs_a_singleton_task(tasks, rediskit_worker, rediskit_no_leaks)
     gate.set()
     assert first.get(timeout=20) == "exported 7"
     assert export.delay(7).get(timeout=20) == "exported 7"  # the lock was freed
+
+
+@pytest.fixture
+def slow(rediskit_app):
+    started = threading.Event()
+
+    @rediskit_app.task(shared=False, singleton=True)
+    def slow():
+        started.set()
+        time.sleep(0.3)  # the work still running when the test returns
+        return "done"
+
+    return slow, started
+
+
+def test_leak_check_waits_for_the_worker_to_stop(slow, rediskit_worker, rediskit_no_leaks):
+    task, started = slow
+    task.delay()
+    assert started.wait(20)  # returns while the task holds its lock
 
 
 def test_celery_s_fixtures_stay_celery_s(celery_app, celery_config, rediskit_app,
@@ -168,6 +188,13 @@ def test_the_worker_runs_a_singleton_task(inner: Inner) -> None:
     assert inner.outcomes["test_worker_runs_a_singleton_task"] == "passed", inner.output
 
 
+def test_the_leak_check_runs_after_the_worker_stopped(inner: Inner) -> None:
+    """A task still running when the test returns ends while the worker stops; only then
+    is the prefix checked, so its lock, released by then, is no leak."""
+    name = "test_leak_check_waits_for_the_worker_to_stop"
+    assert inner.outcomes[name] == "passed", inner.output
+
+
 def test_the_fixtures_sit_beside_celery_s_own(inner: Inner) -> None:
     assert inner.outcomes["test_celery_s_fixtures_stay_celery_s"] == "passed", inner.output
     assert set(inner.outcomes) == {
@@ -175,6 +202,7 @@ def test_the_fixtures_sit_beside_celery_s_own(inner: Inner) -> None:
         "test_config_of_one_test[0]", "test_config_of_one_test[1]",
         "test_config_of_one_test[2]", "test_prefixes_and_queues_differ_between_tests",
         "test_worker_runs_a_singleton_task", "test_celery_s_fixtures_stay_celery_s",
+        "test_leak_check_waits_for_the_worker_to_stop",
     }, inner.output
 
 
