@@ -41,13 +41,12 @@ from celery.contrib.testing.worker import TestWorkController, start_worker
 from kombu.asynchronous import set_event_loop
 
 from ..integration import RedisKit
-from ..report import Resource, glob_escape, read_resources, scan_keys
+from ..report import glob_escape, read_resources, scan_keys
 from ..testing import SessionServer, session_server
 
 __all__ = [
     "in_process_worker",
     "kit_config",
-    "leak_report",
     "rediskit_app",
     "rediskit_celery_config",
     "rediskit_no_leaks",
@@ -83,12 +82,6 @@ def kit_config(url: str, prefix: str | None = None) -> dict[str, Any]:
         "rediskit_retry_delay_max": 1.0,
         "broker_connection_retry_on_startup": True,
     }
-
-
-def leak_report(client: Any, prefix: str) -> list[Resource]:
-    """The locks and semaphores under ``prefix`` with a holder (``report.read_resources``:
-    SCAN, never KEYS), each with its holders."""
-    return read_resources(client, prefix)
 
 
 def in_process_worker(app: Any, **parameters: Any) -> AbstractContextManager[Any]:
@@ -190,7 +183,7 @@ def rediskit_no_leaks(rediskit_celery_config: dict[str, Any]) -> Iterator[None]:
     prefix = rediskit_celery_config["rediskit_prefix"]
     client = redis.Redis.from_url(rediskit_celery_config["rediskit_url"])
     try:
-        held = leak_report(client, prefix)
+        held = read_resources(client, prefix)  # held locks and semaphores: SCAN, never KEYS
     finally:
         client.close()
     if held:
