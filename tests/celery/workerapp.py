@@ -39,12 +39,20 @@ def build(url: str, prefix: str, lease: float, reports_limit: int = 5) -> Celery
     def probe(name: str) -> Probe:
         return Probe(client, f"{prefix}:probe:{name}")
 
+    def pause(run: str, seconds: float) -> None:
+        """Work for ``seconds``, or until a test pushes to ``{prefix}:go:{run}`` (so a test
+        that inspects running tasks can hold them as long as it needs, then let them end)."""
+        if seconds >= 1:
+            client.blpop([f"{prefix}:go:{run}"], timeout=seconds)
+        else:
+            time.sleep(seconds)
+
     @app.task(shared=False, name="single", singleton=True, singleton_key=("run",))
     def single(run: str, seconds: float = 0.0) -> int:
         p = probe(run)
         p.enter()
         client.set(f"{prefix}:pid:{run}", os.getpid())
-        time.sleep(seconds)
+        pause(run, seconds)
         p.exit()
         return os.getpid()
 
@@ -62,7 +70,7 @@ def build(url: str, prefix: str, lease: float, reports_limit: int = 5) -> Celery
         p = probe(run)
         p.enter()
         client.set(f"{prefix}:pid:{run}", os.getpid())
-        time.sleep(seconds)
+        pause(run, seconds)
         p.exit()
         return i
 
