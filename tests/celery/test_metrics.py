@@ -23,11 +23,11 @@ from celery import Celery
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_rediskit.devserver import free_port
 from celery_rediskit.errors import ConfigurationError, LockTimeout
 from celery_rediskit.integration import RedisKit, metrics
 from celery_rediskit.integration.worker_metrics import fold_dead_files
 from celery_rediskit.report import read_resources
+from celery_rediskit.testing import free_port
 
 from .conftest import in_process_worker, make_app
 from .observeapp import HERE, WorkerProcess, build
