@@ -13,7 +13,8 @@ MIN_TESTS ?= tests/_redis tests/cache tests/mutex tests/semaphore tests/test_*.p
 	tests/celery/test_options.py tests/celery/test_singleton.py tests/celery/test_skip.py \
 	tests/celery/test_url.py tests/celery/test_eager.py tests/celery/test_canvas.py \
 	tests/celery/test_child_watch.py tests/celery/test_backoff.py tests/celery/test_cli.py \
-	tests/contrib examples
+	tests/celery/test_signals.py tests/celery/test_signals_quiet.py tests/celery/test_events.py \
+	tests/celery/test_metrics.py tests/celery/test_tracing.py tests/contrib examples
 
 .PHONY: test test-min chaos demo lint bench clean
 

@@ -7,6 +7,7 @@ The primitives here (mutex, semaphore, cache, lease renewal, wake-ups) know noth
 from __future__ import annotations
 
 from ._redis.keys import KeySpace
+from ._redis.scripts import trace_commands
 from .cache import (
     MISSING,
     CachedFunction,
@@ -95,4 +96,5 @@ __all__ = [
     "get_cache_provider",
     "revalidate_tag",
     "set_cache_provider",
+    "trace_commands",
 ]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from importlib import import_module
 from typing import Any, NoReturn
 
 import click
@@ -419,3 +420,27 @@ def cache_stats(ctx: click.Context, as_json: bool, top: int) -> None:
     if ranked:
         click.echo(_table([["ENTRIES", "FUNCTION"]]
                           + [[str(n), fn] for fn, n in ranked]))
+
+
+@rediskit.command(cls=CeleryCommand)
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="TCP port to serve the metrics on (0: any free port, printed).")
+@click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--once", is_flag=True,
+              help="Print the metrics once (Prometheus text format) and exit.")
+@click.pass_context
+def metrics(ctx: click.Context, port: int | None, address: str, once: bool) -> None:
+    """Serve the gauges read from Redis (permits total and held, locks held, by declared
+    name) for Prometheus at http://ADDRESS:PORT/metrics, until interrupted. Each scrape reads
+    Redis with SCAN under the prefix. Needs prometheus_client (celery-rediskit[metrics])."""
+    if port is None and not once:
+        _fail("--port is required (or --once to print the metrics once)", 2)
+    try:  # the [metrics] extra (prometheus_client) is loaded only when asked for
+        serve_gauges = import_module(f"{__package__}.exporter").serve_gauges
+    except ImportError as exc:
+        _fail(f"'rediskit metrics' needs prometheus_client "
+              f"(pip install 'celery-rediskit[metrics]'): {exc}")
+    ops = _ops(ctx)
+    with ops.redis_errors():
+        ops.client.ping()
+        serve_gauges(ops.app, ops.client, ops.prefix, address, port, once, click.echo)

@@ -20,6 +20,7 @@ from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.sentinel import Sentinel
 
 from .._redis.clients import check_client
+from .._redis.scripts import trace_commands
 from ..cache import MISSING, CacheUnavailable, RedisCacheProvider
 from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
@@ -27,6 +28,7 @@ from ..mutex import Mutex, create_mutex
 from ..mutex.redis import RedisMutexStorage
 from ..semaphore import Semaphore, create_semaphore
 from ..semaphore.redis import RedisSemaphoreStorage
+from . import observe
 from .claims import ClaimStore, Releaser
 from .settings import Settings
 from .signals import lease_lost
@@ -184,6 +186,8 @@ class Runtime:
         self.settings = s
         self.client = (make_client(s) if client is None
                        else check_client("RedisKit(client=...)", client))
+        if s.trace_commands:
+            trace_commands(self.client)
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
@@ -215,7 +219,8 @@ class Runtime:
             "rediskit: task %s[%s] lost its %s %r: %s",
             getattr(task, "name", "?"), task_id, lease.kind.grant, lease.key, reason,
         )
-        lease_lost.send(sender=task, task_id=task_id, lease=lease, reason=reason)
+        if lease_lost.receivers:
+            observe.lost(task, task_id, lease, reason)
 
     # -- cached results --------------------------------------------------------------------
     @property

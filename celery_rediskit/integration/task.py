@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -29,10 +30,22 @@ from ..lease import Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
 from ..renewal import renewer
 from ..semaphore import Permit
+from . import observe
 from .backoff import requeue_countdown
 from .claims import holder_line
+from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
+from .naming import declared_name
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
+from .signals import (
+    cache_hit,
+    cache_miss,
+    lease_acquired,
+    lease_released,
+    task_duplicate,
+    task_requeued,
+    task_skipped,
+)
 
 __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
 
@@ -41,10 +54,6 @@ log = logging.getLogger("celery_rediskit")
 SKIPPED = "SKIPPED"
 """State a monitor (``celery.events.State``, Flower) gives a task on its ``task-skipped``
 event. The task itself ends SUCCESS with the result None: see ``_rk_skip``."""
-
-SKIPPED_EVENT = "task-skipped"
-"""The custom task event sent when a task is skipped (fields ``reason``, ``lock``,
-``holder``)."""
 
 CLAIM_ATTEMPTS = 50
 """How many times ``apply_async`` tries to take a queued-scope claim that others keep
@@ -239,6 +248,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if policy.cache_ttl is not None:
             cache_name = policy.cache_name(self.name, arguments, args, kwargs)
             found, value = rt.cache_lookup(self.name, cache_name)
+            if cache_hit.receivers or cache_miss.receivers:
+                observe.cache_looked_up(self, task_id, cache_name, found, "run")
             if found:
                 return value
         held: list[Lease] = []
@@ -304,6 +315,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             request.rediskit_record = record
         for (kind, name, permits), owner in zip(plan, owners, strict=True):
             name = resource_key(name)
+            started = time.monotonic()
             lease: Lease
             if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
@@ -314,9 +326,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
                                        companion_keys=companions)
                     lease.start_renewal()
                 elif inline and policy.on_locked == "retry":
-                    lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
-                                             or settings.limit_timeout, lease=seconds,
-                                             owner=owner, companion_keys=companions)
+                    with observe.waiting(self, task_id, kind, name):
+                        lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
+                                                 or settings.limit_timeout, lease=seconds,
+                                                 owner=owner, companion_keys=companions)
                 else:
                     self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
@@ -328,17 +341,21 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     lease.start_renewal()
                 elif not wait:
                     self._rk_release_leases(rt, request)
-                    self._rk_requeue(request, f"concurrency limit {name!r} is full")
+                    self._rk_requeue(request, f"concurrency limit {name!r} is full",
+                                     "limited", name)
                 else:
                     # The try above applied the declared permits: wait with the total as is.
                     timeout = policy.limit_timeout or settings.limit_timeout
-                    lease = rt.semaphore(permits).acquire(
-                        name, timeout=timeout, lease=seconds, owner=owner,
-                        companion_keys=companions,
-                    )
+                    with observe.waiting(self, task_id, kind, name):
+                        lease = rt.semaphore(permits).acquire(
+                            name, timeout=timeout, lease=seconds, owner=owner,
+                            companion_keys=companions,
+                        )
                 pending = None
             held.append(lease)
             rt.owners[owner] = (self, task_id)
+            if lease_acquired.receivers:
+                observe.acquired(self, task_id, lease, time.monotonic() - started)
         if claim is not None:
             call(rt.client, *record)
             request.rediskit_record = record
@@ -354,6 +371,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except LockTimeout:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
+            if task_duplicate.receivers:
+                observe.duplicate(self, task_id, other, qname, "run")
             if self._rk_policy.on_locked == "raise":
                 raise TaskLocked(
                     f"{self.name}[{task_id}] is a duplicate of task {other}", qname
@@ -373,12 +392,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
             # very task id (a redelivered message). Never run it twice, never touch its state.
             log.warning("rediskit: %s[%s] is already running (redelivered?): dropped",
                         self.name, request.id)
+            if task_duplicate.receivers:
+                observe.duplicate(self, request.id, request.id, claim.key, "run")
             self._rk_release_leases(rt, request)
             request.rediskit_keep = True
             raise Ignore()
         if policy.on_locked == "retry":
             self._rk_release_leases(rt, request)
-            self._rk_requeue(request, f"singleton lock {name!r} is held")
+            self._rk_requeue(request, f"singleton lock {name!r} is held", "locked", name)
         if policy.on_locked == "raise":
             raise TaskLocked(f"{self.name}: singleton lock {name!r} is held by {holder}", name)
         self._rk_skip(request, "locked", name, holder)
@@ -398,19 +419,16 @@ class RedisKitTask(Task):  # type: ignore[misc]
         """
         log.info("rediskit: %s[%s] skipped (%s): %r is held by %s",
                  self.name, request.id, reason, key, holder)
-        inline = getattr(request, "rediskit_inline", False)  # the event would name the outer task
-        if not request.is_eager and not inline and self.send_events:
-            try:
-                self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
-                                holder=holder)
-            except Exception:
-                log.warning("rediskit: sending the %s event of %s failed", SKIPPED_EVENT,
-                            request.id, exc_info=True)
+        if task_skipped.receivers:
+            observe.skipped(self, request.id, reason, key, holder)
+        send_task_event(self, request, SKIPPED_EVENT, reason=reason, lock=key, holder=holder)
         raise _Skipped()
 
-    def _rk_requeue(self, request: Any, why: str) -> None:
+    def _rk_requeue(self, request: Any, why: str, reason: str = "locked",
+                    key: str = "") -> None:
         """Send the task again with a backoff countdown (``backoff.py``), keeping its id and
-        its retry count (a re-queue is not a user retry), then end this run with ``Retry``."""
+        its retry count (a re-queue is not a user retry), then end this run with ``Retry``.
+        ``reason`` ("locked", "limited") and ``key`` (the resource met) are for monitors."""
         settings = self._rk_kit().settings
         if request.is_eager:
             raise TaskLocked(f"{self.name}: {why} (eager tasks cannot be re-queued)")
@@ -424,6 +442,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
         )
         request.rediskit_keep = True
         sig.apply_async()
+        kind = LeaseKind.MUTEX if reason == "locked" else LeaseKind.SEMAPHORE
+        if task_requeued.receivers:
+            observe.requeued(self, request.id, reason, key, countdown, requeues, kind)
+        send_task_event(self, request, REQUEUED_EVENT, reason=reason, key=key,
+                        name=declared_name(self, kind, key), countdown=countdown,
+                        requeues=requeues)
         raise Retry(f"{why}: re-queued in {countdown:.2f} s", when=countdown, sig=sig)
 
     def _rk_release_leases(self, rt: Runtime, request: Any) -> None:
@@ -435,6 +459,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             except Exception:
                 log.exception("rediskit: releasing %r failed (it ends with its lease)", lease.key)
             rt.owners.pop(lease.owner, None)
+            if lease_released.receivers:
+                observe.released(self, request.id, lease)
         held.clear()
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
         if claim is not None:
@@ -542,7 +568,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = policy.cache_name(self.name, arguments, args or (), kwargs or {})
             found, value = rt.cache_lookup(self.name, name)
             if found:
-                return self._rk_cached_result(task_id or uuid(), value, options)
+                task_id = task_id or uuid()
+                if cache_hit.receivers:
+                    observe.cache_looked_up(self, task_id, name, True, "send")
+                return self._rk_cached_result(task_id, value, options)
+            if cache_miss.receivers:
+                observe.cache_looked_up(self, task_id, name, False, "send")
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
         given = task_id is not None
@@ -564,6 +595,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if holder is None:
                     continue  # released meanwhile: try again
                 existing = holder[2:] if holder.startswith("q:") else holder
+                if task_duplicate.receivers:
+                    observe.duplicate(self, task_id, existing, qname, "send")
                 if has_callbacks or given:
                     # Returning the existing task's result would drop the callbacks, or
                     # leave the id the caller chose (a canvas froze it) unresolved forever.
