@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_rediskit import RedisRateLimitStorage, create_rate_limiter
+from tests.celery.conftest import in_process_worker, make_app
 from tests.faults.proxy import FaultProxy
 from tests.faults.servers import FaultServer
 
@@ -66,3 +67,30 @@ def test_checks_during_a_restart_raise_and_the_budget_follows_the_data(
     else:
         assert allowed
     client.close()
+
+
+def test_a_task_whose_rate_check_cannot_reach_redis_fails_loudly(
+        healed: FaultProxy, redis_url: str, prefix: str) -> None:
+    """The kit's Redis (behind the proxy) stops answering while a rate-limited task is
+    checked: the task fails with redis-py's error in its result, its body never runs
+    unchecked, and after healing the next call runs."""
+    app = make_app(redis_url, prefix, url=healed.url, socket_timeout=0.5,
+                   redis_options={"retry": Retry(NoBackoff(), 0)})
+    ran: list[int] = []
+
+    @app.task(shared=False, global_rate_limit="api:100/s")
+    def job(i: int) -> int:
+        ran.append(i)
+        return i
+
+    with in_process_worker(app):
+        assert job.delay(1).get(timeout=30) == 1
+        healed.blackhole()
+        failed = job.delay(2)
+        with pytest.raises(redis.TimeoutError):
+            failed.get(timeout=30)
+        assert failed.state == "FAILURE"
+        healed.heal()
+        assert job.delay(3).get(timeout=30) == 3
+    assert ran == [1, 3]
+    app.close()
