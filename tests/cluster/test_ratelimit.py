@@ -6,6 +6,7 @@ from redis.cluster import RedisCluster
 
 from celery_rediskit import RedisRateLimitStorage, create_rate_limiter
 from celery_rediskit._redis.keys import KeySpace
+from celery_rediskit.report import read_rate_limiters
 from tests.cluster.nodes import Cluster
 
 
@@ -24,4 +25,8 @@ def test_limiters_on_every_master_count_and_expire(
         assert 0 < cluster_client.pttl(keys.rate_limiter(name)) <= 300
         info = storage.get_rate_info(name)
         assert (info.rate, info.burst, info.remaining, info.active) == ("10/s", 2, 0, True)
+    # The report finds them on every master (SCAN on each primary).
+    found = read_rate_limiters(cluster_client, cprefix)
+    assert sorted(i.key for i in found) == sorted(n for (n,) in names.values())
+    for name in (n for (n,) in names.values()):
         assert limiter.reset(name) and limiter.try_acquire(name) == (True, 0.0)
