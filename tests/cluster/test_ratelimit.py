@@ -26,6 +26,9 @@ def test_limiters_on_every_master_count_and_expire(
         info = storage.get_rate_info(name)
         assert (info.rate, info.burst, info.remaining, info.active) == ("10/s", 2, 0, True)
     # The report finds them on every master (SCAN on each primary).
+    slow = create_rate_limiter("1/m", storage=storage)
+    for (name,) in names.values():
+        slow.try_acquire(name)  # state for a minute: it outlives the report
     found = read_rate_limiters(cluster_client, cprefix)
     assert sorted(i.key for i in found) == sorted(n for (n,) in names.values())
     for name in (n for (n,) in names.values()):
