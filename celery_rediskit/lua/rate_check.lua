@@ -33,8 +33,9 @@ if wait > 0 and (max_wait == 0 or (max_wait > 0 and wait > max_wait)) then
   return {0, wait, 0, now, tat}
 end
 if wait < 0 then wait = 0 end
-redis.call('SET', KEYS[1], string.format('%.0f %.0f %d %s', new_tat, interval, burst, ARGV[5]),
-           'PXAT', string.format('%.0f', math.ceil(new_tat / 1000)))
+-- %.0f: Lua's tostring would print 1.8e15 as "1.8e+15"; the rest is the caller's text as is.
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat) .. ' ' .. ARGV[1] .. ' ' .. ARGV[2]
+           .. ' ' .. ARGV[5], 'PXAT', string.format('%.0f', math.ceil(new_tat / 1000)))
 local remaining = math.floor((now - new_tat + burst * interval) / interval)
 if remaining < 0 then remaining = 0 end
 return {1, wait, remaining, now, new_tat}

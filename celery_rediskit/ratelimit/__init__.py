@@ -44,6 +44,8 @@ __all__ = [
 def _wait_limit(timeout: Any) -> float | None:
     if timeout is None:
         return None
+    if type(timeout) is float and timeout == 0.0:
+        return 0.0  # the hot path (try_acquire)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
             or not math.isfinite(timeout) or timeout < 0:
         raise ConfigurationError(
@@ -75,6 +77,8 @@ class RateLimiter:
         return f"RateLimiter(rate={self.rate.text!r}, burst={self.burst})"
 
     def _cost(self, cost: Any) -> int:
+        if cost == 1 and cost is not True:
+            return 1  # the hot path
         cost = positive_int("cost", cost)
         if cost > self.burst:
             raise ConfigurationError(

@@ -21,7 +21,8 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from ..errors import ConfigurationError
 
@@ -63,7 +64,7 @@ class Rate:
         """Seconds between two slots: ``period / limit``."""
         return self.period / self.limit
 
-    @property
+    @cached_property
     def interval_us(self) -> int:
         """:attr:`interval` in whole microseconds, rounded up (never faster than the rate)."""
         return max(1, math.ceil(self.period * _US / self.limit - 1e-6))
@@ -99,8 +100,7 @@ def parse_burst(value: Any, name: str = "burst") -> int:
     return value
 
 
-@dataclass(frozen=True)
-class RateDecision:
+class RateDecision(NamedTuple):
     """The outcome of one check.
 
     ``allowed``: the slots are taken. Then ``retry_after`` is 0, or, for a check that may
