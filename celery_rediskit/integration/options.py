@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._validate import resource_key
 from ..durations import parse_duration
 from ..errors import ConfigurationError
 from ..ratelimit import RATE_FORM, Rate, parse_rate
@@ -161,7 +162,13 @@ def _parse_rate_limit(value: Any) -> RateLimitSpec:
         rate = None
     if not name or rate is None:
         raise ConfigurationError(f"global_rate_limit must be {_RATE_LIMIT_FORM}, got {value!r}")
-    return RateLimitSpec(name, rate, _template_fields("global_rate_limit", name))
+    fields = _template_fields("global_rate_limit", name)
+    if not fields:
+        try:
+            resource_key(name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"global_rate_limit: the limiter's name: {exc}") from None
+    return RateLimitSpec(name, rate, fields)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ def stored_tat(client: redis.Redis, prefix: str, name: str) -> float:
         ({"global_rate_limit": []}, ["global_rate_limit", "a list of them"]),
         ({"global_rate_limit": ["a:1/s", 5]}, ["global_rate_limit", "5"]),
         ({"global_rate_limit": "t:{tenant}:1/s"}, ["global_rate_limit", "'tenant'"]),
+        ({"global_rate_limit": "a\nb:1/s"}, ["global_rate_limit", "control character"]),
+        ({"global_rate_limit": "a}b:1/s"}, ["global_rate_limit", "bad template"]),
         ({"global_rate_limit": "a:1/s", "global_rate_burst": 0}, ["global_rate_burst",
                                                                    "at least 1"]),
         ({"global_rate_limit": "a:1/s", "global_rate_burst": "5"}, ["global_rate_burst"]),
