@@ -149,6 +149,18 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
                                                 declared=True))
 
 
+def _sleep_until(rt: Runtime, at: Any) -> None:
+    """Sleep until ``at`` (Unix seconds on the Redis server's clock), if it is still ahead: a
+    re-queued run that a worker whose clock runs ahead of the sender's starts early (Celery's
+    ETA is on the workers' clocks) waits for its slot instead of starting before it."""
+    if not isinstance(at, (int, float)):
+        return
+    seconds, micros = call(rt.client, "TIME")
+    ahead = at - (int(seconds) + int(micros) / 1e6)
+    if ahead > 0:
+        time.sleep(ahead)
+
+
 class RedisKitTask(Task):  # type: ignore[misc]
     """Base of every task of an app with ``RedisKit(app)`` installed.
 
@@ -368,7 +380,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         of its slots: with ``on_rate_limited="retry"`` the task is re-queued with a countdown
         of exactly that wait (its slots travel with the message, in the
         ``rediskit_rate_paid`` header, so the re-sent run starts without another check: at
-        most one extra message per task); with ``"wait"`` (and for map/starmap items, which
+        most one extra message per task; if it comes early, it sleeps until its slot on the
+        server's clock); with ``"wait"`` (and for map/starmap items, which
         cannot be re-queued) the worker sleeps until then, and a slot further away than
         ``limit_timeout`` fails the run with ``RateLimited``, taking nothing.
 
@@ -381,6 +394,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         paid: set[str] = set()
         if isinstance(paid_header, dict) and paid_header.get("retries") == request.retries:
             paid = set(paid_header.get("names") or ())  # reserved by the run that re-queued us
+            _sleep_until(rt, paid_header.get("at"))
         inline = bool(getattr(request, "rediskit_inline", False))
         wait = policy.on_rate_limited == "wait" or inline
         timeout = (policy.limit_timeout or rt.settings.limit_timeout) if wait else None
