@@ -196,13 +196,14 @@ def test_the_default_storage_is_memory_and_the_default_rate_100_per_minute() -> 
 
 def test_one_key_that_expires_when_the_bucket_is_full_again(
         redis_storage: RedisRateLimitStorage, client: redis.Redis, prefix: str) -> None:
-    rl = create_rate_limiter("10/s", burst=5, storage=redis_storage)
+    rl = create_rate_limiter("10/m", burst=5, storage=redis_storage)
     key = KeySpace(prefix).rate_limiter("api")
     assert key == f"{prefix}:rate:{{api}}"
     for _ in range(5):
-        rl.try_acquire("api")
+        assert rl.try_acquire("api")[0]
     assert list(client.scan_iter(match=f"{prefix}:*")) == [key.encode()]
-    assert 400 < client.pttl(key) <= 501  # five slots of 100 ms (rounded up to the ms)
+    # Five slots of 6 s from the first check (rounded up to the ms), less the time since.
+    assert 25_000 < client.pttl(key) <= 30_001
     rl = create_rate_limiter("1/h", storage=redis_storage)
     rl.try_acquire("hourly")
     assert 3_590_000 < client.pttl(KeySpace(prefix).rate_limiter("hourly")) <= 3_600_001
