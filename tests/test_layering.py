@@ -115,7 +115,7 @@ def test_memory_storages_import_nothing_of_redis() -> None:
     graph = _intra_package_imports()
     uses_redis_py = {m for m in graph if _imports_redis_py(m)}
     for start in ("celery_rediskit.mutex.memory", "celery_rediskit.semaphore.memory",
-                  "celery_rediskit.cache.memory"):
+                  "celery_rediskit.cache.memory", "celery_rediskit.ratelimit.memory"):
         seen, todo = set(), [start]
         while todo:
             m = todo.pop()

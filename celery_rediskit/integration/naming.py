@@ -1,10 +1,11 @@
 """Declared names: the bounded name of a resource, for signals and metric labels.
 
 A task's resource keys are made per call (``tenant:42``, ``singleton:app.sync:<digest>``);
-its declared name is the same for every call: the ``concurrency_limit`` template
-(``tenant:{tenant_id}``), ``singleton:<task name>`` for a singleton lock, and
-``queued:singleton:<task name>`` for a queued-scope claim. Labelling metrics by declared
-name keeps their cardinality bounded by the code, never by the data (tenants, users).
+its declared name is the same for every call: the ``concurrency_limit`` or
+``global_rate_limit`` template (``tenant:{tenant_id}``), ``singleton:<task name>`` for a
+singleton lock, and ``queued:singleton:<task name>`` for a queued-scope claim. Labelling
+metrics by declared name keeps their cardinality bounded by the code, never by the data
+(tenants, users).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class NameMatcher:
 def declared_name(task: Any, kind: LeaseKind | str, key: str) -> str:
     """The declared name of resource ``key`` taken by ``task`` (its policy's templates)."""
     policy = getattr(task, "_rk_policy", None)
-    return _matcher(tuple(getattr(policy, "limits", ())))(kind, key)
+    specs = (*getattr(policy, "limits", ()), *getattr(policy, "rate_limits", ()))
+    return _matcher(specs)(kind, key)
 
 
 @cache

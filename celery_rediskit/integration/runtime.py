@@ -26,6 +26,7 @@ from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
 from ..mutex import Mutex, create_mutex
 from ..mutex.redis import RedisMutexStorage
+from ..ratelimit.redis import RedisRateLimitStorage
 from ..semaphore import Semaphore, create_semaphore
 from ..semaphore.redis import RedisSemaphoreStorage
 from . import observe
@@ -192,6 +193,7 @@ class Runtime:
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
         )
+        self.rate_storage = RedisRateLimitStorage(self.client, prefix=s.prefix)
         self.mutex: Mutex = create_mutex(
             timeout=None, lease=s.lease, storage=self.mutex_storage, on_lost=self._on_lost
         )

@@ -85,7 +85,8 @@ class Settings:
       further re-queue of the same message doubles it, up to ``retry_delay_max``, jittered
       within the upper half of the step (tasks with Celery's ``retry_backoff`` use theirs).
     - ``retry_delay_max``: the ceiling of that backoff.
-    - ``limit_timeout``: how long ``on_limited="wait"`` blocks for a permit by default.
+    - ``limit_timeout``: how long ``on_limited="wait"`` blocks for a permit, and
+      ``on_rate_limited="wait"`` for a rate slot, by default.
     - ``socket_timeout``: socket and connect timeout of the integration's Redis client.
     - ``claims_ttl``: lifetime of the record of what a task holds (task id → keys), which lets
       any process release by task id (revoke, hard time limit).

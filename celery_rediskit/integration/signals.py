@@ -49,9 +49,12 @@ released meanwhile)."""
 
 task_requeued = Signal(name="rediskit_task_requeued")
 """A run met its lock held (``on_locked="retry"``) or its limit full (``on_limited="retry"``)
-and the task was sent again, keeping its id, to run in ``countdown`` seconds (the backoff).
+or its global rate limit spent (``on_rate_limited="retry"``), and the task was sent again,
+keeping its id, to run in ``countdown`` seconds (the backoff, or exactly the wait for the
+rate slot).
 
-``reason``: ``"locked"`` or ``"limited"``. ``key``/``name``: the lock or semaphore met.
+``reason``: ``"locked"``, ``"limited"`` or ``"rate_limited"``. ``key``/``name``: the lock,
+semaphore or (first) rate limiter met.
 ``requeues``: how many times this message had been re-queued before (0 for the first)."""
 
 task_duplicate = Signal(name="rediskit_task_duplicate")
