@@ -134,9 +134,14 @@ def env(redis_url: str) -> Iterator[Env]:
     def square(x: int) -> int:
         return x * x
 
+    @app.task(shared=False, global_rate_limit="feed:{tenant}:12/m")
+    def feed(tenant: int) -> int:
+        return tenant
+
     rec = Recorder(app)
     tasks = dict(guarded=guarded, skippable=skippable, retrying=retrying, limited=limited,
-                 waiter=waiter, impatient=impatient, once=once, square=square)
+                 waiter=waiter, impatient=impatient, once=once, square=square,
+                 feed=feed)
     try:
         with in_process_worker(app, concurrency=4):
             e = Env(app, tasks, rec)
@@ -217,6 +222,20 @@ def test_requeue_on_a_held_lock_and_on_a_full_limit(env: Env) -> None:
         (got, *_) = env.rec.wait_for("task_requeued", task_id=limited.id)
     assert limited.get(timeout=WAIT) == "ran"
     assert (got["reason"], got["key"], got["name"]) == ("limited", "pool", "pool")
+
+
+def test_requeue_on_a_spent_rate_names_the_declared_limiter(env: Env) -> None:
+    tenant = uuid.uuid4().int % 10**6
+    policy = env.app.tasks[env.t["feed"].name]._rk_policy
+    ((_, rate),) = policy.rate_names({"tenant": tenant})
+    # the slot of now is spent: the call waits for the next one, 5 s on (12/m)
+    assert env.rt.rate_storage.check(f"feed:{tenant}", rate, policy.rate_burst).allowed
+    call = env.t["feed"].delay(tenant)
+    (requeue,) = env.rec.wait_for("task_requeued", task_id=call.id)
+    assert call.get(timeout=WAIT) == tenant
+    assert requeue["reason"] == "rate_limited" and requeue["requeues"] == 0
+    assert (requeue["key"], requeue["name"]) == (f"feed:{tenant}", "feed:{tenant}")
+    assert 0 < requeue["countdown"] <= 5
 
 
 def test_skip_sends_task_skipped(env: Env) -> None:
