@@ -9,10 +9,13 @@ STAMP  := $(VENV)/.installed
 VENV_MIN  := .venv-min
 PY_MIN    := $(VENV_MIN)/bin/python
 STAMP_MIN := $(VENV_MIN)/.installed
-MIN_TESTS ?= tests/_redis tests/cache tests/mutex tests/semaphore tests/test_*.py \
+MIN_TESTS ?= tests/_redis tests/cache tests/mutex tests/semaphore tests/ratelimit tests/test_*.py \
 	tests/celery/test_options.py tests/celery/test_singleton.py tests/celery/test_skip.py \
 	tests/celery/test_url.py tests/celery/test_eager.py tests/celery/test_canvas.py \
-	tests/celery/test_child_watch.py tests/celery/test_backoff.py tests/celery/test_cli.py
+	tests/celery/test_child_watch.py tests/celery/test_backoff.py tests/celery/test_cli.py \
+	tests/celery/test_signals.py tests/celery/test_signals_quiet.py tests/celery/test_events.py \
+	tests/celery/test_metrics.py tests/celery/test_tracing.py tests/contrib examples \
+	tests/celery/test_rate_limit.py tests/celery/test_cli_rates.py
 
 .PHONY: test test-min chaos demo lint bench clean
 

@@ -4,6 +4,8 @@ Contenders (the factories are importable so spawned processes can build them):
 
 - ``ours``: ``create_mutex(storage=RedisMutexStorage(client, prefix=...), lease=30)``,
   ``mutex.acquire(key).release()`` with the default ``auto_renew=True``.
+- ``ours, trace_commands``: ``ours`` on a client marked by ``trace_commands`` (what
+  ``rediskit_trace_commands`` does), uncontended only: the price of tracing.
 - floor ``SET NX PX + DEL``: the least a lock can cost uncontended (two round trips, unsafe:
   no owner check, no wake-up; when contended this floor would spin, so it is not used there).
 - floor ``BLPOP token``: a one-token list: BLPOP it, hold, LPUSH it back. Fair and wait-free
@@ -77,6 +79,14 @@ def ours(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
     return acquire
 
 
+def ours_traced(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
+    """``ours`` on a client marked by ``trace_commands`` (``rediskit_trace_commands``): its
+    commands go through ``execute_command``, where tracers see them."""
+    from celery_rediskit import trace_commands
+
+    return ours(trace_commands(client), key)
+
+
 def redispy_lock(client: Any, key: str) -> Callable[[], Callable[[], Any]]:
     def acquire() -> Callable[[], Any]:
         lock = client.lock(key)
@@ -118,9 +128,12 @@ def _cycle_from(factory: Callable[[Any, str], Callable[[], Callable[[], Any]]]) 
     return make
 
 
+TRACED = "ours, trace_commands"
+
 UNCONTENDED: list[tuple[str, Any, CommandProfile]] = [
     ("SET NX PX + DEL (floor)", set_del_cycle, SETDEL_PROFILE),
     ("ours", _cycle_from(ours), OURS_PROFILE),
+    (TRACED, _cycle_from(ours_traced), OURS_PROFILE),
     ("redis-py Lock", _cycle_from(redispy_lock), REDISPY_PROFILE),
     ("python-redis-lock", _cycle_from(python_redis_lock), PRL_PROFILE),
 ]
@@ -175,6 +188,9 @@ def run(env: BenchEnv, log: Callable[[str], None] = print) -> SectionResult:
                  "redis-py", 1.00, strict=True, ratio=unc["redis-py Lock"][2]),
         info("uncontended: vs python-redis-lock", unc["ours"][0], unc["python-redis-lock"][0],
              "p-r-lock", ratio=unc["python-redis-lock"][2]),
+        # the cost of rediskit_trace_commands: traced / lean, paired per round
+        info("uncontended: trace_commands on vs off", unc[TRACED][0], unc["ours"][0],
+             "off", ratio=1 / unc[TRACED][2]),
     ]
 
     for scope, plan in (

@@ -60,6 +60,12 @@ SECTIONS: list[Section] = [
                   "celery_rediskit:RedisMutexStorage"),
     ),
     Section(
+        "ratelimit", "Rate limiter: check vs raw INCR+PEXPIRE; round trips per check",
+        runner="bench.ratelimit_bench:run",
+        requires=("celery_rediskit:create_rate_limiter",
+                  "celery_rediskit:RedisRateLimitStorage"),
+    ),
+    Section(
         "celery", "Celery: plain vs singleton vs limited task throughput; cache hit",
         runner="bench.celery_bench:run",
         requires=("celery_rediskit.integration:RedisKit",),

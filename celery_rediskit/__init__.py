@@ -1,12 +1,13 @@
 """celery-rediskit: distributed concurrency control for Celery on Redis.
 
-The primitives here (mutex, semaphore, cache, lease renewal, wake-ups) know nothing of Celery;
-``celery_rediskit.integration`` composes them for Celery apps.
+The primitives here (mutex, semaphore, rate limiter, cache, lease renewal, wake-ups) know
+nothing of Celery; ``celery_rediskit.integration`` composes them for Celery apps.
 """
 
 from __future__ import annotations
 
 from ._redis.keys import KeySpace
+from ._redis.scripts import trace_commands
 from .cache import (
     MISSING,
     CachedFunction,
@@ -30,6 +31,7 @@ from .errors import (
     LeaseLost,
     LockError,
     LockTimeout,
+    RateLimited,
     RedisKitError,
     SerializationError,
 )
@@ -43,6 +45,14 @@ from .mutex import (
     create_mutex,
 )
 from .mutex.redis import RedisMutexStorage
+from .ratelimit import (
+    MemoryRateLimitStorage,
+    RateInfo,
+    RateLimiter,
+    RateLimitStorage,
+    create_rate_limiter,
+)
+from .ratelimit.redis import RedisRateLimitStorage
 from .semaphore import (
     MemorySemaphoreStorage,
     Permit,
@@ -67,19 +77,26 @@ __all__ = [
     "LockInfo",
     "LockTimeout",
     "MemoryMutexStorage",
+    "MemoryRateLimitStorage",
     "MemorySemaphoreStorage",
     "Mutex",
     "MutexLease",
     "MutexStorage",
     "Permit",
+    "RateInfo",
+    "RateLimitStorage",
+    "RateLimited",
+    "RateLimiter",
     "RedisKitError",
     "RedisMutexStorage",
+    "RedisRateLimitStorage",
     "RedisSemaphoreStorage",
     "Semaphore",
     "SemaphoreInfo",
     "SemaphoreStorage",
     "SerializationError",
     "create_mutex",
+    "create_rate_limiter",
     "create_semaphore",
     "MISSING",
     "CacheProvider",
@@ -95,4 +112,5 @@ __all__ = [
     "get_cache_provider",
     "revalidate_tag",
     "set_cache_provider",
+    "trace_commands",
 ]

@@ -9,6 +9,7 @@ __all__ = [
     "LeaseLost",
     "LockError",
     "LockTimeout",
+    "RateLimited",
     "RedisKitError",
     "SerializationError",
 ]
@@ -32,6 +33,15 @@ class LockError(RedisKitError):
 
 class LockTimeout(LockError, TimeoutError):
     """The lock or permit could not be had within the timeout (seconds)."""
+
+
+class RateLimited(LockTimeout):
+    """A rate limiter's next slot is further away than the caller would wait. ``key`` names
+    the limiter; ``retry_after`` is the seconds until a check of the same cost would pass."""
+
+    def __init__(self, message: str, key: str | None = None, retry_after: float = 0.0) -> None:
+        super().__init__(message, key)
+        self.retry_after = retry_after
 
 
 class AcquireAborted(LockError):

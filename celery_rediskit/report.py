@@ -1,10 +1,13 @@
-"""Reading who holds what: every lock and semaphore under a prefix, found with SCAN.
+"""Reading who holds what: every lock, semaphore and rate limiter under a prefix, found with
+SCAN.
 
 This is the data behind ``celery rediskit locks``; it imports nothing of Celery and works on
 any redis-py client. Keys are found with ``SCAN ... MATCH ... COUNT 1000`` (never a
 whole-keyspace listing, which blocks the server), on every primary of a Redis Cluster. Each
 batch of resources found is then read in one round trip, with the same scripts the storages
-use (``mutex_info``, ``sem_info``), so each resource's state is consistent in itself.
+use (``mutex_info``, ``sem_info``, ``rate_info``), so each resource's state is consistent in
+itself. Rate limiters (:func:`read_rate_limiters`) are listed while they have state: used
+within their last period, their budget not yet full again.
 
 What the storages know of a holder is its owner id, ``"<host>/<pid>/<random>:<n>"``: the
 report parses host and pid out of it. Task metadata (task id and name, worker, since when) is
@@ -24,12 +27,14 @@ from ._redis.clients import check_client
 from ._redis.keys import KeySpace, glob_escape
 from ._redis.scripts import as_text, load_script
 from .lease import LeaseKind
+from .ratelimit.base import RateInfo, parse_stored, rate_info
 
 __all__ = [
     "Holder",
     "Resource",
     "glob_escape",
     "parse_owner",
+    "read_rate_limiters",
     "read_resources",
     "scan_keys",
 ]
@@ -228,3 +233,27 @@ def read_resources(
     return out
 
 
+
+
+def read_rate_limiters(client: Any, prefix: str = "rediskit", pattern: str = "*") -> list[RateInfo]:
+    """Every rate limiter under ``prefix`` whose name matches the glob ``pattern`` and that
+    has state (used within its last period), as :class:`~.ratelimit.base.RateInfo` computed
+    with the rate of its last check, sorted by name. Raises redis-py's errors when Redis
+    can't be reached."""
+    check_client("client", client)
+    space = KeySpace(prefix)
+    head, tail = f"{space.prefix}:rate:{{", "}"
+    names = sorted({
+        name for key in scan_keys(client, space.rate_pattern(pattern))
+        if (name := _name_between(key, head, tail)) is not None
+    })
+    script = load_script("rate_info")
+    out: list[RateInfo] = []
+    for start in range(0, len(names), _BATCH):
+        chunk = names[start:start + _BATCH]
+        replies = script.run_many(client, [[space.rate_limiter(name)] for name in chunk])
+        for name, (stored, now) in zip(chunk, replies, strict=True):
+            info = rate_info(name, parse_stored(stored), int(now))
+            if info.active:  # else: full again (expired) since the scan
+                out.append(info)
+    return out

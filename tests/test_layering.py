@@ -1,4 +1,7 @@
-"""The primitives know nothing of Celery: they import with celery made unimportable."""
+"""The primitives know nothing of Celery: they import with celery made unimportable.
+
+The Celery layers are ``integration/`` and the pytest plugin ``contrib/pytest.py`` (built on
+it); ``testing.py``, the kit's server, is a primitive module like the others."""
 
 from __future__ import annotations
 
@@ -23,14 +26,16 @@ print("ok")
 def primitive_modules() -> list[str]:
     found = []
     for info in pkgutil.walk_packages(celery_rediskit.__path__, "celery_rediskit."):
-        if not info.name.startswith("celery_rediskit.integration"):
+        if not info.name.startswith(("celery_rediskit.integration",
+                                     "celery_rediskit.contrib.pytest")):
             found.append(info.name)
     return found
 
 
 def test_primitives_import_without_celery() -> None:
     modules = primitive_modules()
-    assert "celery_rediskit.mutex" in modules and "celery_rediskit.semaphore" in modules
+    assert {"celery_rediskit.mutex", "celery_rediskit.semaphore",
+            "celery_rediskit.testing"} <= set(modules)
     result = subprocess.run(
         [sys.executable, "-c", PROBE, *modules], capture_output=True, text=True, timeout=60
     )
@@ -110,7 +115,7 @@ def test_memory_storages_import_nothing_of_redis() -> None:
     graph = _intra_package_imports()
     uses_redis_py = {m for m in graph if _imports_redis_py(m)}
     for start in ("celery_rediskit.mutex.memory", "celery_rediskit.semaphore.memory",
-                  "celery_rediskit.cache.memory"):
+                  "celery_rediskit.cache.memory", "celery_rediskit.ratelimit.memory"):
         seen, todo = set(), [start]
         while todo:
             m = todo.pop()

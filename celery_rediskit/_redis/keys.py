@@ -21,6 +21,8 @@ Every key the library writes expires: none is left behind by a name that is neve
   long as its longest-lived entry (on a cluster, a tag's directory of slot groups as long as
   its longest-lived entry plus a minute). Claims records (the Celery layer):
   ``rediskit_claims_ttl``.
+- a rate limiter (one key, ``<prefix>:rate:{<name>}``): until the time its bucket is full
+  again, when its state is the same as no key at all (``lua/rate_check.lua``).
 - a thread's release record (``..:released:<process>/<thread>``): 15 s after its last
   release of that lock or semaphore (``_redis/release.py``).
 
@@ -138,10 +140,25 @@ class KeySpace:
             made = self.lock(name).as_list()
         elif kind == "s":
             made = self.semaphore(name).as_list()
+        elif kind == "r":
+            made = [self.rate_limiter(name)]
         else:
             made = self.semaphore(name).with_pin()
         self._lists[(kind, name)] = made
         return made
+
+    def rate_limiter(self, name: str) -> str:
+        """The one key of rate limiter ``name`` (its own hash tag: a check touches only it)."""
+        return f"{self.prefix}:rate:{{{resource_key(name)}}}"
+
+    def rate_list(self, name: str) -> list[str]:
+        """``[rate_limiter(name)]``, built once per name (do not mutate the list)."""
+        return self._lists.get(("r", name)) or self._cached("r", name)
+
+    def rate_pattern(self, pattern: str = "*") -> str:
+        """SCAN pattern matching rate limiters under this prefix whose name matches the glob
+        ``pattern``."""
+        return f"{glob_escape(self.prefix)}:rate:{{{pattern}}}"
 
     @property
     def wake_channel_prefix(self) -> str:

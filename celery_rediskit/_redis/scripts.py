@@ -31,7 +31,16 @@ from redis.exceptions import (
 
 from .slots import key_slot, through_migration
 
-__all__ = ["LuaScript", "as_text", "call", "call_many", "compose", "load_script"]
+__all__ = [
+    "LuaScript",
+    "as_text",
+    "call",
+    "call_many",
+    "compose",
+    "is_traced",
+    "load_script",
+    "trace_commands",
+]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
 _THEN = re.compile(r"^-- then: (\w+)\s*$", re.MULTILINE)
@@ -119,6 +128,29 @@ def as_text(value: Any) -> str:
 
 _RAW = {NEVER_DECODE: True}  # execute_command's option for "do not decode this reply"
 
+_TRACED = "_rediskit_trace_commands"  # the client attribute trace_commands() sets
+
+
+def trace_commands(client: Any, enabled: bool = True) -> Any:
+    """Route the library's commands on ``client`` through redis-py's public paths, where
+    tracing (OpenTelemetry's redis instrumentation) and other wrappers see them; returns
+    ``client``.
+
+    By default :func:`call` and :func:`call_many` talk to a connection of the client's pool
+    directly, past ``Redis.execute_command`` (about a third of redis-py's client-side cost).
+    With ``enabled``, :func:`call` sends through ``client.execute_command`` and
+    :func:`call_many` through ``client.pipeline(transaction=False)``: every storage, cache
+    and task using this client follows (it is a mark on the client object). Lease renewals
+    (their own connection, with a timeout bounded by the lease) and the wake-up subscriber
+    keep their own paths. The cost is measured by ``make bench`` (mutex section)."""
+    setattr(client, _TRACED, bool(enabled))
+    return client
+
+
+def is_traced(client: Any) -> bool:
+    """True when :func:`trace_commands` routed ``client``'s commands through redis-py."""
+    return bool(getattr(client, _TRACED, False))
+
 
 def call(client: Any, *args: Any, raw: bool = False) -> Any:
     """Send one command and read its reply: a lean path for the library's hot commands.
@@ -142,6 +174,10 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
     """
     options = _RAW if raw else {}
     pool = getattr(client, "connection_pool", None)
+    if getattr(client, _TRACED, False):  # trace_commands(): the public path, seen by tracers
+        if pool is None:
+            return through_migration(lambda: client.execute_command(*args, **options))
+        return client.execute_command(*args, **options)
     if pool is None:  # a cluster client
         return _cluster_call(client, args, raw)
     if getattr(client, "connection", None) is not None:
@@ -265,12 +301,14 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
 
     Error replies are returned in place as exception objects, not raised, so one failing
     command does not hide the others' results. Uses the lean path of :func:`call` on a plain
-    ``redis.Redis``, a non-transactional pipeline elsewhere. No commands: no replies.
+    ``redis.Redis``, a non-transactional pipeline elsewhere (and on a client marked by
+    :func:`trace_commands`). No commands: no replies.
     """
     if not commands:
         return []
     pool = getattr(client, "connection_pool", None)
-    if pool is None or getattr(client, "connection", None) is not None:
+    if pool is None or getattr(client, "connection", None) is not None \
+            or getattr(client, _TRACED, False):
         pipe = client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

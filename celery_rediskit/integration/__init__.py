@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from .extension import RedisKit
 from .settings import Settings
-from .signals import lease_lost
+from .signals import (
+    acquire_timeout,
+    cache_hit,
+    cache_miss,
+    lease_acquired,
+    lease_lost,
+    lease_released,
+    task_duplicate,
+    task_requeued,
+    task_skipped,
+)
 from .task import RedisKitTask, SingletonTask, TaskDuplicated, TaskLocked
 
 __all__ = [
@@ -19,5 +29,13 @@ __all__ = [
     "SingletonTask",
     "TaskDuplicated",
     "TaskLocked",
+    "acquire_timeout",
+    "cache_hit",
+    "cache_miss",
+    "lease_acquired",
     "lease_lost",
+    "lease_released",
+    "task_duplicate",
+    "task_requeued",
+    "task_skipped",
 ]

@@ -1,4 +1,5 @@
-"""``celery -A proj rediskit ...``: see and repair locks, semaphores and the cache from a shell.
+"""``celery -A proj rediskit ...``: see and repair locks, semaphores, rate limiters and the cache
+from a shell.
 
 Installed through the ``celery.commands`` entry point (see ``pyproject.toml``), so it appears
 in ``celery --help``. Every command reads and writes Redis directly (the app's
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from importlib import import_module
 from typing import Any, NoReturn
 
 import click
@@ -29,7 +31,9 @@ from ..cache import CacheUnavailable, RedisCacheProvider
 from ..errors import RedisKitError
 from ..lease import LeaseKind
 from ..mutex.redis import RedisMutexStorage
-from ..report import Holder, Resource, glob_escape, scan_keys
+from ..ratelimit import RateInfo
+from ..ratelimit.redis import RedisRateLimitStorage
+from ..report import Holder, Resource, glob_escape, read_rate_limiters, scan_keys
 from ..semaphore.redis import RedisSemaphoreStorage
 from . import control
 from .runtime import kit_of, make_client
@@ -123,7 +127,8 @@ class Ops:
     def resource_name(self, key: str) -> str:
         """The resource name of ``key``: a name, or a Redis key as ``locks`` prints it."""
         for head, tails in ((f"{self.prefix}:lock:{{", ("}",)),
-                            (f"{self.prefix}:sem:{{", ("}:holders", "}:total", "}"))):
+                            (f"{self.prefix}:sem:{{", ("}:holders", "}:total", "}")),
+                            (f"{self.prefix}:rate:{{", ("}",))):
             if key.startswith(head):
                 for tail in tails:
                     if key.endswith(tail):
@@ -367,6 +372,68 @@ def permits(ctx: click.Context, key: str, set_to: int | None, increase: int | No
         click.echo("tasks' declared permits apply again at their next acquire")
 
 
+def _render_rates(infos: list[RateInfo]) -> str:
+    rows = [["KEY", "RATE", "BURST", "BUDGET LEFT", "NEXT FREE SLOT", "FULL AGAIN IN"]]
+    for i in infos:
+        rows.append([i.key, i.rate, str(i.burst), f"{i.remaining}/{i.burst}",
+                     "now" if i.next_free <= 0 else f"in {i.next_free:.3f}s",
+                     _seconds(i.full_in)])
+    return _table(rows)
+
+
+@rediskit.command(cls=CeleryCommand)
+@click.argument("key", required=False)
+@click.option("--pattern", default="*", show_default=True,
+              help="Glob over limiter names (*, ?, [abc]), when no KEY is given.")
+@click.option("--reset", is_flag=True,
+              help="Reset limiter KEY: its whole burst is free at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def rates(ctx: click.Context, key: str | None, pattern: str, reset: bool,
+          as_json: bool) -> None:
+    """The global rate limiters: each one's rate, budget left and next free slot.
+
+    Without KEY, every limiter under the app's prefix that was used within its period (a
+    limiter whose budget is full again keeps no state). With KEY, that limiter; with
+    --reset, its state is deleted, so its whole burst is free at once.
+    """
+    ops = _ops(ctx)
+    if key is None:
+        if reset:
+            _fail("--reset needs the KEY of the limiter to reset", 2)
+        with ops.redis_errors():
+            infos = read_rate_limiters(ops.client, ops.prefix, pattern)
+        if as_json:
+            _json_out([i.to_dict() for i in infos])
+        elif not infos:
+            click.echo(f"no active rate limiter under prefix {ops.prefix!r}"
+                       + (f" matching {pattern!r}" if pattern != "*" else ""))
+        else:
+            click.echo(_render_rates(infos))
+        return
+    name = ops.resource_name(key)
+    storage = RedisRateLimitStorage(ops.client, prefix=ops.prefix)
+    with ops.redis_errors():
+        info = storage.get_rate_info(name)
+        done = storage.reset(name) if reset else False
+    if reset:
+        if as_json:
+            _json_out({"key": name, "reset": done, "before": info.to_dict()})
+        elif done:
+            click.echo(f"reset rate limiter {name!r} ({info.rate}): its burst of {info.burst} "
+                       f"is free")
+        else:
+            click.echo(f"rate limiter {name!r} had no state: its budget was already full")
+        return
+    if not info.active:
+        _fail(f"no active rate limiter named {name!r} under prefix {ops.prefix!r} (unused "
+              f"within its period: its whole budget is free)")
+    if as_json:
+        _json_out(info.to_dict())
+        return
+    click.echo(_render_rates([info]))
+
+
 @rediskit.group()
 def cache() -> None:
     """The shared result cache under the app's prefix."""
@@ -425,3 +492,27 @@ def cache_stats(ctx: click.Context, as_json: bool, top: int) -> None:
     if ranked:
         click.echo(_table([["ENTRIES", "FUNCTION"]]
                           + [[str(n), fn] for fn, n in ranked]))
+
+
+@rediskit.command(cls=CeleryCommand)
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="TCP port to serve the metrics on (0: any free port, printed).")
+@click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--once", is_flag=True,
+              help="Print the metrics once (Prometheus text format) and exit.")
+@click.pass_context
+def metrics(ctx: click.Context, port: int | None, address: str, once: bool) -> None:
+    """Serve the gauges read from Redis (permits total and held, locks held, by declared
+    name) for Prometheus at http://ADDRESS:PORT/metrics, until interrupted. Each scrape reads
+    Redis with SCAN under the prefix. Needs prometheus_client (celery-rediskit[metrics])."""
+    if port is None and not once:
+        _fail("--port is required (or --once to print the metrics once)", 2)
+    try:  # the [metrics] extra (prometheus_client) is loaded only when asked for
+        serve_gauges = import_module(f"{__package__}.exporter").serve_gauges
+    except ImportError as exc:
+        _fail(f"'rediskit metrics' needs prometheus_client "
+              f"(pip install 'celery-rediskit[metrics]'): {exc}")
+    ops = _ops(ctx)
+    with ops.redis_errors():
+        ops.client.ping()
+        serve_gauges(ops.app, ops.client, ops.prefix, address, port, once, click.echo)

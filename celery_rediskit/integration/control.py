@@ -1,7 +1,8 @@
 """Operations on an app's locks: the lock report and the ``rediskit_leases`` inspect command.
 
 - :func:`lock_report` is the Python API behind ``celery rediskit locks``: every held lock and
-  semaphore under the app's prefix (read from Redis with SCAN, no worker needed), each holder
+  semaphore under the app's prefix, and the active rate limiters with their budgets (read
+  from Redis with SCAN, no worker needed), each holder
   described with the task that holds it (task id and name, worker, pid, since when) and,
   unless ``ping=False``, marked stale when its worker does not answer a ping.
 - ``celery inspect rediskit_leases`` (:func:`rediskit_leases`): each worker answers with the
@@ -33,8 +34,16 @@ from celery.worker.control import inspect_command
 from .._redis.scripts import call_many
 from ..lease import Lease, LeaseKind
 from ..parking import RedisParkingStore
+from ..ratelimit import RateInfo
 from ..renewal import renewer
-from ..report import Holder, Resource, glob_escape, read_resources, scan_keys
+from ..report import (
+    Holder,
+    Resource,
+    glob_escape,
+    read_rate_limiters,
+    read_resources,
+    scan_keys,
+)
 from .claims import parse_record
 from .parking import parked_tasks
 from .runtime import APP_ATTRIBUTE, Kit, kit_of
@@ -53,13 +62,15 @@ class LockReport:
     ``resources``: the held locks and semaphores. ``workers_checked``: the workers pinged
     (node names; empty when no holder named one, or ``ping=False``). ``workers_alive``: those
     that answered. ``ping_error``: why the ping could not be sent, if it failed (then no holder
-    is marked stale).
+    is marked stale). ``rate_limiters``: the active rate limiters (``RateInfo``: rate, burst,
+    budget ``remaining``, ``next_free`` and ``full_in`` seconds).
     """
 
     resources: list[Resource]
     workers_checked: list[str] = field(default_factory=list)
     workers_alive: list[str] = field(default_factory=list)
     ping_error: str | None = None
+    rate_limiters: list[RateInfo] = field(default_factory=list)
 
     @property
     def stale(self) -> list[Resource]:
@@ -145,14 +156,17 @@ def lock_report(
     include_idle: bool = False,
     kinds: Iterable[LeaseKind | str] = (LeaseKind.MUTEX, LeaseKind.SEMAPHORE),
     client: Any = None,
+    rates: bool = True,
 ) -> LockReport:
     """Who holds what under the app's prefix (``rediskit_prefix``): a :class:`LockReport`.
 
     ``pattern`` is a glob over resource names. ``include_idle`` also lists semaphores with no
     permit held. With ``ping`` (default), the workers named by holders are pinged (at most
     ``ping_timeout`` seconds) and holders whose worker does not answer are marked stale.
-    ``client`` defaults to the app's own Redis client. Reads Redis directly: works with no
-    worker running. Raises redis-py's errors when Redis can't be reached.
+    ``client`` defaults to the app's own Redis client. With ``rates`` (default), the active
+    rate limiters whose name matches ``pattern`` are in ``rate_limiters`` (each with its
+    rate, budget left and next free slot). Reads Redis directly: works with no worker
+    running. Raises redis-py's errors when Redis can't be reached.
     """
     kit = kit_of(app)
     client = client if client is not None else kit.runtime().client
@@ -160,9 +174,10 @@ def lock_report(
     resources = read_resources(client, prefix, pattern, kinds=kinds, include_idle=include_idle)
     resources = describe_holders(client, prefix, resources)
     resources = with_parked(kit, client, resources)
+    limiters = read_rate_limiters(client, prefix, pattern) if rates else []
     if not ping:
-        return LockReport(resources)
-    return mark_stale(app, resources, ping_timeout)[1]
+        return LockReport(resources, rate_limiters=limiters)
+    return replace(mark_stale(app, resources, ping_timeout)[1], rate_limiters=limiters)
 
 
 def with_parked(kit: Kit, client: Any, resources: list[Resource]) -> list[Resource]:

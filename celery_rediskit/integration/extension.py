@@ -16,6 +16,8 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from importlib import import_module
+from importlib.util import find_spec
 from typing import Any
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
@@ -68,6 +70,12 @@ class RedisKit:
         self._lock = threading.Lock()
         self.child_watch = ChildWatch(self._release_after_child)
         self.sweeper = parking.Sweeper(self)  # re-sends parked tasks (worker main process)
+        self._metrics: Any = None  # the worker's metrics endpoint (worker_metrics.py)
+        self._metrics_error = ""
+        if self.settings.metrics_port is not None and find_spec("prometheus_client") is None:
+            raise ConfigurationError(
+                "rediskit_metrics_port needs prometheus_client: pip install "
+                "'celery-rediskit[metrics]'")
         setattr(app, APP_ATTRIBUTE, self)
         self._install_task_class()
         self._wrap_task_decorator()
@@ -174,13 +182,43 @@ class RedisKit:
         def on_worker_init(sender: Any = None, **_: Any) -> None:
             if getattr(sender, "app", None) is app:  # the node name for lock reports
                 claims.node_name = getattr(sender, "hostname", None)
+                if self.settings.metrics_port is not None:  # before the pool forks
+                    self._start_metrics()
 
         signals.task_revoked.connect(on_revoked, weak=False)
         signals.task_failure.connect(on_failure, weak=False)
         signals.worker_init.connect(on_worker_init, weak=False)
+        signals.worker_shutdown.connect(self._stop_metrics, weak=False)
+        signals.worker_ready.connect(self._announce_metrics, weak=False)
         self._handlers = (on_revoked, on_failure, on_worker_init)
         app.steps["worker"].add(ChildWatchStep)  # the worker's timer, for the child watch
         app.steps["worker"].add(parking.SweeperStep)  # re-sends parked tasks
+
+    def _start_metrics(self) -> None:
+        if self._metrics is None:
+            # the [metrics] extra (prometheus_client) is loaded only when asked for
+            served = import_module(f"{__package__}.worker_metrics")
+            try:
+                self._metrics = served.WorkerMetrics(self.settings)
+            except OSError as exc:  # the port is taken: the worker runs on without metrics
+                self._metrics_error = (
+                    f"rediskit: cannot serve metrics on {self.settings.metrics_address}:"
+                    f"{self.settings.metrics_port}: {exc}")
+                log.error("%s", self._metrics_error)
+
+    def _announce_metrics(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not self.app:
+            return
+        if self._metrics is not None:
+            self._metrics.announce()
+        elif self._metrics_error:  # again, now that Celery's logging is set up
+            log.error("%s", self._metrics_error)
+
+    def _stop_metrics(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is self.app:
+            served, self._metrics = self._metrics, None
+            if served is not None:
+                served.stop()
 
     def _release_when_stopped(self, task_id: str, why: str) -> None:
         """The main process signalled the child running ``task_id`` (terminate, hard time

@@ -2,7 +2,8 @@
 
 ``parse_policy(options, fun, bound)`` turns the raw options (``singleton``, ``singleton_key``,
 ``singleton_scope``, ``on_locked``, ``concurrency_limit``, ``on_limited``, ``limit_timeout``,
-``cache_ttl``, ``cache_key``, ``cache_tags``) into a :class:`TaskPolicy`, or raises
+``global_rate_limit``, ``global_rate_burst``, ``on_rate_limited``, ``cache_ttl``, ``cache_key``,
+``cache_tags``) into a :class:`TaskPolicy`, or raises
 ``ConfigurationError`` naming the option and the accepted form.
 
 Keys are computed from the *bound* arguments (defaults applied), canonicalised so that the
@@ -25,12 +26,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._validate import resource_key
 from ..durations import parse_duration
 from ..errors import ConfigurationError
+from ..ratelimit import RATE_FORM, Rate, parse_rate
 
 __all__ = [
     "OPTION_NAMES",
     "LimitSpec",
+    "RateLimitSpec",
     "TaskPolicy",
     "canonical",
     "digest",
@@ -40,11 +44,13 @@ __all__ = [
 OPTION_NAMES = (
     "singleton", "singleton_key", "singleton_scope", "on_locked",
     "concurrency_limit", "on_limited", "limit_timeout",
+    "global_rate_limit", "global_rate_burst", "on_rate_limited",
     "cache_ttl", "cache_key", "cache_tags",
 )
 SCOPES = ("running", "queued")
 ON_LOCKED = ("retry", "skip", "raise", "park")
 ON_LIMITED = ("retry", "wait", "park")
+ON_RATE_LIMITED = ("retry", "wait")
 
 
 def canonical(value: Any) -> Any:
@@ -129,6 +135,43 @@ def _parse_limit(value: Any) -> LimitSpec:
 
 
 @dataclass(frozen=True)
+class RateLimitSpec:
+    """One ``global_rate_limit`` entry: the limiter's name (maybe a template) and its rate."""
+
+    template: str
+    rate: Rate
+    fields: tuple[str, ...]
+
+    def name(self, arguments: Mapping[str, Any]) -> str:
+        if not self.fields:
+            return self.template
+        return safe_name(self.template.format_map(arguments))
+
+
+_RATE_LIMIT_FORM = (f"'name:rate' with rate {RATE_FORM}, e.g. 'api:100/m' or "
+                    f"'tenant:{{tenant_id}}:10/s'")
+
+
+def _parse_rate_limit(value: Any) -> RateLimitSpec:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigurationError(f"global_rate_limit must be {_RATE_LIMIT_FORM}, got {value!r}")
+    name, _, rate_text = value.rpartition(":")
+    try:
+        rate = parse_rate(rate_text)
+    except ConfigurationError:
+        rate = None
+    if not name or rate is None:
+        raise ConfigurationError(f"global_rate_limit must be {_RATE_LIMIT_FORM}, got {value!r}")
+    fields = _template_fields("global_rate_limit", name)
+    if not fields:
+        try:
+            resource_key(name)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"global_rate_limit: the limiter's name: {exc}") from None
+    return RateLimitSpec(name, rate, fields)
+
+
+@dataclass(frozen=True)
 class TaskPolicy:
     """What the integration does around one task. ``active`` is False for a plain task."""
 
@@ -139,6 +182,9 @@ class TaskPolicy:
     limits: tuple[LimitSpec, ...] = ()
     on_limited: str = "retry"
     limit_timeout: float | None = None
+    rate_limits: tuple[RateLimitSpec, ...] = ()
+    rate_burst: int = 1
+    on_rate_limited: str = "retry"
     cache_ttl: float | None = None
     cache_key: tuple[str, ...] | Callable[..., Any] | None = None
     cache_tags: tuple[str, ...] = ()
@@ -153,6 +199,10 @@ class TaskPolicy:
         if not any(spec.fields for spec in self.limits):
             fixed = sorted({(spec.template, spec.permits) for spec in self.limits})
         setattr_(self, "_fixed_limits", fixed)
+        rates = None
+        if not any(spec.fields for spec in self.rate_limits):
+            rates = _unique_rates((spec.template, spec.rate) for spec in self.rate_limits)
+        setattr_(self, "_fixed_rates", rates)
 
     @property
     def parks(self) -> bool:
@@ -161,7 +211,8 @@ class TaskPolicy:
 
     @property
     def active(self) -> bool:
-        return self.singleton or bool(self.limits) or self.cache_ttl is not None
+        return (self.singleton or bool(self.limits) or bool(self.rate_limits)
+                or self.cache_ttl is not None)
 
     def bind(self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults applied."""
@@ -205,8 +256,24 @@ class TaskPolicy:
             return fixed
         return sorted({(spec.name(arguments), spec.permits) for spec in self.limits})
 
+    def rate_names(self, arguments: Mapping[str, Any]) -> list[tuple[str, Rate]]:
+        """(limiter name, rate) of every global rate limit, sorted by name; a name listed
+        twice keeps its slowest rate."""
+        fixed: list[tuple[str, Rate]] | None = self.__dict__["_fixed_rates"]
+        if fixed is not None:
+            return fixed
+        return _unique_rates((spec.name(arguments), spec.rate) for spec in self.rate_limits)
+
     def tags(self, arguments: Mapping[str, Any]) -> list[str]:
         return [safe_name(t.format_map(arguments)) for t in self.cache_tags]
+
+
+def _unique_rates(pairs: Any) -> list[tuple[str, Rate]]:
+    slowest: dict[str, Rate] = {}
+    for name, rate in pairs:
+        if name not in slowest or rate.interval > slowest[name].interval:
+            slowest[name] = rate
+    return sorted(slowest.items(), key=lambda item: item[0])
 
 
 _Binder = Callable[[tuple[Any, ...], dict[str, Any]], "dict[str, Any] | None"]
@@ -335,6 +402,33 @@ def parse_policy(options: Mapping[str, Any], fun: Callable[..., Any] | None,
     lt = options.get("limit_timeout")
     limit_timeout = None if lt is None else parse_duration(lt, "limit_timeout")
 
+    raw_rates = options.get("global_rate_limit")
+    if raw_rates is None:
+        rate_specs: tuple[RateLimitSpec, ...] = ()
+    elif isinstance(raw_rates, str):
+        rate_specs = (_parse_rate_limit(raw_rates),)
+    elif isinstance(raw_rates, (list, tuple)) and raw_rates:
+        rate_specs = tuple(_parse_rate_limit(v) for v in raw_rates)
+    else:
+        raise ConfigurationError(
+            f"global_rate_limit must be {_RATE_LIMIT_FORM}, or a list of them, got {raw_rates!r}"
+        )
+    for rspec in rate_specs:
+        _check_names("global_rate_limit", rspec.fields, sig,
+                     "a template may only name the task's arguments, e.g. "
+                     "'tenant:{tenant_id}:10/s'")
+    burst = options.get("global_rate_burst", 1)
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ConfigurationError(
+            f"global_rate_burst must be an integer of at least 1 (how many starts may pass at "
+            f"once after an idle period, for each of the task's global_rate_limit), got "
+            f"{burst!r}"
+        )
+    if "global_rate_burst" in options and not rate_specs:
+        raise ConfigurationError("global_rate_burst needs global_rate_limit (e.g. 'api:100/m')")
+    on_rate_limited = _choice("on_rate_limited", options.get("on_rate_limited", "retry"),
+                              ON_RATE_LIMITED)
+
     ttl = options.get("cache_ttl")
     cache_ttl = None if ttl is None else parse_duration(ttl, "cache_ttl")
     ckey = _key_spec("cache_key", options.get("cache_key"))
@@ -356,5 +450,6 @@ def parse_policy(options: Mapping[str, Any], fun: Callable[..., Any] | None,
     return TaskPolicy(
         singleton=singleton, singleton_key=skey, scope=scope, on_locked=on_locked,
         limits=specs, on_limited=on_limited, limit_timeout=limit_timeout,
+        rate_limits=rate_specs, rate_burst=burst, on_rate_limited=on_rate_limited,
         cache_ttl=cache_ttl, cache_key=ckey, cache_tags=tuple(raw_tags), signature=sig,
     )

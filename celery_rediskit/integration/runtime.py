@@ -20,13 +20,16 @@ from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.sentinel import Sentinel
 
 from .._redis.clients import check_client
+from .._redis.scripts import trace_commands
 from ..cache import MISSING, CacheUnavailable, RedisCacheProvider
 from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
 from ..mutex import Mutex, create_mutex
 from ..mutex.redis import RedisMutexStorage
+from ..ratelimit.redis import RedisRateLimitStorage
 from ..semaphore import Semaphore, create_semaphore
 from ..semaphore.redis import RedisSemaphoreStorage
+from . import observe
 from .claims import ClaimStore, Releaser
 from .settings import Settings
 from .signals import lease_lost
@@ -184,10 +187,13 @@ class Runtime:
         self.settings = s
         self.client = (make_client(s) if client is None
                        else check_client("RedisKit(client=...)", client))
+        if s.trace_commands:
+            trace_commands(self.client)
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
         )
+        self.rate_storage = RedisRateLimitStorage(self.client, prefix=s.prefix)
         self.mutex: Mutex = create_mutex(
             timeout=None, lease=s.lease, storage=self.mutex_storage, on_lost=self._on_lost
         )
@@ -217,7 +223,8 @@ class Runtime:
             "rediskit: task %s[%s] lost its %s %r: %s",
             getattr(task, "name", "?"), task_id, lease.kind.grant, lease.key, reason,
         )
-        lease_lost.send(sender=task, task_id=task_id, lease=lease, reason=reason)
+        if lease_lost.receivers:
+            observe.lost(task, task_id, lease, reason)
 
     # -- cached results --------------------------------------------------------------------
     @property

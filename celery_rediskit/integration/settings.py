@@ -85,13 +85,21 @@ class Settings:
       further re-queue of the same message doubles it, up to ``retry_delay_max``, jittered
       within the upper half of the step (tasks with Celery's ``retry_backoff`` use theirs).
     - ``retry_delay_max``: the ceiling of that backoff.
-    - ``limit_timeout``: how long ``on_limited="wait"`` blocks for a permit by default.
+    - ``limit_timeout``: how long ``on_limited="wait"`` blocks for a permit, and
+      ``on_rate_limited="wait"`` for a rate slot, by default.
     - ``socket_timeout``: socket and connect timeout of the integration's Redis client.
     - ``claims_ttl``: lifetime of the record of what a task holds (task id → keys), which lets
       any process release by task id (revoke, hard time limit).
     - ``idle_ttl``: how long the keys of a lock, semaphore or cache entry outlive their last
       use (default a week), so names used once (per-user locks, ``tenant:{id}`` templates)
       leave nothing behind; a semaphore idle that long starts again from its declared permits.
+    - ``metrics_port``: serve the worker's Prometheus metrics (``pip install
+      celery-rediskit[metrics]``) on this TCP port, aggregated over its pool processes
+      (``integration/worker_metrics.py``); 0 picks a free port (logged). Default None: off.
+    - ``metrics_address``: the address that server listens on (default ``"0.0.0.0"``).
+    - ``trace_commands``: True sends the library's commands through redis-py's
+      ``execute_command`` and pipelines, where OpenTelemetry's redis instrumentation sees
+      them (:func:`celery_rediskit.trace_commands`); it costs some speed (``make bench``).
     """
 
     url: str | None
@@ -108,6 +116,9 @@ class Settings:
     socket_timeout: float = 5.0
     claims_ttl: float = 86400.0
     idle_ttl: float = IDLE_TTL
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"
+    trace_commands: bool = False
 
     def __post_init__(self) -> None:
         url = self.url
@@ -119,6 +130,8 @@ class Settings:
                 f"Sentinel URLs (sentinel://host:26379;sentinel://host2:26379), got {url!r}"
             )
         object.__setattr__(self, "cluster", _flag(self.cluster, "rediskit_cluster"))
+        object.__setattr__(self, "trace_commands",
+                           _flag(self.trace_commands, "rediskit_trace_commands"))
         if self.redis_options is None:
             object.__setattr__(self, "redis_options", {})
         if not isinstance(self.redis_options, Mapping) or not all(
@@ -158,6 +171,11 @@ class Settings:
             KeySpace(self.prefix)  # validates the prefix
         except ConfigurationError as exc:
             raise ConfigurationError(f"rediskit_{exc}") from None  # "rediskit_prefix must be..."
+        object.__setattr__(self, "metrics_port", _port(self.metrics_port))
+        if not isinstance(self.metrics_address, str):
+            raise ConfigurationError(
+                f"rediskit_metrics_address must be an address to listen on, such as "
+                f"'0.0.0.0' or '127.0.0.1', got {self.metrics_address!r}")
         for name in DURATIONS:
             object.__setattr__(
                 self, name, parse_duration(getattr(self, name), f"rediskit_{name}")
@@ -229,6 +247,18 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
     raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+
+
+def _port(value: Any) -> int | None:
+    # A TCP port, or None; text from environment variables and Django settings.
+    if value is None:
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ConfigurationError(
+            f"rediskit_metrics_port must be a TCP port number (0 to 65535; 0 picks a free "
+            f"one), got {value!r}")
+    return int(text)
 
 
 TLS_SCHEMES = ("rediss://", "valkeys://")

@@ -1,4 +1,5 @@
-"""The task base class: singleton locks, concurrency limits and cached results around ``run``.
+"""The task base class: singleton locks, concurrency limits, global rate limits and cached
+results around ``run``.
 
 Everything happens inside the task's own call path (``__call__``, in the process that runs
 the body), so leases are released on success, failure, retry, ``Ignore`` and soft time limits
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -24,16 +26,28 @@ from celery.utils import uuid
 
 from .._redis.scripts import call
 from .._validate import resource_key
-from ..errors import ConfigurationError, LockError, LockTimeout
+from ..errors import ConfigurationError, LockError, LockTimeout, RateLimited
 from ..lease import Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
+from ..ratelimit import RateDecision
 from ..renewal import renewer
 from ..semaphore import Permit
-from . import parking
+from . import observe, parking
 from .backoff import requeue_countdown
 from .claims import holder_line
+from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
+from .naming import declared_name
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
+from .signals import (
+    cache_hit,
+    cache_miss,
+    lease_acquired,
+    lease_released,
+    task_duplicate,
+    task_requeued,
+    task_skipped,
+)
 
 __all__ = ["RedisKitTask", "SingletonTask", "TaskDuplicated", "TaskLocked"]
 
@@ -42,10 +56,6 @@ log = logging.getLogger("celery_rediskit")
 SKIPPED = "SKIPPED"
 """State a monitor (``celery.events.State``, Flower) gives a task on its ``task-skipped``
 event. The task itself ends SUCCESS with the result None: see ``_rk_skip``."""
-
-SKIPPED_EVENT = "task-skipped"
-"""The custom task event sent when a task is skipped (fields ``reason``, ``lock``,
-``holder``)."""
 
 CLAIM_ATTEMPTS = 50
 """How many times ``apply_async`` tries to take a queued-scope claim that others keep
@@ -147,12 +157,25 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
                                                 declared=True))
 
 
+def _sleep_until(rt: Runtime, at: Any) -> None:
+    """Sleep until ``at`` (Unix seconds on the Redis server's clock), if it is still ahead: a
+    re-queued run that a worker whose clock runs ahead of the sender's starts early (Celery's
+    ETA is on the workers' clocks) waits for its slot instead of starting before it."""
+    if not isinstance(at, (int, float)):
+        return
+    seconds, micros = call(rt.client, "TIME")
+    ahead = at - (int(seconds) + int(micros) / 1e6)
+    if ahead > 0:
+        time.sleep(ahead)
+
+
 class RedisKitTask(Task):  # type: ignore[misc]
     """Base of every task of an app with ``RedisKit(app)`` installed.
 
     Options (class attributes, or ``@app.task(...)`` keywords): ``singleton``,
     ``singleton_key``, ``singleton_scope``, ``on_locked``, ``concurrency_limit``,
-    ``on_limited``, ``limit_timeout``, ``cache_ttl``, ``cache_key``, ``cache_tags``.
+    ``on_limited``, ``limit_timeout``, ``global_rate_limit``, ``global_rate_burst``,
+    ``on_rate_limited``, ``cache_ttl``, ``cache_key``, ``cache_tags``.
     A task with none of them runs exactly like a plain Celery task.
     """
 
@@ -163,6 +186,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
     concurrency_limit: ClassVar[Any] = None
     on_limited: ClassVar[str] = "retry"
     limit_timeout: ClassVar[Any] = None
+    global_rate_limit: ClassVar[Any] = None
+    global_rate_burst: ClassVar[Any] = None
+    on_rate_limited: ClassVar[str] = "retry"
     cache_ttl: ClassVar[Any] = None
     cache_key: ClassVar[Any] = None
     cache_tags: ClassVar[Any] = None
@@ -240,6 +266,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if policy.cache_ttl is not None:
             cache_name = policy.cache_name(self.name, arguments, args, kwargs)
             found, value = rt.cache_lookup(self.name, cache_name)
+            if cache_hit.receivers or cache_miss.receivers:
+                observe.cache_looked_up(self, task_id, cache_name, found, "run")
             if found:
                 return value
         held: list[Lease] = []
@@ -248,19 +276,28 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_claim = None
         request.rediskit_keep = False
         request.rediskit_record = None  # the claims record this run wrote (a SET command)
+        request.rediskit_rate_grants = []
         try:
-            plan: list[tuple[LeaseKind, str, int]] = []  # (kind, resource name, permits), in order
-            if policy.singleton:
-                name = policy.singleton_name(self.name, arguments, args, kwargs)
-                if policy.scope == "queued":
-                    claim = self._rk_take_claim(rt, name, task_id)
-                    request.rediskit_claim = claim
-                plan.append((LeaseKind.MUTEX, name, 0))
-            if policy.limits:
-                plan.extend((LeaseKind.SEMAPHORE, sem_name, permits)
-                            for sem_name, permits in policy.limit_names(arguments))
-            if plan:
-                self._rk_acquire(rt, policy, request, plan, claim, held)
+            try:
+                # The rate first: a rate-limited run holds no lock or permit while it waits
+                # or is re-queued (see _rk_take_rates).
+                if policy.rate_limits:
+                    self._rk_take_rates(rt, policy, request, arguments)
+                plan: list[tuple[LeaseKind, str, int]] = []  # (kind, name, permits), in order
+                if policy.singleton:
+                    name = policy.singleton_name(self.name, arguments, args, kwargs)
+                    if policy.scope == "queued":
+                        claim = self._rk_take_claim(rt, name, task_id)
+                        request.rediskit_claim = claim
+                    plan.append((LeaseKind.MUTEX, name, 0))
+                if policy.limits:
+                    plan.extend((LeaseKind.SEMAPHORE, sem_name, permits)
+                                for sem_name, permits in policy.limit_names(arguments))
+                if plan:
+                    self._rk_acquire(rt, policy, request, plan, claim, held)
+            except BaseException:
+                self._rk_give_back_rates(rt, request)  # the body does not start now
+                raise
             result = self.run(*args, **kwargs)
             if cache_name is not None:
                 rt.cache_store(self.name, cache_name, result, policy.cache_ttl,
@@ -331,12 +368,15 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 lease.start_renewal()
                 held.append(lease)
                 rt.owners[resent.owner] = (self, task_id)
+                if lease_acquired.receivers:
+                    observe.acquired(self, task_id, lease, 0.0)
             else:
                 adopt_at = -1
         for index, ((kind, name, permits), owner) in enumerate(zip(plan, owners, strict=True)):
             if index == adopt_at:
                 continue
             name = resource_key(name)
+            started = time.monotonic()
             if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
                 pending = None
@@ -349,9 +389,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
                                        companion_keys=companions)
                     lease.start_renewal()
                 elif inline and policy.on_locked in ("retry", "park"):
-                    lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
-                                             or settings.limit_timeout, lease=seconds,
-                                             owner=owner, companion_keys=companions)
+                    with observe.waiting(self, task_id, kind, name):
+                        lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
+                                                 or settings.limit_timeout, lease=seconds,
+                                                 owner=owner, companion_keys=companions)
                 else:
                     self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
@@ -367,17 +408,21 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     lease.start_renewal()
                 elif not wait:
                     self._rk_release_leases(rt, request)
-                    self._rk_requeue(request, f"concurrency limit {name!r} is full")
+                    self._rk_requeue(request, f"concurrency limit {name!r} is full",
+                                     "limited", name)
                 else:
                     # The try above applied the declared permits: wait with the total as is.
                     timeout = policy.limit_timeout or settings.limit_timeout
-                    lease = rt.semaphore(permits).acquire(
-                        name, timeout=timeout, lease=seconds, owner=owner,
-                        companion_keys=companions,
-                    )
+                    with observe.waiting(self, task_id, kind, name):
+                        lease = rt.semaphore(permits).acquire(
+                            name, timeout=timeout, lease=seconds, owner=owner,
+                            companion_keys=companions,
+                        )
                 pending = None
             held.append(lease)
             rt.owners[owner] = (self, task_id)
+            if lease_acquired.receivers:
+                observe.acquired(self, task_id, lease, time.monotonic() - started)
         if adopt_at > 0:  # the plan's order: the singleton lock first (``self.lease``)
             held.insert(adopt_at, held.pop(0))
         if pending is not None:  # only the adopted reservation: no try carried the record
@@ -385,6 +430,71 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if claim is not None:
             call(rt.client, *record)
             request.rediskit_record = record
+
+    def _rk_take_rates(self, rt: Runtime, policy: TaskPolicy, request: Any,
+                       arguments: Mapping[str, Any]) -> None:
+        """Take a slot of every global rate limit of this call before anything else.
+
+        Each limiter reserves its next free slot in one round trip (:mod:`..ratelimit`).
+        When every slot is free now, the run goes on. Otherwise the run starts at the latest
+        of its slots: with ``on_rate_limited="retry"`` the task is re-queued with a countdown
+        of exactly that wait (its slots travel with the message, in the
+        ``rediskit_rate_paid`` header, so the re-sent run starts without another check: at
+        most one extra message per task; if it comes early, it sleeps until its slot on the
+        server's clock); with ``"wait"`` (and for map/starmap items, which
+        cannot be re-queued) the worker sleeps until then, and a slot further away than
+        ``limit_timeout`` fails the run with ``RateLimited``, taking nothing.
+
+        A run whose body then does not start (a lock held, a limit full, a skip) gives its
+        slots back when no later slot was taken since (:meth:`_rk_give_back_rates`), else
+        they stay spent: a rate counts starts, never more.
+        """
+        headers = request.headers or {}
+        paid_header = headers.get("rediskit_rate_paid") or {}
+        paid: set[str] = set()
+        if isinstance(paid_header, dict) and paid_header.get("retries") == request.retries:
+            paid = set(paid_header.get("names") or ())  # reserved by the run that re-queued us
+            _sleep_until(rt, paid_header.get("at"))
+        inline = bool(getattr(request, "rediskit_inline", False))
+        wait = policy.on_rate_limited == "wait" or inline
+        timeout = (policy.limit_timeout or rt.settings.limit_timeout) if wait else None
+        grants: list[tuple[str, Any, RateDecision]] = request.rediskit_rate_grants
+        longest = 0.0
+        for name, rate in policy.rate_names(arguments):
+            name = resource_key(name)
+            if name in paid:
+                continue
+            decision = rt.rate_storage.check(name, rate, policy.rate_burst, 1, timeout)
+            if not decision.allowed:
+                raise RateLimited(
+                    f"{self.name}: global rate limit {name!r} ({rate.text}): the next slot is "
+                    f"{decision.retry_after:.3f} s away, beyond limit_timeout ({timeout} s)",
+                    name, decision.retry_after,
+                )
+            grants.append((name, rate, decision))
+            longest = max(longest, decision.retry_after)
+        if longest <= 0:
+            return
+        if wait:
+            time.sleep(longest)  # exactly until the latest slot starts
+            return
+        names = [name for name, _, _ in grants]
+        at = max(d.now + d.retry_after for _, _, d in grants)  # the latest slot, server clock
+        self._rk_requeue(request, f"global rate limit {', '.join(map(repr, names))}",
+                         "rate_limited", names[0], countdown=longest,
+                         rate_paid={"names": names, "at": round(at, 6)})
+
+    def _rk_give_back_rates(self, rt: Runtime, request: Any) -> None:
+        """Give back the rate slots this run took, if still the latest of their limiters."""
+        grants: list[tuple[str, Any, RateDecision]] = getattr(
+            request, "rediskit_rate_grants", None) or []
+        for name, rate, decision in grants:
+            try:
+                rt.rate_storage.cancel(name, decision, rate)
+            except Exception:  # Redis unreachable: the slot stays spent, the rate holds
+                log.warning("rediskit: giving back a slot of rate limit %r failed", name,
+                            exc_info=True)
+        grants.clear()
 
     def _rk_take_claim(self, rt: Runtime, name: str, task_id: str) -> MutexLease:
         """Hold the queued-scope claim of ``task_id`` while it runs (taking it if free)."""
@@ -397,6 +507,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         except LockTimeout:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
+            if task_duplicate.receivers:
+                observe.duplicate(self, task_id, other, qname, "run")
             if self._rk_policy.on_locked == "raise":
                 raise TaskLocked(
                     f"{self.name}[{task_id}] is a duplicate of task {other}", qname
@@ -416,12 +528,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
             # very task id (a redelivered message). Never run it twice, never touch its state.
             log.warning("rediskit: %s[%s] is already running (redelivered?): dropped",
                         self.name, request.id)
+            if task_duplicate.receivers:
+                observe.duplicate(self, request.id, request.id, claim.key, "run")
             self._rk_release_leases(rt, request)
             request.rediskit_keep = True
             raise Ignore()
         if policy.on_locked in ("retry", "park"):  # park: eager runs only (TaskLocked)
             self._rk_release_leases(rt, request)
-            self._rk_requeue(request, f"singleton lock {name!r} is held")
+            self._rk_requeue(request, f"singleton lock {name!r} is held", "locked", name)
         if policy.on_locked == "raise":
             raise TaskLocked(f"{self.name}: singleton lock {name!r} is held by {holder}", name)
         self._rk_skip(request, "locked", name, holder)
@@ -441,33 +555,49 @@ class RedisKitTask(Task):  # type: ignore[misc]
         """
         log.info("rediskit: %s[%s] skipped (%s): %r is held by %s",
                  self.name, request.id, reason, key, holder)
-        inline = getattr(request, "rediskit_inline", False)  # the event would name the outer task
-        if not request.is_eager and not inline and self.send_events:
-            try:
-                self.send_event(SKIPPED_EVENT, retry=False, reason=reason, lock=key,
-                                holder=holder)
-            except Exception:
-                log.warning("rediskit: sending the %s event of %s failed", SKIPPED_EVENT,
-                            request.id, exc_info=True)
+        if task_skipped.receivers:
+            observe.skipped(self, request.id, reason, key, holder)
+        send_task_event(self, request, SKIPPED_EVENT, reason=reason, lock=key, holder=holder)
         raise _Skipped()
 
-    def _rk_requeue(self, request: Any, why: str) -> None:
-        """Send the task again with a backoff countdown (``backoff.py``), keeping its id and
-        its retry count (a re-queue is not a user retry), then end this run with ``Retry``."""
+    def _rk_requeue(self, request: Any, why: str, reason: str = "locked", key: str = "", *,
+                    countdown: float | None = None,
+                    rate_paid: dict[str, Any] | None = None) -> None:
+        """Send the task again, keeping its id and its retry count (a re-queue is not a user
+        retry), then end this run with ``Retry``. ``reason`` ("locked", "limited",
+        "rate_limited") and ``key`` (the resource met) are for monitors.
+
+        The countdown is a backoff (``backoff.py``), counted in the ``rediskit_requeues``
+        header; or, for a rate limit, exactly ``countdown``, with the rate slots the re-sent
+        run owns in ``rate_paid`` (the header ``rediskit_rate_paid``: the limiters' names and
+        the slot's time ``at``, valid for this retry count only, so a later ``retry()`` of the
+        task pays again)."""
         settings = self._rk_kit().settings
         if request.is_eager:
             raise TaskLocked(f"{self.name}: {why} (eager tasks cannot be re-queued)")
         headers = dict(request.headers or {})
+        headers.pop("rediskit_rate_paid", None)  # a run sent back by a lock pays again
         requeues = int(headers.get("rediskit_requeues") or 0)
-        countdown = requeue_countdown(self, requeues, first=settings.retry_delay,
-                                      ceiling=settings.retry_delay_max)
-        headers["rediskit_requeues"] = requeues + 1
+        if countdown is None:
+            countdown = requeue_countdown(self, requeues, first=settings.retry_delay,
+                                          ceiling=settings.retry_delay_max)
+            headers["rediskit_requeues"] = requeues + 1
+        if rate_paid is not None:
+            headers["rediskit_rate_paid"] = {**rate_paid, "retries": request.retries}
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers,
         )
         request.rediskit_keep = True
         sig.apply_async()
-        raise Retry(f"{why}: re-queued in {countdown:.2f} s", when=countdown, sig=sig)
+        if rate_paid is not None:
+            request.rediskit_rate_grants = []  # the slots are the re-sent message's now
+        kind = LeaseKind.MUTEX if reason == "locked" else LeaseKind.SEMAPHORE
+        if task_requeued.receivers:
+            observe.requeued(self, request.id, reason, key, countdown, requeues, kind)
+        send_task_event(self, request, REQUEUED_EVENT, reason=reason, key=key,
+                        name=declared_name(self, kind, key), countdown=countdown,
+                        requeues=requeues)
+        raise Retry(f"{why}: re-queued in {countdown:.3f} s", when=countdown, sig=sig)
 
     def _rk_release_leases(self, rt: Runtime, request: Any) -> None:
         """Release the running leases (lock, permits) now; the queued claim stops renewing."""
@@ -479,6 +609,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             except Exception:
                 log.exception("rediskit: releasing %r failed (it ends with its lease)", lease.key)
             rt.owners.pop(lease.owner, None)
+            if lease_released.receivers:
+                observe.released(self, request.id, lease)
         held.clear()
         if released and self._rk_policy.parks:
             parking.after_release(self, rt, released)
@@ -590,7 +722,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = policy.cache_name(self.name, arguments, args or (), kwargs or {})
             found, value = rt.cache_lookup(self.name, name)
             if found:
-                return self._rk_cached_result(task_id or uuid(), value, options)
+                task_id = task_id or uuid()
+                if cache_hit.receivers:
+                    observe.cache_looked_up(self, task_id, name, True, "send")
+                return self._rk_cached_result(task_id, value, options)
+            if cache_miss.receivers:
+                observe.cache_looked_up(self, task_id, name, False, "send")
         if not (policy.singleton and policy.scope == "queued"):
             return super().apply_async(args, kwargs, task_id, **options)
         given = task_id is not None
@@ -612,6 +749,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if holder is None:
                     continue  # released meanwhile: try again
                 existing = holder[2:] if holder.startswith("q:") else holder
+                if task_duplicate.receivers:
+                    observe.duplicate(self, task_id, existing, qname, "send")
                 if has_callbacks or given:
                     # Returning the existing task's result would drop the callbacks, or
                     # leave the id the caller chose (a canvas froze it) unresolved forever.

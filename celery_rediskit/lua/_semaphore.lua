@@ -36,9 +36,9 @@ end
 -- Mark the total as set by an operator (see "pinned" above). The mark lives no longer than
 -- the total: it takes the total's expiry, if the total has one.
 local function sem_pin(total, pinned)
-  local ttl = redis.call('PTTL', total)
-  if ttl > 0 then
-    redis.call('SET', pinned, '1', 'PX', ttl)
+  local at = redis.call('PEXPIRETIME', total)  -- absolute: a copied PTTL could end later
+  if at > 0 then
+    redis.call('SET', pinned, '1', 'PXAT', at)
   else
     redis.call('SET', pinned, '1')
   end

@@ -39,8 +39,10 @@ if KEYS[6] then  -- declared permits (see KEYS[6] above)
   local declared, pin = tonumber(ARGV[6]), KEYS[6]
   local pinned = redis.call('EXISTS', pin)
   if pinned == 1 then
-    local ttl = redis.call('PTTL', total)  -- the mark lives no longer than the total
-    if ttl > 0 then redis.call('PEXPIRE', pin, ttl) end
+    -- the mark lives no longer than the total: the same deadline, copied as an absolute
+    -- time (a PTTL copied with PEXPIRE could land a millisecond later)
+    local at = redis.call('PEXPIRETIME', total)
+    if at > 0 then redis.call('PEXPIREAT', pin, at) end
     if tonumber(redis.call('GET', initial)) ~= declared then
       redis.call('SET', initial, declared, 'KEEPTTL')  -- what reset returns to
     end

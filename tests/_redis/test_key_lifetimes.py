@@ -18,8 +18,10 @@ import redis
 
 from celery_rediskit import (
     RedisMutexStorage,
+    RedisRateLimitStorage,
     RedisSemaphoreStorage,
     create_mutex,
+    create_rate_limiter,
     create_semaphore,
 )
 from celery_rediskit.cache import RedisCacheProvider
@@ -115,6 +117,12 @@ def test_no_key_is_left_without_a_ttl(
     cache.expire("persisted", None)
     claim = cache.claim("filled")
     cache.fill(claim, 5, None, tags=["t4"])
+    # Rate limiters: used once (tenant templates), drained, with reserved slots.
+    limiter = create_rate_limiter("10/m", burst=3, storage=RedisRateLimitStorage(client, prefix))
+    for i in range(1_000):
+        limiter.try_acquire(f"tenant:{i}")
+    limiter.check("drained", cost=3)
+    limiter.check("drained", max_wait=None)
     # The Celery layer's record of what a task holds.
     ClaimStore(client, prefix, 3600).record("task-1", [("m", "held", held_lock.owner)])
 
@@ -125,7 +133,7 @@ def test_no_key_is_left_without_a_ttl(
     assert {  # every kind of key was written, so every kind was checked
         "lock:{}", "lock:{}:fence", "lock:{}:queue", "lock:{}:waiters",
         "sem:{}:holders", "sem:{}:total", "sem:{}:initial", "sem:{}:queue", "sem:{}:waiters",
-        "cache:e:{}", "cache:t:{}", "claims",
+        "cache:e:{}", "cache:t:{}", "claims", "rate:{}",
     } <= kinds, kinds
     held_lock.release()
     held_permit.release()

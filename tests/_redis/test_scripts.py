@@ -17,7 +17,8 @@ from tests.roundtrips import counting_client
 
 def test_the_server_clock_is_defined_once_in_every_script() -> None:
     for name in ("mutex_acquire", "mutex_release", "sem_acquire", "sem_release", "sem_info",
-                 "renew_batch", "cache_claim", "cache_unlock", "cache_set"):
+                 "renew_batch", "cache_claim", "cache_unlock", "cache_set", "rate_check",
+                 "rate_cancel", "rate_info"):
         source = compose(name)
         assert source.count("local function now_ms()") == 1, name
         assert source.count("redis.call('TIME')") == 1, name

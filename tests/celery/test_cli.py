@@ -138,8 +138,9 @@ def test_locks_and_inspect_show_running_tasks(env: Env) -> None:
     """A running singleton and three limited tasks: who holds what, from Redis and from the
     worker itself; nothing is stale while the worker answers."""
     run = uuid.uuid4().hex[:8]
-    single = env.app.tasks["single"].delay(run, 8.0)
-    limited = [env.app.tasks["limited"].delay(run + "L", i, 8.0) for i in range(3)]
+    # the tasks run until the test lets them go (a loaded machine may take seconds per CLI call)
+    single = env.app.tasks["single"].delay(run, 60.0)
+    limited = [env.app.tasks["limited"].delay(run + "L", i, 60.0) for i in range(3)]
     lock_name = env.lock_name("single", run=run)
     sem_name = f"db-{run}L"
 
@@ -182,6 +183,8 @@ def test_locks_and_inspect_show_running_tasks(env: Env) -> None:
     text = env.celery("inspect", "rediskit_leases", "-d", env.node, "--timeout", "5")
     assert text.returncode == 0 and single.id in text.stdout
 
+    env.client.rpush(f"{env.prefix}:go:{run}", 1)
+    env.client.rpush(f"{env.prefix}:go:{run}L", 1, 1, 1)
     single.get(timeout=WAIT)
     for r in limited:
         r.get(timeout=WAIT)

@@ -145,8 +145,12 @@ def test_lease_lost_is_reported_to_the_task(redis_url: str, prefix: str, worker)
         app.close()
 
 
-def test_redis_restart_while_tasks_run(private_server: Any, worker) -> None:
-    app: Celery = make_app(private_server.url, "restart", lease=1.0)
+def test_redis_restart_while_tasks_run(private_server: Any, redis_url: str, prefix: str,
+                                       worker) -> None:
+    # Only rediskit's Redis restarts: the broker and backend stay on the session server. (A
+    # broker restart under an in-process worker races inside kombu's reconnect, about 1 run
+    # in 10 under load; that is Celery's behaviour, not this library's.)
+    app: Celery = make_app(redis_url, prefix, lease=1.0, url=private_server.url)
     app.conf.broker_transport_options = {"visibility_timeout": 600}
     lost = threading.Event()
     started, release = threading.Event(), threading.Event()

@@ -1,4 +1,7 @@
-"""Singleton tasks on a real in-process worker (threads pool) against the private Redis."""
+"""Singleton tasks on a real in-process worker (threads pool) against the private Redis.
+
+Some tests use the testing kit's fixtures (``rediskit_app``, ``rediskit_worker``), as users
+do; those with ``rediskit_no_leaks`` also fail if a lock or claim stays held at the end."""
 
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ def claims_of(app: Any, task_id: str) -> list[tuple[str, str, str]]:
     return RedisKit.of(app).runtime().claims.held(task_id)
 
 
-def test_running_scope_never_two_bodies_at_once(app, worker, client, prefix) -> None:
+def test_running_scope_never_two_bodies_at_once(app, worker, client, prefix,
+                                                rediskit_no_leaks) -> None:
     probe = Probe(client, prefix + ":p")
 
     @app.task(shared=False, singleton=True, singleton_key=())
@@ -71,28 +75,36 @@ def test_queued_scope_duplicates_get_the_first_id(app, worker, client, prefix) -
         assert again.id != first.id and again.get(timeout=WAIT) == 1
 
 
-def test_released_on_success_and_failure(app, worker) -> None:
-    @app.task(shared=False, singleton=True)
+@pytest.fixture
+def job(rediskit_app: Any) -> Any:
+    """A singleton task of the kit's app: defined before ``rediskit_worker`` starts."""
+
+    @rediskit_app.task(shared=False, singleton=True)
     def job(fail: bool) -> str:
         if fail:
             raise ValueError("boom")
         return "ok"
 
-    with worker(app):
-        ok = job.delay(False)
-        assert ok.get(timeout=WAIT) == "ok"
-        assert not is_locked(app, lock_name(app, job, False))
-        bad = job.delay(True)
-        with pytest.raises(ValueError):
-            bad.get(timeout=WAIT)
-        assert not is_locked(app, lock_name(app, job, True))
-        # the record of what each held is deleted when it ends, whichever way
-        assert claims_of(app, ok.id) == [] and claims_of(app, bad.id) == []
-        assert RedisKit.of(app).runtime().release_task(ok.id) == 0
+    return job
+
+
+def test_released_on_success_and_failure(job, rediskit_app, rediskit_worker,
+                                         rediskit_no_leaks) -> None:
+    app = rediskit_app
+    ok = job.delay(False)
+    assert ok.get(timeout=WAIT) == "ok"
+    assert not is_locked(app, lock_name(app, job, False))
+    bad = job.delay(True)
+    with pytest.raises(ValueError):
+        bad.get(timeout=WAIT)
+    assert not is_locked(app, lock_name(app, job, True))
+    # the record of what each held is deleted when it ends, whichever way
+    assert claims_of(app, ok.id) == [] and claims_of(app, bad.id) == []
+    assert RedisKit.of(app).runtime().release_task(ok.id) == 0
 
 
 @pytest.mark.parametrize("scope", ["running", "queued"])
-def test_retry_runs_again_holding_the_lock(app, worker, scope: str) -> None:
+def test_retry_runs_again_holding_the_lock(app, worker, scope: str, rediskit_no_leaks) -> None:
     seen: list[tuple[int, bool, int]] = []
 
     @app.task(shared=False, bind=True, singleton=True, singleton_scope=scope, max_retries=3)
@@ -134,7 +146,7 @@ def test_queued_claim_survives_retry_countdown(app, worker) -> None:
         assert job.delay(1).id != first.id
 
 
-def test_on_locked_skip_and_raise(app, worker) -> None:
+def test_on_locked_skip_and_raise(app, worker, rediskit_no_leaks) -> None:
     started, release = threading.Event(), threading.Event()
 
     @app.task(shared=False, singleton=True, singleton_key=())
@@ -172,7 +184,8 @@ def test_on_locked_skip_and_raise(app, worker) -> None:
         assert h.get(timeout=WAIT) == "held"
 
 
-def test_send_task_duplicate_does_not_break_the_holder(app, worker, client, prefix) -> None:
+def test_send_task_duplicate_does_not_break_the_holder(app, worker, client, prefix,
+                                                       rediskit_no_leaks) -> None:
     """celery-heimdall: a duplicate sent by send_task (beat's path) skipped at run time and
     deleted the running holder's lock, so a third call ran concurrently."""
     probe = Probe(client, prefix + ":p")
@@ -198,7 +211,7 @@ def test_send_task_duplicate_does_not_break_the_holder(app, worker, client, pref
     assert probe.peak == 1 and probe.runs == 1
 
 
-def test_send_task_runs_through_the_lock(app, worker, client, prefix) -> None:
+def test_send_task_runs_through_the_lock(app, worker, client, prefix, rediskit_no_leaks) -> None:
     probe = Probe(client, prefix + ":p")
 
     @app.task(shared=False, singleton=True, singleton_key=())
@@ -232,7 +245,7 @@ def test_countdown_and_eta_with_queued_scope(app, worker) -> None:
         assert a.get(timeout=WAIT) == 1 and b.get(timeout=WAIT) == 2
 
 
-def test_chains_and_groups_keep_callbacks(app, worker, client, prefix) -> None:
+def test_chains_and_groups_keep_callbacks(app, worker, client, prefix, rediskit_no_leaks) -> None:
     probe = Probe(client, prefix + ":p")
 
     @app.task(shared=False, singleton=True, singleton_key=())
@@ -285,15 +298,15 @@ def test_revoke_before_start_releases_the_claim(app, worker) -> None:
         signals.task_revoked.disconnect(on_revoked)
 
 
-def test_task_reads_its_lease(app, worker) -> None:
-    @app.task(shared=False, bind=True, singleton=True)
-    def job(self: Any) -> dict[str, Any]:
+def test_task_reads_its_lease(rediskit_app, rediskit_worker, rediskit_no_leaks) -> None:
+    @rediskit_app.task(shared=False, bind=True, singleton=True)
+    def reader(self: Any) -> dict[str, Any]:
         lease = self.lease
         return {"token": lease.fencing_token, "ttl": lease.ttl(), "lost": lease.lost,
                 "key": lease.key}
 
-    with worker(app):
-        one = job.delay().get(timeout=WAIT)
-        two = job.delay().get(timeout=WAIT)
+    rediskit_worker.reload()  # the worker started before this task was defined
+    one = reader.delay().get(timeout=WAIT)
+    two = reader.delay().get(timeout=WAIT)
     assert one["key"].startswith("singleton:") and not one["lost"]
     assert 0 < one["ttl"] <= 30 and two["token"] > one["token"]

@@ -39,12 +39,25 @@ def build(url: str, prefix: str, lease: float, reports_limit: int = 5) -> Celery
     def probe(name: str) -> Probe:
         return Probe(client, f"{prefix}:probe:{name}")
 
+    def pause(run: str, seconds: float) -> None:
+        """Work for ``seconds``, or until a test pushes to ``{prefix}:go:{run}`` (so a test
+        that inspects running tasks can hold them as long as it needs, then let them end)."""
+        if seconds < 1:
+            time.sleep(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        # in waits of at most 1 s: the client's socket timeout (5 s in redis-py 8) would
+        # cut a longer BLPOP
+        while (left := deadline - time.monotonic()) > 0:
+            if client.blpop([f"{prefix}:go:{run}"], timeout=min(1.0, left)):
+                return
+
     @app.task(shared=False, name="single", singleton=True, singleton_key=("run",))
     def single(run: str, seconds: float = 0.0) -> int:
         p = probe(run)
         p.enter()
         client.set(f"{prefix}:pid:{run}", os.getpid())
-        time.sleep(seconds)
+        pause(run, seconds)
         p.exit()
         return os.getpid()
 
@@ -62,7 +75,7 @@ def build(url: str, prefix: str, lease: float, reports_limit: int = 5) -> Celery
         p = probe(run)
         p.enter()
         client.set(f"{prefix}:pid:{run}", os.getpid())
-        time.sleep(seconds)
+        pause(run, seconds)
         p.exit()
         return i
 
