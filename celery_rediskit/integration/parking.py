@@ -44,8 +44,11 @@ from ..parking import (
     RedisParkingStore,
     reservation_owner,
 )
+from . import observe
 from .crashpoints import crash_point
+from .events import send_task_event
 from .runtime import APP_ATTRIBUTE, Kit, Runtime
+from .signals import task_parked
 
 __all__ = [
     "HEADER",
@@ -232,12 +235,9 @@ def park(task: Any, rt: Runtime, request: Any, kind: LeaseKind, name: str, owner
     crash_point("park:after-park")
     log.info("rediskit: %s[%s] parked: %s %r is %s", task.name, request.id, kind.grant, name,
              "held" if kind == LeaseKind.MUTEX else "full")
-    if task.send_events:
-        try:
-            task.send_event(PARKED_EVENT, retry=False, resource=name, kind=kind.resource)
-        except Exception:
-            log.warning("rediskit: sending the %s event of %s failed", PARKED_EVENT,
-                        request.id, exc_info=True)
+    send_task_event(task, request, PARKED_EVENT, resource=name, kind=kind.resource)
+    if task_parked.receivers:
+        observe.parked(task, request.id, name, kind, turn)
     task._rk_release_leases(rt, request)
     claim = getattr(request, "rediskit_claim", None)
     if claim is not None:  # queued scope: the parked message still counts as queued

@@ -17,6 +17,7 @@ from celery_rediskit.integration import RedisKit, TaskLocked
 from celery_rediskit.integration.cli import rediskit
 from celery_rediskit.integration.control import lock_report
 from celery_rediskit.integration.parking import PARKED, parked_tasks, store_of
+from celery_rediskit.integration.signals import task_parked
 
 from .conftest import make_app
 from .probe import Probe
@@ -67,10 +68,21 @@ def test_limited_tasks_park_and_all_run_once(app, worker, client, prefix) -> Non
         probe.exit()
         return i
 
-    with worker(app, concurrency=6):
-        results = [job.delay(i) for i in range(24)]
-        wait_for(lambda: parked_count(app, "s", "x") > 0)
-        assert sorted(r.get(timeout=WAIT) for r in results) == list(range(24))
+    seen: list[dict[str, Any]] = []
+
+    def on_parked(**kwargs: Any) -> None:
+        seen.append(kwargs)
+
+    task_parked.connect(on_parked, weak=False)
+    try:
+        with worker(app, concurrency=6):
+            results = [job.delay(i) for i in range(24)]
+            wait_for(lambda: parked_count(app, "s", "x") > 0)
+            assert sorted(r.get(timeout=WAIT) for r in results) == list(range(24))
+    finally:
+        task_parked.disconnect(on_parked)
+    assert seen and {(s["reason"], s["key"], s["name"]) for s in seen} == {
+        ("limited", "x", "x")}
     assert probe.peak == 2 and probe.runs == 24
     assert set(runs(client, key).values()) == {1}
     assert parked_count(app, "s", "x") == 0
