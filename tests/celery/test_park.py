@@ -32,6 +32,14 @@ def wait_for(what: Any, timeout: float = WAIT) -> None:
         time.sleep(0.01)
 
 
+def hold_until(client: Any, key: str, timeout: float = WAIT) -> None:
+    """Block until ``key`` is pushed to, in waits of 1 s (redis-py 8's default socket
+    timeout, 5 s, would cut a longer BLPOP)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not client.blpop([key], timeout=1):
+        pass
+
+
 def runs(client: Any, key: str) -> Counter[str]:
     return Counter(x.decode() for x in client.lrange(key, 0, -1))
 
@@ -97,7 +105,7 @@ def test_singleton_parks_then_runs_when_the_holder_releases(app, worker, client,
     def job(self: Any, hold: bool) -> str:
         client.rpush(key, self.request.id)
         if hold:
-            client.blpop([prefix + ":go"], timeout=WAIT)
+            hold_until(client, prefix + ":go")
         return self.request.id
 
     with worker(app, concurrency=4):
@@ -109,13 +117,14 @@ def test_singleton_parks_then_runs_when_the_holder_releases(app, worker, client,
         for r in waiting:
             assert AsyncResult(r.id, app=app).state == PARKED
             assert not AsyncResult(r.id, app=app).ready()
-        assert [t["task_id"] for t in parked_tasks(app)] == [r.id for r in waiting]
+        parked = [t["task_id"] for t in parked_tasks(app)]  # in the order they parked
+        assert sorted(parked) == sorted(r.id for r in waiting)
         client.rpush(prefix + ":go", 1)
         assert first.get(timeout=WAIT) == first.id
-        # re-sent oldest first, each with its own id
+        # each re-sent with its own id, oldest turn first
         assert [r.get(timeout=WAIT) for r in waiting] == [r.id for r in waiting]
     order = [x.decode() for x in client.lrange(key, 0, -1)]
-    assert order == [first.id] + [r.id for r in waiting]
+    assert order == [first.id, *parked]
 
 
 def job_lock(app: Any, task: Any) -> str:
@@ -153,7 +162,7 @@ def test_revoke_removes_a_parked_task(app, worker, client, prefix) -> None:
     def job(self: Any, hold: bool) -> str:
         client.rpush(prefix + ":runs", self.request.id)
         if hold:
-            client.blpop([prefix + ":go"], timeout=WAIT)
+            hold_until(client, prefix + ":go")
         return "done"
 
     with worker(app, concurrency=4):
@@ -173,7 +182,7 @@ def test_lock_report_and_inspect_show_parked(app, worker, client, prefix) -> Non
     @app.task(shared=False, concurrency_limit="rep:1", on_limited="park")
     def job(hold: bool) -> None:
         if hold:
-            client.blpop([prefix + ":go"], timeout=WAIT)
+            hold_until(client, prefix + ":go")
 
     with worker(app, concurrency=4) as w:
         first = job.delay(True)
@@ -233,7 +242,7 @@ def test_multiple_limits_keep_the_turn(app, worker, client, prefix) -> None:
     def body(tag: str, hold: bool) -> str:
         client.rpush(order, tag)
         if hold:
-            client.blpop([f"{prefix}:go:{tag}"], timeout=WAIT)
+            hold_until(client, f"{prefix}:go:{tag}")
         return tag
 
     @app.task(shared=False, concurrency_limit=["ta:1", "tb:1"], on_limited="park")
@@ -274,7 +283,7 @@ def test_locks_command_shows_parked_counts(app, worker, client, prefix) -> None:
     @app.task(shared=False, concurrency_limit="cli:1", on_limited="park")
     def job(hold: bool) -> None:
         if hold:
-            client.blpop([prefix + ":go"], timeout=WAIT)
+            hold_until(client, prefix + ":go")
 
     class Obj:
         pass
@@ -303,7 +312,7 @@ def test_a_resent_task_is_described_and_released_by_task_id(app, worker, client,
     @app.task(shared=False, bind=True, concurrency_limit="rec:1", on_limited="park")
     def job(self: Any, tag: str) -> str:
         client.rpush(prefix + ":started", tag)
-        client.blpop([f"{prefix}:go:{tag}"], timeout=WAIT)
+        hold_until(client, f"{prefix}:go:{tag}")
         return tag
 
     with worker(app, concurrency=4):
