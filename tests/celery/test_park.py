@@ -172,7 +172,8 @@ def test_revoke_removes_a_parked_task(app, worker, client, prefix) -> None:
         wait_for(lambda: parked_count(app, "s", "r") == 2)
         victim.revoke()
         wait_for(lambda: parked_count(app, "s", "r") == 1)
-        assert AsyncResult(victim.id, app=app).state == "REVOKED"
+        # stored right after the removal, by the worker that removed it
+        wait_for(lambda: AsyncResult(victim.id, app=app).state == "REVOKED")
         client.rpush(prefix + ":go", 1)
         assert holder.get(timeout=WAIT) == "done" and other.get(timeout=WAIT) == "done"
     assert victim.id not in runs(client, prefix + ":runs")
