@@ -11,9 +11,10 @@ import pytest
 from celery import chord, group
 from celery.result import AsyncResult
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 
 from celery_rediskit.errors import ConfigurationError
-from celery_rediskit.integration import RedisKit, TaskLocked
+from celery_rediskit.integration import RedisKit, TaskLocked, metrics
 from celery_rediskit.integration.cli import rediskit
 from celery_rediskit.integration.control import lock_report
 from celery_rediskit.integration.parking import PARKED, parked_tasks, store_of
@@ -329,3 +330,28 @@ def test_a_resent_task_is_described_and_released_by_task_id(app, worker, client,
         assert RedisKit.of(app).runtime().claims.held(second.id)
         client.rpush(f"{prefix}:go:second", 1)
         assert (first.get(timeout=WAIT), second.get(timeout=WAIT)) == ("first", "second")
+
+
+def test_parks_are_counted_in_the_metrics(app, worker, client, prefix) -> None:
+    """``rediskit_tasks_parked_total{reason, name}`` counts the ``task_parked`` signal."""
+    registry = CollectorRegistry()
+    metrics.enable(registry)
+    try:
+        @app.task(shared=False, concurrency_limit="met:1", on_limited="park")
+        def job(hold: bool) -> None:
+            if hold:
+                hold_until(client, prefix + ":go")
+
+        with worker(app, concurrency=4):
+            first = job.delay(True)
+            wait_for(lambda: RedisKit.of(app).runtime().semaphore_storage
+                     .get_semaphore_info("met").acquired == 1)
+            rest = [job.delay(False) for _ in range(2)]
+            wait_for(lambda: parked_count(app, "s", "met") == 2)
+            client.rpush(prefix + ":go", 1)
+            for r in (first, *rest):
+                r.get(timeout=WAIT)
+        assert registry.get_sample_value(
+            "rediskit_tasks_parked_total", {"reason": "limited", "name": "met"}) == 2
+    finally:
+        metrics.disable()
