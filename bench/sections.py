@@ -70,6 +70,11 @@ SECTIONS: list[Section] = [
         runner="bench.celery_bench:run",
         requires=("celery_rediskit.integration:RedisKit",),
     ),
+    Section(
+        "park", "Park vs retry: 1,000 tasks of 50 ms under \"x:1\" and \"x:4\", 2 workers x 4",
+        runner="bench.park_bench:run",
+        requires=("celery_rediskit.integration.parking:Sweeper",),
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SECTIONS}

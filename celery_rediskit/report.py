@@ -90,6 +90,9 @@ class Resource:
     total: int | None = None
     acquired: int | None = None
     available: int | None = None
+    parked: int = 0
+    """Parked entries waiting for it (``celery_rediskit.parking``), filled in by the Celery
+    integration's lock report; 0 otherwise."""
 
     @property
     def remaining(self) -> float | None:

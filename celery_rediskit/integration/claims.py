@@ -95,12 +95,14 @@ class ClaimStore:
         return None if meta is None else int(meta["pid"])
 
     def release_all(self, task_id: str, storages: Mapping[str, Releaser],
-                    pid: int | None = None) -> int:
+                    pid: int | None = None,
+                    released: list[tuple[str, str]] | None = None) -> int:
         """Release everything ``task_id`` holds (owner-checked); the number released.
 
         With ``pid``, only a record written by process ``pid`` (or one without a holder
         line: a queued-scope claim not yet taken up) is acted on: a later run of the same
         task id in another process keeps what it holds.
+        ``released``, when given, gets the (kind, key) of each claim released.
         """
         raw = self.client.get(self.key(task_id))
         if not raw:
@@ -108,18 +110,20 @@ class ClaimStore:
         records, meta = parse_record(raw)
         if pid is not None and meta is not None and meta["pid"] != pid:
             return 0
-        released = 0
+        count = 0
         for kind, key, owner in records:
             storage = storages.get(kind)
             if storage is None:
                 continue
             try:
                 if storage.release(key, owner):
-                    released += 1
+                    count += 1
+                    if released is not None:
+                        released.append((kind, key))
             except Exception:
                 log.exception("rediskit: releasing %r of task %s failed", key, task_id)
         self.drop(task_id)
-        return released
+        return count
 
 
 node_name: str | None = None

@@ -198,6 +198,9 @@ def _render(resources: list[Resource]) -> str:
             rows.append(["lock", r.key, _who(h), h.worker or h.host or "-",
                          str(h.pid or "-"), _since(h.since, now), _seconds(h.remaining),
                          str(r.fencing_token or "-"), _state(h)])
+            if r.parked:
+                rows.append(["  parked", "", f"{r.parked} task(s) waiting", "", "", "", "",
+                             "", ""])
             continue
         rows.append(["semaphore", r.key,
                      f"{r.acquired}/{r.total} held, {r.available} available",
@@ -206,6 +209,9 @@ def _render(resources: list[Resource]) -> str:
             rows.append(["  permit", "", _who(h), h.worker or h.host or "-",
                          str(h.pid or "-"), _since(h.since, now), _seconds(h.remaining),
                          "", _state(h)])
+        if r.parked:
+            rows.append(["  parked", "", f"{r.parked} task(s) waiting", "", "", "", "", "",
+                         ""])
     return _table(rows)
 
 

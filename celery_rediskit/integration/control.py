@@ -33,6 +33,7 @@ from celery.worker.control import inspect_command
 
 from .._redis.scripts import call_many
 from ..lease import Lease, LeaseKind
+from ..parking import RedisParkingStore
 from ..ratelimit import RateInfo
 from ..renewal import renewer
 from ..report import (
@@ -44,6 +45,7 @@ from ..report import (
     scan_keys,
 )
 from .claims import parse_record
+from .parking import parked_tasks
 from .runtime import APP_ATTRIBUTE, Kit, kit_of
 
 __all__ = ["LockReport", "lock_report", "rediskit_leases", "worker_leases"]
@@ -171,10 +173,22 @@ def lock_report(
     prefix = kit.settings.prefix
     resources = read_resources(client, prefix, pattern, kinds=kinds, include_idle=include_idle)
     resources = describe_holders(client, prefix, resources)
+    resources = with_parked(kit, client, resources)
     limiters = read_rate_limiters(client, prefix, pattern) if rates else []
     if not ping:
         return LockReport(resources, rate_limiters=limiters)
     return replace(mark_stale(app, resources, ping_timeout)[1], rate_limiters=limiters)
+
+
+def with_parked(kit: Kit, client: Any, resources: list[Resource]) -> list[Resource]:
+    """``resources`` with their parked counts (parked and being re-sent), one round trip."""
+    if not resources:
+        return resources
+    s = kit.settings
+    store = RedisParkingStore(client, s.prefix, idle_ttl=s.idle_ttl)
+    counts = store.counts([(str(r.kind), r.key) for r in resources])
+    return [replace(r, parked=a + b) if a + b else r
+            for r, (a, b) in zip(resources, counts, strict=True)]
 
 
 # -- the inspect command ---------------------------------------------------------------------
@@ -256,6 +270,19 @@ def rediskit_leases(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
         return [{"error": f"{type(exc).__name__}: {exc}"}]
 
 
+def rediskit_parked(state: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """The tasks parked under the app's prefix (read from Redis: every worker answers the
+    same list), oldest turn first per resource."""
+    app = state.consumer.app
+    if getattr(app, APP_ATTRIBUTE, None) is None:
+        return []
+    try:
+        return parked_tasks(app)
+    except Exception as exc:
+        log.exception("rediskit: rediskit_parked failed")
+        return [{"error": f"{type(exc).__name__}: {exc}"}]
+
+
 def _offer_to_inspect_cli(name: str) -> None:
     """Let ``celery inspect`` of Celery before 5.4 accept ``name``.
 
@@ -274,6 +301,9 @@ def _offer_to_inspect_cli(name: str) -> None:
 
 
 def register() -> None:
-    """Register ``rediskit_leases`` as a ``celery inspect`` command (in this process)."""
+    """Register ``rediskit_leases`` and ``rediskit_parked`` as ``celery inspect`` commands
+    (in this process)."""
     inspect_command(default_timeout=1.0)(rediskit_leases)
     _offer_to_inspect_cli("rediskit_leases")
+    inspect_command(default_timeout=1.0)(rediskit_parked)
+    _offer_to_inspect_cli("rediskit_parked")

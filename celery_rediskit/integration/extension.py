@@ -26,7 +26,7 @@ from celery.utils.imports import symbol_by_name
 
 from .._redis.clients import check_client
 from ..errors import ConfigurationError
-from . import claims, control
+from . import claims, control, parking
 from .children import ChildWatch, ChildWatchStep
 from .options import OPTION_NAMES, parse_policy
 from .runtime import APP_ATTRIBUTE, Runtime, check_client_options, set_installer
@@ -69,6 +69,7 @@ class RedisKit:
         self._pid = 0
         self._lock = threading.Lock()
         self.child_watch = ChildWatch(self._release_after_child)
+        self.sweeper = parking.Sweeper(self)  # re-sends parked tasks (worker main process)
         self._metrics: Any = None  # the worker's metrics endpoint (worker_metrics.py)
         self._metrics_error = ""
         if self.settings.metrics_port is not None and find_spec("prometheus_client") is None:
@@ -80,6 +81,7 @@ class RedisKit:
         self._wrap_task_decorator()
         self._connect_signals()
         control.register()  # `celery inspect rediskit_leases`
+        parking.install_revoke_hook()  # revoke() takes a task out of the parked queues
 
     @classmethod
     def of(cls, app: Any) -> RedisKit:
@@ -99,6 +101,9 @@ class RedisKit:
             with self._lock:
                 if self._runtime is None or self._pid != pid:
                     self._runtime = Runtime(self.settings, self.ready_client)
+                    runtime = self._runtime
+                    self._runtime.after_release = (
+                        lambda released: parking.dispatch(self.app, runtime, released))
                     self._pid = pid
                 rt = self._runtime
         return rt
@@ -187,6 +192,7 @@ class RedisKit:
         signals.worker_ready.connect(self._announce_metrics, weak=False)
         self._handlers = (on_revoked, on_failure, on_worker_init)
         app.steps["worker"].add(ChildWatchStep)  # the worker's timer, for the child watch
+        app.steps["worker"].add(parking.SweeperStep)  # re-sends parked tasks
 
     def _start_metrics(self) -> None:
         if self._metrics is None:

@@ -30,6 +30,7 @@ from .signals import (
     lease_acquired,
     lease_lost,
     lease_released,
+    task_parked,
     task_requeued,
     task_skipped,
 )
@@ -59,6 +60,7 @@ class Metrics:
     leases_lost: Counter
     task_requeues: Counter
     tasks_skipped: Counter
+    tasks_parked: Counter
     cache_requests: Counter
     registry: CollectorRegistry | None
 
@@ -93,6 +95,11 @@ def _make(registry: CollectorRegistry | None) -> Metrics:
             "Task runs skipped: lock held with on_locked=skip (reason=locked), or a "
             "queued-scope duplicate (reason=duplicate)", ("reason", "name"),
             registry=registry),
+        tasks_parked=Counter(
+            "rediskit_tasks_parked",
+            "Task runs parked in Redis: lock held with on_locked=park (reason=locked), or "
+            "limit full with on_limited=park (reason=limited)", ("reason", "name"),
+            registry=registry),
         cache_requests=Counter(
             "rediskit_cache_requests",
             "Lookups of cached task results (result=hit|miss), at send and at run time",
@@ -126,6 +133,9 @@ def _receivers(m: Metrics) -> list[tuple[Any, Callable[..., None]]]:
     def skipped(reason: str = "", name: str = "", **_: Any) -> None:
         m.tasks_skipped.labels(reason, name).inc()
 
+    def parked(reason: str = "", name: str = "", **_: Any) -> None:
+        m.tasks_parked.labels(reason, name).inc()
+
     def hit(sender: Any = None, **_: Any) -> None:
         m.cache_requests.labels(getattr(sender, "name", ""), "hit").inc()
 
@@ -134,7 +144,8 @@ def _receivers(m: Metrics) -> list[tuple[Any, Callable[..., None]]]:
 
     return [(lease_acquired, acquired), (lease_released, released),
             (acquire_timeout, timed_out), (lease_lost, lost), (task_requeued, requeued),
-            (task_skipped, skipped), (cache_hit, hit), (cache_miss, miss)]
+            (task_skipped, skipped), (task_parked, parked), (cache_hit, hit),
+            (cache_miss, miss)]
 
 
 def enable(registry: CollectorRegistry | None = REGISTRY) -> Metrics:
@@ -164,7 +175,8 @@ def disable() -> None:
         if metrics is not None and metrics.registry is not None:
             for metric in (metrics.acquire_wait, metrics.hold, metrics.grants,
                            metrics.acquire_timeouts, metrics.leases_lost, metrics.task_requeues,
-                           metrics.tasks_skipped, metrics.cache_requests):
+                           metrics.tasks_skipped, metrics.tasks_parked,
+                           metrics.cache_requests):
                 metrics.registry.unregister(metric)
 
 

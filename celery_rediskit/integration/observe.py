@@ -23,6 +23,7 @@ from .signals import (
     lease_lost,
     lease_released,
     task_duplicate,
+    task_parked,
     task_requeued,
     task_skipped,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "cache_looked_up",
     "duplicate",
     "lost",
+    "parked",
     "released",
     "requeued",
     "skipped",
@@ -83,6 +85,13 @@ def requeued(task: Any, task_id: str, reason: str, key: str, countdown: float,
     task_requeued.send(sender=task, task_id=task_id, reason=reason, key=key,
                        name=declared_name(task, kind, key), countdown=countdown,
                        requeues=requeues)
+
+
+def parked(task: Any, task_id: str, key: str, kind: LeaseKind, turn: int | None) -> None:
+    task_parked.send(sender=task, task_id=task_id,
+                     reason="locked" if kind is LeaseKind.MUTEX else "limited", key=key,
+                     name=declared_name(task, kind, key),
+                     turn=None if turn is None else turn / 1e6)
 
 
 def duplicate(task: Any, task_id: str, existing: str | None, key: str, where: str) -> None:

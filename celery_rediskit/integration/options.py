@@ -48,8 +48,8 @@ OPTION_NAMES = (
     "cache_ttl", "cache_key", "cache_tags",
 )
 SCOPES = ("running", "queued")
-ON_LOCKED = ("retry", "skip", "raise")
-ON_LIMITED = ("retry", "wait")
+ON_LOCKED = ("retry", "skip", "raise", "park")
+ON_LIMITED = ("retry", "wait", "park")
 ON_RATE_LIMITED = ("retry", "wait")
 
 
@@ -203,6 +203,11 @@ class TaskPolicy:
         if not any(spec.fields for spec in self.rate_limits):
             rates = _unique_rates((spec.template, spec.rate) for spec in self.rate_limits)
         setattr_(self, "_fixed_rates", rates)
+
+    @property
+    def parks(self) -> bool:
+        """True when a held lock or a full limit parks the task (``"park"``)."""
+        return self.on_locked == "park" or self.on_limited == "park"
 
     @property
     def active(self) -> bool:

@@ -205,6 +205,8 @@ class Runtime:
         # lease owner id -> (task, task id): who to tell when the renewer finds a lease lost
         self.owners: dict[str, tuple[Any, str]] = {}
         self._cache: RedisCacheProvider | None = None
+        #: called with the (kind, key) released by :meth:`release_task` (parked tasks)
+        self.after_release: Callable[[list[tuple[str, str]]], None] | None = None
 
     def semaphore(self, permits: int) -> Semaphore:
         sem = self._semaphores.get(permits)
@@ -259,4 +261,12 @@ class Runtime:
     def release_task(self, task_id: str, pid: int | None = None) -> int:
         """Release everything ``task_id`` holds, from any process (owner-checked); with
         ``pid``, only what process ``pid`` recorded (``ClaimStore.release_all``)."""
-        return self.claims.release_all(task_id, self.storages, pid)
+        released: list[tuple[str, str]] = []
+        n = self.claims.release_all(task_id, self.storages, pid, released)
+        if released and self.after_release is not None:
+            try:
+                self.after_release(released)  # re-send what is parked there
+            except Exception:
+                log.warning("rediskit: re-sending parked tasks after releasing %s failed",
+                            task_id, exc_info=True)
+        return n

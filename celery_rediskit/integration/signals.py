@@ -34,6 +34,7 @@ __all__ = [
     "lease_lost",
     "lease_released",
     "task_duplicate",
+    "task_parked",
     "task_requeued",
     "task_skipped",
 ]
@@ -56,6 +57,14 @@ rate slot).
 ``reason``: ``"locked"``, ``"limited"`` or ``"rate_limited"``. ``key``/``name``: the lock,
 semaphore or (first) rate limiter met.
 ``requeues``: how many times this message had been re-queued before (0 for the first)."""
+
+task_parked = Signal(name="rediskit_task_parked")
+"""A run met its lock held (``on_locked="park"``) or its limit full (``on_limited="park"``)
+and its message was parked in Redis, to be re-sent when its turn comes (see the README's
+"Parked tasks"). In the process that ran it.
+
+``reason``: ``"locked"`` or ``"limited"``. ``key``/``name``: the lock or semaphore it waits
+for. ``turn``: Unix time (seconds) it first parked, None for a first park (now)."""
 
 task_duplicate = Signal(name="rediskit_task_duplicate")
 """A ``singleton_scope="queued"`` call found another message of the same call queued or

@@ -32,7 +32,7 @@ from ..mutex import MutexLease
 from ..ratelimit import RateDecision
 from ..renewal import renewer
 from ..semaphore import Permit
-from . import observe
+from . import observe, parking
 from .backoff import requeue_countdown
 from .claims import holder_line
 from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
@@ -330,6 +330,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
         task_id: str = request.id
         inline = bool(getattr(request, "rediskit_inline", False))
         owners = [new_owner_id() for _ in plan]
+        resent = parking.resent_of(request) if policy.parks else None
+        turn = None if resent is None else resent.turn
+        adopt_at = -1  # the plan's index of the resource this message was re-sent for
+        if resent is not None:
+            adopt_at = next((i for i, (k, n, _) in enumerate(plan)
+                             if k == resent.kind and resource_key(n) == resent.name), -1)
+            if adopt_at >= 0:
+                owners[adopt_at] = resent.owner  # the reservation's owner id
         records = [(kind, name, owner) for (kind, name, _), owner in zip(plan, owners,
                                                                          strict=True)]
         if claim is not None:
@@ -340,19 +348,47 @@ class RedisKitTask(Task):  # type: ignore[misc]
         pending: tuple[Any, ...] | None = record if claim is None else None
         if claim is None:
             request.rediskit_record = record
-        for (kind, name, permits), owner in zip(plan, owners, strict=True):
+        if (resent is None and policy.parks and not inline
+                and parking.redelivered_copy(self, rt, request, plan)):
+            parking.drop_copy(self, rt, request, "a redelivered copy of a parked message")
+        lease: Lease
+        if adopt_at >= 0 and resent is not None:
+            # First the reservation this message was re-sent with: held (so released) if the
+            # task parks again at a resource before it in the plan. The claims record goes
+            # with the next try (or after the plan): a copy dropped here must not overwrite
+            # the record of the run that adopted it.
+            got = parking.adopt(self, rt, request, resent, None)
+            if got >= 1:
+                adopted_kind, adopted_name, _ = plan[adopt_at]
+                lease = (MutexLease if adopted_kind is LeaseKind.MUTEX else Permit)(
+                    rt.mutex_storage if adopted_kind is LeaseKind.MUTEX
+                    else rt.semaphore_storage, resource_key(adopted_name), resent.owner,
+                    seconds, fencing_token=got, on_lost=rt.mutex.on_lost,
+                    companion_keys=companions)
+                lease.start_renewal()
+                held.append(lease)
+                rt.owners[resent.owner] = (self, task_id)
+                if lease_acquired.receivers:
+                    observe.acquired(self, task_id, lease, 0.0)
+            else:
+                adopt_at = -1
+        for index, ((kind, name, permits), owner) in enumerate(zip(plan, owners, strict=True)):
+            if index == adopt_at:
+                continue
             name = resource_key(name)
             started = time.monotonic()
-            lease: Lease
             if kind is LeaseKind.MUTEX:
                 token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
                 pending = None
+                if (token < 1 and policy.on_locked == "park" and claim is None and not inline
+                        and not request.is_eager):
+                    token = parking.park(self, rt, request, kind, name, owner, 0, turn)
                 if token >= 1:
                     lease = MutexLease(rt.mutex_storage, name, owner, seconds,
                                        fencing_token=token, on_lost=rt.mutex.on_lost,
                                        companion_keys=companions)
                     lease.start_renewal()
-                elif inline and policy.on_locked == "retry":
+                elif inline and policy.on_locked in ("retry", "park"):
                     with observe.waiting(self, task_id, kind, name):
                         lease = rt.mutex.acquire(name, timeout=policy.limit_timeout
                                                  or settings.limit_timeout, lease=seconds,
@@ -361,7 +397,11 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     self._rk_locked(rt, policy, request, name, None if inline else claim)
             else:
                 wait = policy.on_limited == "wait" or inline
-                if _try_acquire(rt, pending, kind, name, owner, permits, seconds) >= 1:
+                got = _try_acquire(rt, pending, kind, name, owner, permits, seconds)
+                if (got < 1 and policy.on_limited == "park" and not inline
+                        and not request.is_eager):
+                    got = parking.park(self, rt, request, kind, name, owner, permits, turn)
+                if got >= 1:
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
                                    fencing_token=1, on_lost=rt.mutex.on_lost,
                                    companion_keys=companions)
@@ -383,6 +423,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
             rt.owners[owner] = (self, task_id)
             if lease_acquired.receivers:
                 observe.acquired(self, task_id, lease, time.monotonic() - started)
+        if adopt_at > 0:  # the plan's order: the singleton lock first (``self.lease``)
+            held.insert(adopt_at, held.pop(0))
+        if pending is not None:  # only the adopted reservation: no try carried the record
+            call(rt.client, *pending)
         if claim is not None:
             call(rt.client, *record)
             request.rediskit_record = record
@@ -477,8 +521,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
                    claim: MutexLease | None) -> NoReturn:
-        holder = rt.mutex_storage.get_lock_info(name).holder if policy.on_locked != "retry" \
-            else None
+        holder = rt.mutex_storage.get_lock_info(name).holder \
+            if policy.on_locked in ("skip", "raise") else None
         if claim is not None:
             # Queued scope: the claim is ours, so the lock is held by another run of this
             # very task id (a redelivered message). Never run it twice, never touch its state.
@@ -489,7 +533,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             self._rk_release_leases(rt, request)
             request.rediskit_keep = True
             raise Ignore()
-        if policy.on_locked == "retry":
+        if policy.on_locked in ("retry", "park"):  # park: eager runs only (TaskLocked)
             self._rk_release_leases(rt, request)
             self._rk_requeue(request, f"singleton lock {name!r} is held", "locked", name)
         if policy.on_locked == "raise":
@@ -558,7 +602,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
     def _rk_release_leases(self, rt: Runtime, request: Any) -> None:
         """Release the running leases (lock, permits) now; the queued claim stops renewing."""
         held: list[Lease] = getattr(request, "rediskit_leases", None) or []
-        for lease in reversed(held):
+        released = list(reversed(held))
+        for lease in released:
             try:
                 lease.release()
             except Exception:
@@ -567,6 +612,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             if lease_released.receivers:
                 observe.released(self, request.id, lease)
         held.clear()
+        if released and self._rk_policy.parks:
+            parking.after_release(self, rt, released)
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
         if claim is not None:
             renewer().unregister(claim)
@@ -660,6 +707,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if self._rk_hold_retry(args, kwargs, task_id, options):
             return self.AsyncResult(task_id)  # sent by _rk_finish
         policy = self._rk_policy
+        if parking.HEADER in (options.get("headers") or {}):
+            return super().apply_async(args, kwargs, task_id, *a, **options)  # a re-send
         if not policy.active or self.app.conf.task_always_eager or a:
             return super().apply_async(args, kwargs, task_id, *a, **options)
         kit = self._rk_kit()
