@@ -47,6 +47,7 @@ from ..parking import (
 from . import observe
 from .crashpoints import crash_point
 from .events import send_task_event
+from .queue_front import to_front
 from .runtime import APP_ATTRIBUTE, Kit, Runtime
 from .signals import task_parked
 
@@ -150,7 +151,10 @@ def publish(app: Any, d: Dispatch) -> bool:
     sig = app.signature(loads(d.payload))
     headers = dict(sig.options.get("headers") or {})
     headers[HEADER] = f"{d.kind}|{d.dispatch_id}|{d.turn}|{d.name}"
-    sig.apply_async(headers=headers)
+    with app.producer_or_acquire() as producer:
+        sig.apply_async(headers=headers, producer=producer)
+        # it was sent before anything queued now, and its lock or permit waits for it
+        to_front(producer, sig.options, d.dispatch_id)
     return True
 
 

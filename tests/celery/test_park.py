@@ -11,14 +11,16 @@ import pytest
 from celery import chord, group
 from celery.result import AsyncResult
 from click.testing import CliRunner
+from kombu.utils.json import dumps
 from prometheus_client import CollectorRegistry
 
 from celery_rediskit.errors import ConfigurationError
 from celery_rediskit.integration import RedisKit, TaskLocked, metrics
 from celery_rediskit.integration.cli import rediskit
 from celery_rediskit.integration.control import lock_report
-from celery_rediskit.integration.parking import PARKED, parked_tasks, store_of
+from celery_rediskit.integration.parking import PARKED, parked_tasks, publish, store_of
 from celery_rediskit.integration.signals import task_parked
+from celery_rediskit.parking import Dispatch
 
 from .conftest import make_app
 from .probe import Probe
@@ -355,3 +357,23 @@ def test_parks_are_counted_in_the_metrics(app, worker, client, prefix) -> None:
             "rediskit_tasks_parked_total", {"reason": "limited", "name": "met"}) == 2
     finally:
         metrics.disable()
+
+
+def test_a_resent_message_goes_to_the_front_of_its_redis_queue(app, client, prefix) -> None:
+    """A re-sent parked message was sent before everything queued since, and its lock or
+    permit is reserved while it travels: it is consumed next, not after the queue."""
+
+    @app.task(shared=False, name="front", concurrency_limit="front:1", on_limited="park")
+    def front(i: int) -> int:
+        return i
+
+    queue = app.conf.task_default_queue
+    for i in range(5):  # sent since it parked; no worker consumes this queue
+        front.delay(i)
+    message = front.signature((99,), task_id="parked-1", queue=queue)
+    d = Dispatch(kind="s", name="front", id="parked-1", payload=dumps(dict(message)).encode(),
+                 dispatch_id="d-" + prefix, turn=1)
+    publish(app, d)
+    assert client.llen(queue) == 6
+    following = client.lindex(queue, -1)  # kombu consumes from the right end (BRPOP)
+    assert b"parked-1" in following and ("d-" + prefix).encode() in following
