@@ -64,6 +64,12 @@ SECTIONS: list[Section] = [
         runner="bench.celery_bench:run",
         requires=("celery_rediskit.integration:RedisKit",),
     ),
+    Section(
+        "peers", "Task options vs celery-once and celery-singleton: worker and Redis CPU per "
+        "task, round trips, throughput",
+        runner="bench.peers_bench:run",
+        requires=("celery_rediskit.integration:RedisKit",),
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SECTIONS}

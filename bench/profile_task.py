@@ -1,0 +1,138 @@
+"""Where one task's time goes in the worker: ``python -m bench.profile_task [KIND ...]``.
+
+Runs each kind of task of ``bench/peers_app.py`` through Celery's own worker tracer
+(``celery.app.trace.build_tracer``: what a pool process runs per message, result stored in
+the Redis backend) in this process, against a private Redis server, ``--calls`` times, and
+prints:
+
+- CPU and wall time per task, no profiler, against the no-option task;
+- a cProfile breakdown of one kind (``--detail``, default ``single``): the steps of the
+  integration's path (argument binding and key building, owner ids and the claims record,
+  the acquire round trip, the lease object and its renewer registration, the release and
+  the record's deletion) in µs per task, cumulative (a step includes what it calls).
+  cProfile's own cost inflates small functions: read the shares, not the absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+# (label, file suffix, function name): the steps reported, in the order of the path.
+STEPS: list[tuple[str, str, str]] = [
+    ("whole task (Celery's tracer)", "app/trace.py", "trace_task"),
+    ("  RedisKitTask.__call__", "integration/task.py", "__call__"),
+    ("    bind arguments", "integration/options.py", "bind"),
+    ("    singleton key (canonical + digest)", "integration/options.py", "singleton_name"),
+    ("    limit names", "integration/options.py", "limit_names"),
+    ("    cache key", "integration/options.py", "cache_name"),
+    ("    cache lookup (GET)", "integration/runtime.py", "cache_lookup"),
+    ("    _rk_acquire", "integration/task.py", "_rk_acquire"),
+    ("      owner ids", "celery_rediskit/lease.py", "new_owner_id"),
+    ("      claims record command", "integration/claims.py", "record_command"),
+    ("      holder line", "integration/claims.py", "holder_line"),
+    ("      record + acquire round trip", "_redis/scripts.py", "run_after"),
+    ("      acquire round trip (no record)", "_redis/scripts.py", "run"),
+    ("      lease object", "celery_rediskit/lease.py", "__init__"),
+    ("      renewer registration", "celery_rediskit/lease.py", "start_renewal"),
+    ("    queued claim (take)", "integration/task.py", "_rk_take_claim"),
+    ("    the task body", "bench/peers_app.py", "single"),
+    ("    cache store", "integration/runtime.py", "cache_store"),
+    ("    _rk_finish (releases)", "integration/task.py", "_rk_finish"),
+    ("      lease release round trip", "celery_rediskit/lease.py", "release"),
+    ("    _rk_forget_record (round trip)", "integration/task.py", "_rk_forget_record"),
+    ("  store the result (backend)", "backends/base.py", "mark_as_done"),
+    ("lean command path (every round trip)", "_redis/scripts.py", "call"),
+    ("pipelined commands (every round trip)", "_redis/scripts.py", "call_many"),
+]
+
+
+def _tracer(app: Any, kind: str) -> Callable[[int], Any]:
+    from celery.app.trace import build_tracer
+
+    task = app.tasks[kind]
+    trace = build_tracer(task.name, task, app=app, hostname="profile@host")
+
+    def one(i: int) -> Any:
+        task_id = str(uuid.uuid4())
+        request = {"id": task_id, "task": task.name, "hostname": "profile@host",
+                   "delivery_info": {"exchange": "", "routing_key": "q"},
+                   "reply_to": None, "correlation_id": task_id, "ignore_result": False}
+        result = trace(task_id, (f"{kind}-{i}-{task_id}",), {}, request)
+        if result[1] is not None:  # an exception info
+            raise RuntimeError(f"{kind} failed: {result}")
+        return result
+
+    return one
+
+
+def _cost(call: Callable[[int], Any], n: int) -> tuple[float, float]:
+    for i in range(50):
+        call(-i)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(n):
+        call(i)
+    return (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
+
+
+def breakdown(stats: pstats.Stats, calls: int) -> list[tuple[str, float, float]]:
+    """(step, µs per task cumulative, calls per task) of each step found in ``stats``."""
+    out = []
+    table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    for label, suffix, name in STEPS:
+        cum = count = 0.0
+        for (path, _line, func), (_cc, nc, _tt, ct, _callers) in table.items():
+            if func == name and path.endswith(suffix):
+                cum += ct
+                count += nc
+        if count:
+            out.append((label, cum / calls * 1e6, count / calls))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_task", description=__doc__)
+    parser.add_argument("kinds", nargs="*",
+                        default=["plain", "single", "single_q", "limited", "cached"])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--detail", default="single")
+    args = parser.parse_args(argv)
+
+    from celery_rediskit.devserver import PrivateServer
+
+    from .peers_app import build
+
+    with PrivateServer() as server:
+        app = build(server.url, f"prof-{uuid.uuid4().hex[:6]}")
+        tracers = {k: _tracer(app, k) for k in {*args.kinds, args.detail}}
+        costs = {k: _cost(tracers[k], args.calls) for k in args.kinds}
+        base_cpu, base_wall = costs.get("plain", (float("nan"), float("nan")))
+        print(f"per task through Celery's worker tracer, {args.calls} calls, no profiler")
+        print(f"{'task':<12} {'CPU us':>8} {'vs plain':>9} {'wall us':>8} {'vs plain':>9}")
+        for kind, (cpu, wall) in costs.items():
+            print(f"{kind:<12} {cpu * 1e6:>8.0f} {cpu / base_cpu:>8.2f}x {wall * 1e6:>8.0f} "
+                  f"{wall / base_wall:>8.2f}x")
+
+        profiler = cProfile.Profile()
+        one = tracers[args.detail]
+        profiler.enable()
+        for i in range(args.calls):
+            one(10_000 + i)
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        print(f"\ncProfile of {args.detail!r}, {args.calls} calls: cumulative us per task "
+              f"(wall clock, profiler overhead included)")
+        print(f"{'step':<44} {'us/task':>8} {'calls/task':>10}")
+        for label, us, count in breakdown(stats, args.calls):
+            print(f"{label:<44} {us:>8.1f} {count:>10.2f}")
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
