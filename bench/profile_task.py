@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -71,13 +72,25 @@ def _tracer(app: Any, kind: str) -> Callable[[int], Any]:
     return one
 
 
-def _cost(call: Callable[[int], Any], n: int) -> tuple[float, float]:
-    for i in range(50):
-        call(-i)
-    cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(n):
-        call(i)
-    return (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
+def _costs(tracers: dict[str, Callable[[int], Any]], kinds: list[str], n: int,
+           rounds: int = 9) -> dict[str, tuple[float, float]]:
+    """Median CPU and wall seconds per task of each kind, ``n`` calls split over interleaved
+    rounds (the order rotates each round: a load that drifts weighs on every kind alike)."""
+    for kind in kinds:
+        for i in range(50):
+            tracers[kind](-i)
+    per = max(1, n // rounds)
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            call = tracers[kind]
+            cpu, wall = time.process_time(), time.perf_counter()
+            for i in range(per):
+                call(r * per + i)
+            samples[kind].append(((time.process_time() - cpu) / per,
+                                  (time.perf_counter() - wall) / per))
+    return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v))
+            for k, v in samples.items()}
 
 
 def breakdown(stats: pstats.Stats, calls: int) -> list[tuple[str, float, float]]:
@@ -110,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     with PrivateServer() as server:
         app = build(server.url, f"prof-{uuid.uuid4().hex[:6]}")
         tracers = {k: _tracer(app, k) for k in {*args.kinds, args.detail}}
-        costs = {k: _cost(tracers[k], args.calls) for k in args.kinds}
+        costs = _costs(tracers, list(args.kinds), args.calls)
         base_cpu, base_wall = costs.get("plain", (float("nan"), float("nan")))
-        print(f"per task through Celery's worker tracer, {args.calls} calls, no profiler")
+        print(f"per task through Celery's worker tracer, {args.calls} calls in 9 interleaved "
+              f"rounds (medians), no profiler")
         print(f"{'task':<12} {'CPU us':>8} {'vs plain':>9} {'wall us':>8} {'vs plain':>9}")
         for kind, (cpu, wall) in costs.items():
             print(f"{kind:<12} {cpu * 1e6:>8.0f} {cpu / base_cpu:>8.2f}x {wall * 1e6:>8.0f} "

@@ -285,7 +285,9 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
             except ResponseError as exc:
                 replies.append(exc)
         return replies
-    except Exception:
+    except BaseException:
+        # A broken connection, or an interruption (a soft time limit raised into the read):
+        # replies may still be on their way, so the connection is never reused.
         conn.disconnect()
         raise
     finally:

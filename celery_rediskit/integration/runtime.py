@@ -13,14 +13,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.sentinel import Sentinel
 
 from .._redis.clients import check_client
-from ..cache import MISSING, CacheUnavailable, RedisCacheProvider
+from .._redis.slots import is_cluster
 from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
 from ..mutex import Mutex, create_mutex
@@ -30,6 +30,9 @@ from ..semaphore.redis import RedisSemaphoreStorage
 from .claims import ClaimStore, Releaser
 from .settings import Settings
 from .signals import lease_lost
+
+if TYPE_CHECKING:
+    from ..cache import RedisCacheProvider
 
 __all__ = [
     "APP_ATTRIBUTE",
@@ -184,6 +187,9 @@ class Runtime:
         self.settings = s
         self.client = (make_client(s) if client is None
                        else check_client("RedisKit(client=...)", client))
+        # One server: a task's claims record rides inside its first acquire and last release
+        # script (fused.py); a cluster keeps it in another slot, so it is a command apart.
+        self.one_server = not is_cluster(self.client)
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
@@ -223,6 +229,8 @@ class Runtime:
         """The app's ``RedisCacheProvider`` (results stored with the ``json`` serializer)."""
         provider = self._cache
         if provider is None:
+            from ..cache import RedisCacheProvider  # loaded by the first task with cache_ttl
+
             provider = self._cache = RedisCacheProvider(
                 self.client, prefix=self.settings.prefix, idle_ttl=self.settings.idle_ttl
             )
@@ -230,6 +238,8 @@ class Runtime:
 
     def cache_lookup(self, task_name: str, name: str) -> tuple[bool, Any]:
         """(True, value) when entry ``name`` is cached. An outage counts as a miss."""
+        from ..cache import MISSING, CacheUnavailable
+
         try:
             value = self.cache.get(name, MISSING)
         except CacheUnavailable:
@@ -242,6 +252,8 @@ class Runtime:
     def cache_store(self, task_name: str, name: str, value: Any, ttl: float | None,
                     tags: list[str]) -> None:
         """Store ``value`` as entry ``name`` for ``ttl`` seconds; failures are logged."""
+        from ..cache import CacheUnavailable
+
         try:
             self.cache.set(name, value, ttl, tags=tags)
         except CacheUnavailable:
