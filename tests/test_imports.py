@@ -39,6 +39,10 @@ def single(x):
 def limited(x):
     return x
 
+@app.task(shared=False, singleton=True, singleton_scope="queued")
+def queued(x):
+    return x
+
 assert plain.apply((1,)).get() == 1
 for name in sys.argv[3:]:
     assert globals()[name].apply((2,)).get() == 2
@@ -64,7 +68,7 @@ def test_the_celery_layer_and_a_plain_task_load_no_cache_reports_cli_or_wakeups(
     assert _unwanted(loaded, NOT_FOR_A_PLAIN_TASK) == []
 
 
-@pytest.mark.parametrize("task", ["single", "limited"])
+@pytest.mark.parametrize("task", ["single", "limited", "queued"])
 def test_an_uncontended_lock_or_permit_loads_no_cache_reports_cli_or_wakeups(
     redis_url: str, prefix: str, task: str
 ) -> None:

@@ -361,9 +361,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         storage = rt.mutex_storage
         lease = rt.settings.lease
-        try:
-            token = storage.acquire(qname, owner, lease, 0)
-        except LockTimeout:
+        token = storage.try_acquire(qname, owner, lease)  # one try: a lock never waits here
+        if token < 1:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
             if self._rk_policy.on_locked == "raise":
