@@ -3,7 +3,7 @@
 Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the owner id with
 the lease as PX expiry (the server's clock), ``...:fence`` the last fencing token (each grant
 takes ``max(last + 1, server clock in µs)``, so tokens keep rising when the key is lost; it
-expires ``idle_ttl / 2`` to ``idle_ttl`` after the last grant's lease), ``...:queue`` /
+expires ``idle_ttl`` after the last grant's lease), ``...:queue`` /
 ``...:waiters`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
 the lock straight to the first live waiter, so nobody can jump the queue.
 ``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
