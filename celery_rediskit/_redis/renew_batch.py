@@ -15,7 +15,7 @@ stuck, and makes the common case one round trip:
   connection error (not a timeout) on a connection reused from an earlier call, such as one
   the server closed while idle, the call is sent once on a fresh connection.
 - All leases go in one pipelined round trip, split into scripts of at most ``BATCH_COST``
-  commands (about 100 locks with a companion key each) and ``BATCH_SIZE`` leases: Redis runs
+  commands (about 66 locks with a companion key each) and ``BATCH_SIZE`` leases: Redis runs
   one script at a time, and a script over thousands of keys would stall every other client
   of the server for milliseconds (5,000 locks in one script: 10-25 ms).
 - After a timeout or a connection error the connection is dropped (its state is unknown) and
@@ -78,9 +78,9 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 250
 """The most leases one ``renew_batch`` script call renews."""
 
-BATCH_COST = 300
+BATCH_COST = 200
 """The most Redis commands one ``renew_batch`` script call runs (:func:`lease_cost` of its
-leases, added up): about 0.5 ms of server time, and under 1 ms on a loaded 2-core machine."""
+leases, added up): about 0.35 ms of server time, well under 1 ms on a loaded 2-core machine."""
 
 
 def lease_cost(lease: Lease) -> int:
