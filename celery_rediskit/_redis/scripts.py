@@ -124,8 +124,17 @@ class LuaScript:
         try:
             return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
         except NoScriptError:
-            client.script_load(self.source)  # on a cluster client: every primary
+            self.load(client)
             return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
+
+    def load(self, client: Any) -> None:
+        """Load the script where :func:`call` runs it: on a plain client over the very
+        connection this thread calls through (after a Sentinel failover it may still talk to
+        the old master until that refuses writes), on a cluster client on every primary."""
+        if getattr(client, "connection_pool", None) is None:
+            client.script_load(self.source)
+        else:
+            call(client, "SCRIPT", "LOAD", self.source)
 
 
     def run_many(self, client: Any, calls: list[list[str]]) -> list[Any]:
@@ -134,7 +143,7 @@ class LuaScript:
         commands = [("EVALSHA", self.sha, len(keys), *keys) for keys in calls]
         replies = call_many(client, *commands)
         if any(isinstance(r, NoScriptError) for r in replies):
-            client.script_load(self.source)
+            self.load(client)
             replies = call_many(client, *commands)
         for reply in replies:
             if isinstance(reply, Exception):
@@ -206,16 +215,20 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
     conn = held.conn
     try:
         conn.send_command(*args)
-        return conn.read_response(disable_decoding=raw)
+        reply = conn.read_response(disable_decoding=raw)
     except ResponseError:
+        _checkin(held)
         raise  # an error reply: the connection is fine
     except (ConnectionError, TimeoutError, OSError):
         conn.disconnect()  # unknown state: drop it and send again (below)
+        held.give_back()  # to the pool, where the re-send takes it (to wherever it reconnects)
     except BaseException:
         conn.disconnect()  # a reply may still be on its way: never reuse this connection
+        held.give_back()
         raise
-    finally:
-        _checkin(held)  # a dropped connection connects again at its next use
+    else:
+        _checkin(held)
+        return reply
     return client.execute_command(*args, **_RAW) if raw else client.execute_command(*args)
 
 
@@ -342,11 +355,11 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
                 replies.append(conn.read_response())
             except ResponseError as exc:
                 replies.append(exc)
-        return replies
     except BaseException:
         # A broken connection, or an interruption (a soft time limit raised into the read):
-        # replies may still be on their way, so the connection is never reused.
+        # replies may still be on their way, so the connection is never reused as it is.
         conn.disconnect()
+        held.give_back()
         raise
-    finally:
-        _checkin(held)
+    _checkin(held)
+    return replies
