@@ -6,7 +6,9 @@ the Redis backend) in this process, against a private Redis server, ``--calls`` 
 prints:
 
 - CPU and wall time per task, no profiler, against the no-option task;
-- a cProfile breakdown of one kind (``--detail``, default ``single``): the steps of the
+- the CPU per task of the steps of one kind (``--detail``, default ``single``), by wrapping
+  them with this thread's CPU clock (``time.thread_time_ns``);
+- a cProfile breakdown of the same kind: the steps of the
   integration's path (argument binding and key building, owner ids and the claims record,
   the acquire round trip, the lease object and its renewer registration, the release and
   the record's deletion) in µs per task, cumulative (a step includes what it calls).
@@ -37,15 +39,15 @@ STEPS: list[tuple[str, str, str]] = [
     ("      owner ids", "celery_rediskit/lease.py", "new_owner_id"),
     ("      claims record command", "integration/claims.py", "record_command"),
     ("      holder line", "integration/claims.py", "holder_line"),
-    ("      record + acquire round trip", "_redis/scripts.py", "run_after"),
-    ("      acquire round trip (no record)", "_redis/scripts.py", "run"),
+    ("      record + acquire, pipelined (cluster)", "_redis/scripts.py", "run_after"),
+    ("      acquire round trip (record in script)", "_redis/scripts.py", "run"),
     ("      lease object", "celery_rediskit/lease.py", "__init__"),
     ("      renewer registration", "celery_rediskit/lease.py", "start_renewal"),
     ("    queued claim (take)", "integration/task.py", "_rk_take_claim"),
     ("    the task body", "bench/peers_app.py", "single"),
     ("    cache store", "integration/runtime.py", "cache_store"),
     ("    _rk_finish (releases)", "integration/task.py", "_rk_finish"),
-    ("      lease release round trip", "celery_rediskit/lease.py", "release"),
+    ("      release round trip (all, record too)", "_redis/batch.py", "run_scripts"),
     ("    _rk_forget_record (round trip)", "integration/task.py", "_rk_forget_record"),
     ("  store the result (backend)", "backends/base.py", "mark_as_done"),
     ("lean command path (every round trip)", "_redis/scripts.py", "call"),
@@ -108,6 +110,57 @@ def breakdown(stats: pstats.Stats, calls: int) -> list[tuple[str, float, float]]
     return out
 
 
+def stages(app: Any, kind: str, n: int) -> list[tuple[str, float]]:
+    """CPU µs per task (this thread's CPU clock) of the integration's steps, measured by
+    wrapping them (each wrapper costs well under a µs), and of the whole task."""
+    import celery.backends.base as backend_base
+
+    from celery_rediskit._redis import batch
+    from celery_rediskit.integration import options, task
+
+    clock = time.thread_time_ns
+    spent: dict[str, int] = {}
+    wrapped: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+        spent[label] = 0
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] += clock() - started
+
+        wrapped.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
+    wrap(task.RedisKitTask, "__call__", "RedisKitTask.__call__ (options + body)")
+    wrap(options.TaskPolicy, "bind", "  bind arguments")
+    wrap(options.TaskPolicy, "singleton_name", "  singleton key (canonical JSON + blake2b)")
+    wrap(task.RedisKitTask, "_rk_acquire", "  _rk_acquire (owner ids, record, lease, renewer)")
+    wrap(task, "_try_acquire", "    acquire round trip (record in the script)")
+    wrap(task.RedisKitTask, "_rk_finish", "  _rk_finish (every release)")
+    wrap(batch, "run_scripts", "    release round trip (leases + record)")
+    wrap(backend_base.Backend, "mark_as_done", "Celery: store the result (2 round trips)")
+    try:
+        one = _tracer(app, kind)
+        for i in range(100):
+            one(-i)
+        for label in spent:
+            spent[label] = 0
+        started = clock()
+        for i in range(n):
+            one(i)
+        total = clock() - started
+    finally:
+        for owner, attr, original in reversed(wrapped):
+            setattr(owner, attr, original)
+    return [("whole task (Celery's tracer)", total / n / 1000)] + [
+        (label, ns / n / 1000) for label, ns in spent.items() if ns]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_task", description=__doc__)
     parser.add_argument("kinds", nargs="*",
@@ -131,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, (cpu, wall) in costs.items():
             print(f"{kind:<12} {cpu * 1e6:>8.0f} {cpu / base_cpu:>8.2f}x {wall * 1e6:>8.0f} "
                   f"{wall / base_wall:>8.2f}x")
+
+        print(f"\nsteps of {args.detail!r}: CPU us per task (thread CPU clock, wrapped steps)")
+        for label, us in stages(app, args.detail, args.calls):
+            print(f"{label:<52} {us:>7.1f}")
 
         profiler = cProfile.Profile()
         one = tracers[args.detail]
