@@ -12,7 +12,8 @@ STAMP_MIN := $(VENV_MIN)/.installed
 MIN_TESTS ?= tests/_redis tests/cache tests/mutex tests/semaphore tests/test_*.py \
 	tests/celery/test_options.py tests/celery/test_singleton.py tests/celery/test_skip.py \
 	tests/celery/test_url.py tests/celery/test_eager.py tests/celery/test_canvas.py \
-	tests/celery/test_child_watch.py tests/celery/test_backoff.py tests/celery/test_cli.py
+	tests/celery/test_child_watch.py tests/celery/test_backoff.py tests/celery/test_cli.py \
+	tests/celery/test_round_trips.py
 
 .PHONY: test test-min chaos demo lint bench clean
 
