@@ -47,7 +47,9 @@ def test_running_scope_never_two_bodies_at_once(app, worker, client, prefix,
 
     with worker(app, concurrency=4):
         results = [job.delay(i) for i in range(20)]
-        assert sorted(r.get(timeout=WAIT) for r in results) == list(range(20))
+        # 20 runs re-queued with backoff on one lock: on Celery 5.3 (the floor), whose worker
+        # schedules countdowns more coarsely, this takes about 20 s in all, not 3 s
+        assert sorted(r.get(timeout=3 * WAIT) for r in results) == list(range(20))
     assert probe.peak == 1 and probe.runs == 20
     assert not is_locked(app, lock_name(app, job, 0))
 
