@@ -105,22 +105,9 @@ def _checkout(pool: Any, command: Any) -> _Held:
     if held is not None:
         _local.held = None  # in use: a nested call (another frame of this thread) takes its own
         if held.pool is pool and held.generation == _generation and held.conn is not None:
-            if _still_good(held.conn):
-                return held
-            held.conn.disconnect()  # the server closed it (a restart): the pool reconnects
+            return held
         held.give_back()
     return _Held(pool, _connection(pool, command))
-
-
-def _still_good(conn: Any) -> bool:
-    """Whether a connection kept since an earlier call can be used as it is: nothing is
-    waiting to be read on it (an idle connection that turns readable was closed by the server,
-    or holds a stray reply). One zero-timeout poll, the check redis-py's pool makes at every
-    checkout; without it the first command after a server restart would fail."""
-    try:
-        return not conn.can_read(timeout=0)
-    except (ConnectionError, TimeoutError, OSError):
-        return False
 
 
 def _checkin(held: _Held) -> None:

@@ -86,15 +86,3 @@ def test_a_forked_child_never_uses_its_parents_connection(redis_url: str, prefix
     assert call(client, "INCR", key) == 3, "the parent's connection still works"
     client.delete(key)
     client.close()
-
-
-def test_the_first_calls_after_a_server_restart_succeed(private_server: Any) -> None:
-    """A kept connection that the server closed (a restart) is not used as it is: the next
-    call of the thread, one command or several, reconnects instead of failing once."""
-    client = redis.Redis.from_url(private_server.url)
-    assert call_many(client, ("SET", "k", "v"), ("GET", "k")) == [b"OK", b"v"]
-    private_server.restart()
-    assert call_many(client, ("SET", "k", "w"), ("GET", "k")) == [b"OK", b"w"]
-    private_server.restart()
-    assert call(client, "GET", "k") is None  # no persistence: the key went with the restart
-    client.close()
