@@ -1,7 +1,7 @@
 """The primitives know nothing of Celery: they import with celery made unimportable.
 
-The Celery layers are ``integration/`` and the pytest plugin ``contrib/pytest.py`` (built on
-it); ``testing.py``, the kit's server, is a primitive module like the others."""
+The Celery layer is ``integration/`` (the pytest plugin included: ``contrib/pytest.py`` only
+re-exports it); ``testing.py``, the kit's server, is a primitive module like the others."""
 
 from __future__ import annotations
 

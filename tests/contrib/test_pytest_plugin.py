@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import celery_rediskit.contrib.pytest as kit
+import celery_rediskit.integration.pytest_plugin as kit  # what contrib.pytest re-exports
 
 CONFTEST = '''
 pytest_plugins = ["celery.contrib.pytest", "celery_rediskit.contrib.pytest"]
