@@ -24,6 +24,7 @@ from .renewal import RenewalTarget, lease_deadline, renewer
 
 __all__ = [
     "ABORT_CHECK",
+    "Grant",
     "Lease",
     "LeaseKind",
     "LeaseStorage",
@@ -101,6 +102,24 @@ def new_owner_id() -> str:
     identity = _identity
     return f"{identity.process_id}:{next(identity.counter)}"
 
+
+class Grant(int):
+    """A fencing token (>= 1) with the moment its lease began, as a storage's acquire returns it.
+
+    ``since`` is ``time.monotonic()`` when the request that made (or last renewed) the grant
+    was *sent*: the server made it no earlier, so a lease counted from ``since`` never outlives
+    the server's. A reply that reaches the caller late (a slow network, a paused process) then
+    costs lease time instead of letting the holder act past the server's expiry.
+    """
+
+    since: float
+
+    def __new__(cls, token: int, since: float) -> Grant:
+        grant = super().__new__(cls, token)
+        grant.since = since
+        return grant
+
+
 _lost_lock = threading.Lock()  # on_lost runs once even if extend() and the renewer race
 
 
@@ -161,6 +180,10 @@ class Lease:
     same script and round trip (``_redis/renew_batch.py``). They are never created, never
     shortened, and not touched by ``release()``: delete them when done, or they expire one
     lease after the last renewal.
+
+    ``granted_at`` is ``time.monotonic()`` when the request that made the grant was sent
+    (default: the token's :attr:`Grant.since` if it is a :class:`Grant`, else now): the lease's
+    deadline counts from there, so a grant whose reply came late has less time left.
     """
 
     kind: ClassVar[LeaseKind]
@@ -175,17 +198,20 @@ class Lease:
         fencing_token: int = 0,
         on_lost: LostCallback | None = None,
         companion_keys: Sequence[str] = (),
+        granted_at: float | None = None,
     ) -> None:
         self.storage = storage
         self.key = key
         self.owner = owner
         self.lease_seconds = lease_seconds
-        self.fencing_token = fencing_token
+        self.fencing_token = int(fencing_token)
         self.on_lost = on_lost
         self.companion_keys: tuple[str, ...] = tuple(companion_keys)
-        # time.monotonic() when the last successful renewal was sent (at first: the grant's
-        # reply, a moment after the server made it; renewal.deadline_margin covers that)
-        self.last_renewed = time.monotonic()
+        # time.monotonic() when the last successful renewal (at first: the grant) was *sent*:
+        # the server's lease runs from no earlier, so the deadline never lags the server's.
+        if granted_at is None:
+            granted_at = getattr(fencing_token, "since", None)
+        self.last_renewed = time.monotonic() if granted_at is None else granted_at
         self.acquired_at = time.time()
         self.auto_renew = False
         self.released = False

@@ -163,6 +163,7 @@ class Renewer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._tick = _IDLE_TICK
+        self._wake_at = 0.0  # time.monotonic() the scheduler plans to wake at next
         self._lanes: dict[int, _Lane] = {}
         self.ticks = 0  # number of ticks that renewed something (observable in tests)
 
@@ -172,6 +173,9 @@ class Renewer:
         interval = lease.lease_seconds / 3
         if interval < self._tick:
             self._tick = interval
+            self._wake.set()
+        elif lease_deadline(lease.last_renewed, lease.lease_seconds) < self._wake_at:
+            # A grant whose reply came late: its deadline may come before the planned wake.
             self._wake.set()
         if self._thread is None:
             self._start()
@@ -208,7 +212,8 @@ class Renewer:
                 # With nothing registered, keep the last tick: an acquire right after a
                 # release then needs no wake-up of this thread.
                 self._retire_lanes(now)
-            wait = min(last_tick + self._tick, next_deadline) - time.monotonic()
+            self._wake_at = min(last_tick + self._tick, next_deadline)
+            wait = self._wake_at - time.monotonic()
             if wait > 0:
                 self._wake.wait(wait)
             self._wake.clear()

@@ -49,6 +49,12 @@ IDLE_TTL = 7 * 86400.0
 # a name derived from one (the fill lock "cache/<key>"), which may be a little longer.
 _DERIVED_LIMIT = MAX_NAME_BYTES + 64
 
+# The waiters hash of a lock or semaphore queue. Its entries name the waiter's check-in number
+# since 0.2 (lua/_waitqueue.lua); the hash was renamed with that change, so 0.1 workers still
+# running beside newer ones (a rolling deploy) never read an entry they cannot parse: each
+# side drops the other's waiters from the queue, and those re-join at their next re-check.
+WAITERS = ":waitq"
+
 
 def glob_escape(text: str) -> str:
     """``text`` with SCAN MATCH's special characters (``* ? [ ] \\``) escaped, so that it
@@ -112,13 +118,13 @@ class KeySpace:
 
     def lock(self, name: str) -> LockKeys:
         base = f"{self.prefix}:lock:{{{resource_key(name, _DERIVED_LIMIT)}}}"
-        return LockKeys(base, base + ":fence", base + ":queue", base + ":waiters")
+        return LockKeys(base, base + ":fence", base + ":queue", base + WAITERS)
 
     def semaphore(self, name: str) -> SemaphoreKeys:
         base = f"{self.prefix}:sem:{{{resource_key(name, _DERIVED_LIMIT)}}}"
         return SemaphoreKeys(
             base + ":holders", base + ":total", base + ":initial", base + ":queue",
-            base + ":waiters", base + ":pinned",
+            base + WAITERS, base + ":pinned",
         )
 
     def lock_list(self, name: str) -> list[str]:

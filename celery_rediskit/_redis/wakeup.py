@@ -118,22 +118,24 @@ class WaitSlot:
     """Where a waiting thread is told it was granted: ``token`` is set, then it is woken.
 
     A pre-acquired lock is the wake-up signal: far cheaper to create than an ``Event``, and
-    created on every contended acquisition. ``after`` is how long after the waiter's last
-    check-in the grant was made (seconds; None when the message did not say); ``reading`` is
-    the hub whose connection the waiter reads now.
+    created on every contended acquisition. ``after`` is how long after the waiter's check-in
+    number ``checkin`` the grant was made (seconds, on the server's clock; both None when the
+    message did not say); ``reading`` is the hub whose connection the waiter reads now.
     """
 
-    __slots__ = ("_signal", "after", "reading", "token")
+    __slots__ = ("_signal", "after", "checkin", "reading", "token")
 
     def __init__(self) -> None:
         self._signal = _thread.allocate_lock()
         self._signal.acquire()
         self.token: int | None = None
         self.after: float | None = None
+        self.checkin: int | None = None
         self.reading: WakeupHub | None = None
 
-    def grant(self, token: int, after: float | None) -> None:
+    def grant(self, token: int, after: float | None, checkin: int | None) -> None:
         self.after = after
+        self.checkin = checkin
         self.token = token
         self.poke()
 
@@ -167,13 +169,16 @@ def hand_over_local(message: str | bytes) -> None:
 
 
 def wake_local(message: str | bytes) -> None:
-    """Deliver ``"<waiter id> <token> [<ms since its check-in>]"`` to a waiter of this
-    process, if it still waits."""
+    """Deliver ``"<waiter id> <token> [<ms since its check-in> <check-in no.>]"`` to a waiter
+    of this process, if it still waits."""
     text = message.decode() if isinstance(message, bytes) else message
-    owner, token, *since = text.split(" ")
+    owner, token, *dated = text.split(" ")
     slot = _state.slots.get(owner)
     if slot is not None:
-        slot.grant(int(token), int(since[0]) / 1000 if since else None)
+        if len(dated) == 2:
+            slot.grant(int(token), int(dated[0]) / 1000, int(dated[1]))
+        else:
+            slot.grant(int(token), None, None)
         reading = slot.reading
         if reading is not None:
             reading.interrupt()  # it sleeps in select() on its socket: nudge it

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,7 +47,7 @@ from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
 from ..durations import Duration, optional_duration
 from ..errors import AcquireAborted, LockError, SerializationError
-from ..lease import new_owner_id
+from ..lease import Grant, new_owner_id
 from ..mutex.base import MutexLease
 from ..mutex.redis import RedisMutexStorage
 from ..renewal import renewer
@@ -315,6 +316,7 @@ class RedisCacheProvider(CacheProvider):
         name, keys = self._lock_keys(key)
         owner = new_owner_id()
         args = self._locks.acquire_argv(owner, lease, name)
+        sent = time.monotonic()  # the fill lock's lease counts from here
         try:
             result = self._run(self._claim, keys, args)
         except CacheUnavailable:
@@ -322,7 +324,7 @@ class RedisCacheProvider(CacheProvider):
         if isinstance(result, bytes):
             return self._hit(key, result)
         if int(result) >= 1:
-            return self._owned(key, name, owner, lease, int(result))
+            return self._owned(key, name, owner, lease, Grant(int(result), sent))
         if wait <= 0:
             return Claim(key, "busy")
         try:

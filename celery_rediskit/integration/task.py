@@ -152,9 +152,9 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
     first in the same round trip. A limit's ``permits`` are declared: they become the
     semaphore's total at this attempt, unless an operator set it (``rediskit permits``)."""
     if kind is LeaseKind.MUTEX:
-        return int(rt.mutex_storage.try_acquire(name, owner, seconds, before=record))
-    return int(rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
-                                                declared=True))
+        return rt.mutex_storage.try_acquire(name, owner, seconds, before=record)
+    return rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
+                                            declared=True)
 
 
 def _sleep_until(rt: Runtime, at: Any) -> None:
@@ -357,6 +357,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             # task parks again at a resource before it in the plan. The claims record goes
             # with the next try (or after the plan): a copy dropped here must not overwrite
             # the record of the run that adopted it.
+            adopting = time.monotonic()  # the adopted lease counts from here
             got = parking.adopt(self, rt, request, resent, None)
             if got >= 1:
                 adopted_kind, adopted_name, _ = plan[adopt_at]
@@ -364,7 +365,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     rt.mutex_storage if adopted_kind is LeaseKind.MUTEX
                     else rt.semaphore_storage, resource_key(adopted_name), resent.owner,
                     seconds, fencing_token=got, on_lost=rt.mutex.on_lost,
-                    companion_keys=companions)
+                    companion_keys=companions, granted_at=adopting)
                 lease.start_renewal()
                 held.append(lease)
                 rt.owners[resent.owner] = (self, task_id)
@@ -384,9 +385,11 @@ class RedisKitTask(Task):  # type: ignore[misc]
                         and not request.is_eager):
                     token = parking.park(self, rt, request, kind, name, owner, 0, turn)
                 if token >= 1:
+                    # Counted from before the try (or the park that granted): never longer
+                    # than the server's lease, however late the reply came.
                     lease = MutexLease(rt.mutex_storage, name, owner, seconds,
                                        fencing_token=token, on_lost=rt.mutex.on_lost,
-                                       companion_keys=companions)
+                                       companion_keys=companions, granted_at=started)
                     lease.start_renewal()
                 elif inline and policy.on_locked in ("retry", "park"):
                     with observe.waiting(self, task_id, kind, name):
@@ -404,7 +407,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if got >= 1:
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
                                    fencing_token=1, on_lost=rt.mutex.on_lost,
-                                   companion_keys=companions)
+                                   companion_keys=companions, granted_at=started)
                     lease.start_renewal()
                 elif not wait:
                     self._rk_release_leases(rt, request)

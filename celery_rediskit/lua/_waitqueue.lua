@@ -5,16 +5,18 @@
 --
 -- A queue is two keys with the resource's hash tag:
 --   queue   LIST of waiter ids, oldest first
---   waiters HASH waiter id -> "<deadline>:<lease it asked for>:<last check-in>" (ms; deadline
---           and check-in on the server's clock)
+--   waiters HASH waiter id -> "<deadline>:<lease it asked for>:<last check-in>:<check-in no.>"
+--           (ms; deadline and check-in on the server's clock; the number is the waiter's own
+--           count of its attempts, echoed back so it knows which check-in a grant refers to)
 -- Both expire at the latest deadline of a waiter that joined: past it, every waiter is dead.
 -- A waiter id is "<process id>:<n>"; grants are published on <channel prefix><process id>
--- as "<waiter id> <token> <ms since the waiter's last check-in>" (the waiter knows when it
--- checked in, so it can tell how late the message reached it without comparing clocks).
+-- as "<waiter id> <token> <ms since the waiter's last check-in> <check-in no.>" (the waiter
+-- knows when it sent that check-in, so it can date the grant without comparing clocks, even
+-- when later check-ins were still on their way or a message was held up).
 -- A waiter refreshes its entry each time it re-checks, so one that died drops out by itself
 -- once its deadline passes.
 
-local wq_since = {}  -- waiter id -> ms from its last check-in to now, set by wq_head
+local wq_since = {}  -- waiter id -> "<ms from its last check-in to now> <check-in no.>"
 
 -- The first live waiter and the lease it asked for; dead ones met on the way are dropped.
 -- The returned waiter stays in the queue: wq_pop removes it once it is served.
@@ -24,9 +26,9 @@ local function wq_head(queue, waiters, now)
     if not w then return nil, nil end
     local v = redis.call('HGET', waiters, w)
     if v then
-      local deadline, lease, joined = string.match(v, '^(%d+):(%d+):?(%d*)$')
-      if tonumber(deadline) > now then
-        if joined ~= '' then wq_since[w] = math.max(0, now - tonumber(joined)) end
+      local deadline, lease, joined, n = string.match(v, '^(%d+):(%d+):?(%d*):?(%d*)$')
+      if deadline and tonumber(deadline) > now then
+        if n ~= '' then wq_since[w] = math.max(0, now - tonumber(joined)) .. ' ' .. n end
         return w, tonumber(lease)
       end
     end
@@ -40,9 +42,10 @@ local function wq_pop(queue, waiters, w)
   redis.call('HDEL', waiters, w)
 end
 
--- Add a waiter at the tail, or refresh its entry if it is queued already (now: its check-in).
-local function wq_join(queue, waiters, w, deadline, lease, now)
-  if redis.call('HSET', waiters, w, deadline .. ':' .. lease .. ':' .. now) == 1 then
+-- Add a waiter at the tail, or refresh its entry if it is queued already (now: its check-in,
+-- n: the waiter's number for this check-in, digits).
+local function wq_join(queue, waiters, w, deadline, lease, now, n)
+  if redis.call('HSET', waiters, w, deadline .. ':' .. lease .. ':' .. now .. ':' .. n) == 1 then
     redis.call('RPUSH', queue, w)
   end
   keep_until(queue, deadline)

@@ -4,10 +4,11 @@
 -- KEYS[1] lock     string: owner id, with the lease as its PX expiry
 -- KEYS[2] fence    the last fencing token granted (see _fence.lua)
 -- KEYS[3] queue    list of waiter ids
--- KEYS[4] waiters  hash waiter id -> "deadline:lease"
+-- KEYS[4] waiters  hash waiter id -> "deadline:lease:check-in:check-in no." (_waitqueue.lua)
 -- ARGV[1] owner id ("<process id>:<n>")
 -- ARGV[2] lease, ms
--- ARGV[3] "1" to join the queue when not granted, "0" to just try
+-- ARGV[3] "0" to just try; else the caller's number for this check-in (digits, >= 1): join
+--         the queue when not granted (a grant message names the check-in it is dated from)
 -- ARGV[4] grace, ms: how long past the holder's lease a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
 -- ARGV[6] idle lifetime, ms: the fence key outlives the last grant's lease by half to all of it
@@ -51,8 +52,8 @@ end
 
 local pttl = redis.call('PTTL', lock)
 if pttl < 0 then pttl = math.floor(tonumber(ARGV[4]) / 2) end  -- no expiry (set by hand)
-if ARGV[3] == '1' then
+if ARGV[3] ~= '0' then
   now = now or now_ms()
-  wq_join(queue, waiters, owner, now + pttl + tonumber(ARGV[4]), lease, now)
+  wq_join(queue, waiters, owner, now + pttl + tonumber(ARGV[4]), lease, now, ARGV[3])
 end
 return -1 - pttl

@@ -7,7 +7,8 @@
 --         exists: it stays until reset, and reset then returns to the declared total)
 -- ARGV[1] owner id ("<process id>:<n>")
 -- ARGV[2] lease, ms
--- ARGV[3] "1" to join the queue when not granted, "0" to just try
+-- ARGV[3] "0" to just try; else the caller's number for this check-in (digits, >= 1): join
+--         the queue when not granted (a grant message names the check-in it is dated from)
 -- ARGV[4] grace, ms: how long past its bounded wait a queued waiter stays live unrefreshed
 -- ARGV[5] wake channel prefix
 -- ARGV[6] permits to initialise with when the semaphore does not exist yet
@@ -90,7 +91,7 @@ end
 local bound = math.floor(grace / 2)
 local nearest = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
 if nearest[2] then bound = math.max(0, tonumber(nearest[2]) - now) end
-if ARGV[3] == '1' then
-  wq_join(queue, waiters, owner, now + bound + grace, lease, now)
+if ARGV[3] ~= '0' then
+  wq_join(queue, waiters, owner, now + bound + grace, lease, now, ARGV[3])
 end
 return -1 - bound

@@ -4,7 +4,7 @@ Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the 
 the lease as PX expiry (the server's clock), ``...:fence`` the last fencing token (each grant
 takes ``max(last + 1, server clock in µs)``, so tokens keep rising when the key is lost; it
 expires ``idle_ttl / 2`` to ``idle_ttl`` after the last grant's lease), ``...:queue`` /
-``...:waiters`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
+``...:waitq`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
 the lock straight to the first live waiter, so nobody can jump the queue.
 ``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
 that a release re-sent after its reply was lost answers truthfully and still wakes a waiter of
@@ -14,6 +14,7 @@ this process (``_redis/release.py``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
 from .._redis.wakeup import hand_over_local
 from .._validate import positive_seconds, resource_key, to_ms
 from ..durations import Duration
-from ..lease import Lease, process_id
+from ..lease import Grant, Lease, process_id
 from .base import LockInfo, MutexStorage
 
 __all__ = ["RedisMutexStorage"]
@@ -99,14 +100,18 @@ class RedisMutexStorage(MutexStorage):
     def try_acquire(
         self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None
     ) -> int:
-        """One attempt, without queueing: the fencing token (>= 1) if ``owner`` now holds
-        ``key`` for ``lease`` seconds, else <= -1. ``before`` (an idempotent command, e.g. a
-        record of the claim) is sent first in the same round trip."""
+        """One attempt, without queueing: the fencing token (a :class:`Grant`, >= 1) if
+        ``owner`` now holds ``key`` for ``lease`` seconds, else <= -1. ``before`` (an
+        idempotent command, e.g. a record of the claim) is sent first in the same round
+        trip."""
         keys = self._key_list(key)
         argv = self.acquire_argv(owner, lease, key)
+        sent = time.monotonic()
         if before is None:
-            return int(self._acquire.run(self.client, keys, argv))
-        return int(self._acquire.run_after(self.client, before, keys, argv))
+            token = int(self._acquire.run(self.client, keys, argv))
+        else:
+            token = int(self._acquire.run_after(self.client, before, keys, argv))
+        return Grant(token, sent) if token >= 1 else token
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         """A waiter gives up: with ``keep``, the token of a grant made meanwhile (else 0);

@@ -2,7 +2,7 @@
 
 Keys of semaphore ``K`` (all with hash tag ``{K}``): ``<prefix>:sem:{K}:holders`` is a sorted
 set of owner ids scored by their lease end on the server's clock, ``...:total`` and
-``...:initial`` the permits, ``...:queue`` / ``...:waiters`` the FIFO of waiters, and
+``...:initial`` the permits, ``...:queue`` / ``...:waitq`` the FIFO of waiters, and
 ``...:pinned`` is present while the total is one an operator set (see ``base.py``). Every
 script first drops holders whose lease ended, so a crashed holder's permit comes back by itself.
 
@@ -17,6 +17,7 @@ a few seconds, so that a release re-sent after its reply was lost answers truthf
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from .._redis.wakeup import hand_over_local
 from .._validate import positive_int, resource_key, to_ms
 from ..durations import Duration
 from ..errors import LockTimeout
-from ..lease import Lease, process_id
+from ..lease import Grant, Lease, process_id
 from .base import SemaphoreInfo, SemaphoreStorage, note_declared
 
 __all__ = ["RedisSemaphoreStorage"]
@@ -115,12 +116,13 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         before: tuple[Any, ...] | None = None,
         declared: bool = False,
     ) -> int:
-        """One attempt, without queueing: 1 if ``owner`` now holds a permit of ``key``
-        (initialised with ``permits``) for ``lease`` seconds, else <= -1. ``before`` (an
-        idempotent command) is sent first in the same round trip. ``declared``: ``permits``
-        is the total the caller's code declares (see ``base.py``)."""
+        """One attempt, without queueing: 1 (a :class:`Grant`) if ``owner`` now holds a
+        permit of ``key`` (initialised with ``permits``) for ``lease`` seconds, else <= -1.
+        ``before`` (an idempotent command) is sent first in the same round trip.
+        ``declared``: ``permits`` is the total the caller's code declares (see ``base.py``)."""
         keys = self._pin_list(key) if declared else self._key_list(key)
         argv = self._acquire_argv(owner, permits, lease, key)
+        sent = time.monotonic()
         if before is None:
             reply = self._acquire.run(self.client, keys, argv)
         else:
@@ -129,8 +131,10 @@ class RedisSemaphoreStorage(SemaphoreStorage):
             # The stored total differed: the declared one now applies, or an operator's
             # stays. Nothing was acquired; ask again as a plain acquire.
             note_declared(keys[1], key, permits, int(reply[0]), bool(int(reply[1])))
+            sent = time.monotonic()
             reply = self._acquire.run(self.client, self._key_list(key), argv)
-        return int(reply)
+        got = int(reply)
+        return Grant(got, sent) if got >= 1 else got
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         held = self._run_release(key, owner, keep=keep)

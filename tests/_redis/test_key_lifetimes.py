@@ -131,8 +131,8 @@ def test_no_key_is_left_without_a_ttl(
     assert not missing, f"{len(missing)} of {total} keys have no TTL; kinds: {kinds_missing}"
     kinds = {kind_of(k.decode()) for k in client.scan_iter(match=f"{prefix}:*", count=1000)}
     assert {  # every kind of key was written, so every kind was checked
-        "lock:{}", "lock:{}:fence", "lock:{}:queue", "lock:{}:waiters",
-        "sem:{}:holders", "sem:{}:total", "sem:{}:initial", "sem:{}:queue", "sem:{}:waiters",
+        "lock:{}", "lock:{}:fence", "lock:{}:queue", "lock:{}:waitq",
+        "sem:{}:holders", "sem:{}:total", "sem:{}:initial", "sem:{}:queue", "sem:{}:waitq",
         "cache:e:{}", "cache:t:{}", "claims", "rate:{}",
     } <= kinds, kinds
     held_lock.release()

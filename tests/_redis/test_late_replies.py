@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -66,3 +67,81 @@ def test_a_grant_that_reaches_the_caller_late_is_renewed_before_acquire_returns(
             f"acquire returned a grant with {left:.2f} s of its {LEASE} s lease left")
     finally:
         held.release()
+
+
+class _AlwaysLateConnection(redis.Connection):
+    """A real connection that hands every integer reply to the caller ``late`` seconds after it
+    arrived, as on a link whose replies keep coming late."""
+
+    late: ClassVar[float] = 0.0
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        reply = super().read_response(*args, **kwargs)
+        if self.late and isinstance(reply, int):
+            time.sleep(self.late)
+        return reply
+
+
+@pytest.fixture
+def always_late_client(redis_server: Any, redis_url: str) -> Iterator[redis.Redis]:
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_AlwaysLateConnection)
+    yield redis.Redis(connection_pool=pool)
+    _AlwaysLateConnection.late = 0.0
+
+
+def _client_left(held: Any) -> float:
+    """Seconds of lease the holder counts on: its deadline less now."""
+    from celery_rediskit.renewal import lease_deadline
+
+    return lease_deadline(held.last_renewed, held.lease_seconds) - time.monotonic()
+
+
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_a_holder_never_counts_on_more_lease_than_the_server_gives_when_replies_stay_late(
+    kind: str, always_late_client: redis.Redis, client: redis.Redis, prefix: str
+) -> None:
+    granter = _granter(kind, always_late_client, prefix)
+    granter.acquire("warm", auto_renew=False).release()
+    _AlwaysLateConnection.late = 0.2  # every reply: well past "fresh", within half the lease
+    held = granter.acquire("res", auto_renew=False)
+    _AlwaysLateConnection.late = 0.0
+    try:
+        server_left = _granter(kind, client, prefix).storage.holder_ttl("res", held.owner)
+        assert _client_left(held) <= server_left + 0.01, (
+            f"the holder counts on {_client_left(held):.3f} s, the server keeps the lease "
+            f"{server_left:.3f} s")
+    finally:
+        held.release()
+
+
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_a_grant_whose_replies_come_later_than_half_its_lease_is_not_returned(
+    kind: str, always_late_client: redis.Redis, client: redis.Redis, prefix: str
+) -> None:
+    from celery_rediskit import LockTimeout
+
+    granter = _granter(kind, always_late_client, prefix)
+    granter.acquire("warm", auto_renew=False).release()
+    _AlwaysLateConnection.late = LEASE * 0.6
+    with pytest.raises(LockTimeout):
+        granter.acquire("res", timeout=2, auto_renew=False)
+    _AlwaysLateConnection.late = 0.0
+    # Nothing stays held for a caller that gave up.
+    other = _granter(kind, client, prefix).acquire("res", timeout=0.5, auto_renew=False)
+    other.release()
+
+
+def test_a_try_acquire_grant_counts_from_its_request(
+    always_late_client: redis.Redis, client: redis.Redis, prefix: str
+) -> None:
+    from celery_rediskit.lease import Grant
+
+    storage = RedisMutexStorage(always_late_client, prefix)
+    storage.try_acquire("warm", "o:0", LEASE)
+    _AlwaysLateConnection.late = 0.3
+    sent = time.monotonic()
+    token = storage.try_acquire("res", "o:1", LEASE)
+    _AlwaysLateConnection.late = 0.0
+    assert isinstance(token, Grant) and token >= 1
+    assert sent <= token.since <= sent + 0.05, "since is when the request was sent"
+    storage.release("res", "o:1")

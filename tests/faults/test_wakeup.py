@@ -52,7 +52,7 @@ def _subscribed_port(proxy: FaultProxy) -> int:
 
 
 def _queued(direct: redis.Redis, prefix: str) -> Callable[[], bool]:
-    return lambda: direct.hlen(f"{prefix}:lock:{{res}}:waiters") == 1
+    return lambda: direct.hlen(f"{prefix}:lock:{{res}}:waitq") == 1
 
 
 def test_a_grant_lost_on_a_dropped_connection_has_its_full_lease_and_no_second_holder(
