@@ -1,11 +1,11 @@
 """Waking waiters when a lock or permit is handed to them.
 
 Release scripts hand ownership straight to the first live waiter in Redis and then tell it:
-by publishing ``"<waiter id> <token> <ms since its last check-in>"`` on the waiter's process
-channel, or, when the waiter lives in the releasing process, by returning that text so the
-releaser wakes it directly. The last field lets the waiter tell how late the message reached
-it, measured on its own clock from when it last asked Redis: a grant learned late is renewed
-to its full lease before acquire returns (see ``waiting.py``).
+by publishing ``"<waiter id> <token> <ms since its check-in> <check-in no.>"`` on the
+waiter's process channel, or, when the waiter lives in the releasing process, by returning that
+text so the releaser wakes it directly. The last two fields let the waiter date the grant on
+its own clock, from when it sent the check-in the message names: a grant learned late is
+renewed to its full lease before acquire returns (see ``waiting.py``).
 
 Each process has one id (``lease.process_id()``, new after ``fork``), one registry of local waiters,
 and, per Redis client, one pub/sub connection. There is no listener thread: one of the waiting
