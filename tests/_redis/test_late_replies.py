@@ -89,6 +89,13 @@ def always_late_client(redis_server: Any, redis_url: str) -> Iterator[redis.Redi
     _AlwaysLateConnection.late = 0.0
 
 
+def _warmed(kind: str, client: redis.Redis, prefix: str) -> Any:
+    """A granter whose scripts are loaded and connection made (by one prompt acquire)."""
+    granter = _granter(kind, client, prefix)
+    granter.acquire("warm", auto_renew=False).release()
+    return granter
+
+
 def _client_left(held: Any) -> float:
     """Seconds of lease the holder counts on: its deadline less now."""
     from celery_rediskit.renewal import lease_deadline
@@ -100,8 +107,7 @@ def _client_left(held: Any) -> float:
 def test_a_holder_never_counts_on_more_lease_than_the_server_gives_when_replies_stay_late(
     kind: str, always_late_client: redis.Redis, client: redis.Redis, prefix: str
 ) -> None:
-    granter = _granter(kind, always_late_client, prefix)
-    granter.acquire("warm", auto_renew=False).release()
+    granter = _warmed(kind, always_late_client, prefix)
     _AlwaysLateConnection.late = 0.2  # every reply: well past "fresh", within half the lease
     held = granter.acquire("res", auto_renew=False)
     _AlwaysLateConnection.late = 0.0
@@ -120,8 +126,7 @@ def test_a_grant_whose_replies_come_later_than_half_its_lease_is_not_returned(
 ) -> None:
     from celery_rediskit import LockTimeout
 
-    granter = _granter(kind, always_late_client, prefix)
-    granter.acquire("warm", auto_renew=False).release()
+    granter = _warmed(kind, always_late_client, prefix)
     _AlwaysLateConnection.late = LEASE * 0.6
     with pytest.raises(LockTimeout):
         granter.acquire("res", timeout=2, auto_renew=False)
