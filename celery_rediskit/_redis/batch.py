@@ -19,7 +19,7 @@ from ..lease import Lease
 from ..renewal import renewer
 from .scripts import LuaScript, call_many
 
-__all__ = ["ScriptCall", "release_together", "run_scripts"]
+__all__ = ["PreparedRelease", "ScriptCall", "release_together", "run_scripts"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,44 @@ def run_scripts(client: Any, calls: Sequence[ScriptCall]) -> list[Any]:
     return replies
 
 
+class PreparedRelease:
+    """Releases of several leases (and what follows them) made ready to send: ``calls`` are
+    the scripts, in order; :meth:`finish` takes their replies (errors in place). The leases
+    stop being renewed when it is made (their holder is done with them)."""
+
+    __slots__ = ("_fused", "_leases", "_storages", "calls")
+
+    def __init__(self, leases: Sequence[Lease], then: Sequence[ScriptCall] = (),
+                 fuse: Callable[[ScriptCall], ScriptCall] | None = None) -> None:
+        pending = [lease for lease in leases if not lease.released]
+        for lease in pending:
+            if lease.auto_renew:
+                renewer().unregister(lease)
+        storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
+        calls = [storage.release_call(lease.key, lease.owner)
+                 for storage, lease in zip(storages, pending, strict=True)]
+        self._fused = fuse is not None and bool(calls)
+        if self._fused:
+            assert fuse is not None
+            calls[-1] = fuse(calls[-1])
+        else:
+            calls.extend(then)
+        self._leases, self._storages, self.calls = pending, storages, calls
+
+    def finish(self, replies: Sequence[Any]) -> list[Any]:
+        """Take the replies of :attr:`calls`; return those of ``then`` (see
+        :func:`release_together`). A lease whose release failed is logged and left as it is
+        (it ends with its lease; ``release()`` may be called again)."""
+        for storage, lease, reply in zip(self._storages, self._leases, replies, strict=False):
+            if isinstance(reply, Exception):
+                log.warning("rediskit: releasing %r failed (it ends with its lease): %r",
+                            lease.key, reply)
+                continue
+            storage.release_reply(reply)
+            lease.released = True
+        return list(replies[-1:]) if self._fused else list(replies[len(self._leases):])
+
+
 def release_together(client: Any, leases: Sequence[Lease], then: Sequence[ScriptCall] = (),
                      fuse: Callable[[ScriptCall], ScriptCall] | None = None) -> list[Any]:
     """Release ``leases`` (of Redis storages on ``client``) in their order, then run ``then``,
@@ -75,23 +113,5 @@ def release_together(client: Any, leases: Sequence[Lease], then: Sequence[Script
     Each lease is released as by ``Lease.release()``: it stops being renewed, and is marked
     released once its release ran. One whose release failed is logged and left as it is (it
     ends with its lease; ``release()`` may be called again)."""
-    pending = [lease for lease in leases if not lease.released]
-    for lease in pending:
-        if lease.auto_renew:
-            renewer().unregister(lease)
-    storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
-    calls = [storage.release_call(lease.key, lease.owner)
-             for storage, lease in zip(storages, pending, strict=True)]
-    fused = fuse is not None and bool(calls)
-    if fused:
-        assert fuse is not None
-        calls[-1] = fuse(calls[-1])
-    replies = run_scripts(client, calls if fused else [*calls, *then])
-    for storage, lease, reply in zip(storages, pending, replies, strict=False):
-        if isinstance(reply, Exception):
-            log.warning("rediskit: releasing %r failed (it ends with its lease): %r",
-                        lease.key, reply)
-            continue
-        storage.release_reply(reply)
-        lease.released = True
-    return replies[-1:] if fused else replies[len(pending):]
+    prepared = PreparedRelease(leases, then, fuse)
+    return prepared.finish(run_scripts(client, prepared.calls))

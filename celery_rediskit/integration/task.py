@@ -24,7 +24,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
 
-from .._redis.batch import release_together
+from .._redis.batch import PreparedRelease, run_scripts
 from .._redis.scripts import call
 from .._validate import resource_key
 from ..errors import ConfigurationError, LockError, LockTimeout, RateLimited
@@ -33,7 +33,7 @@ from ..mutex import MutexLease
 from ..ratelimit import RateDecision
 from ..renewal import renewer
 from ..semaphore import Permit
-from . import observe, parking
+from . import observe, parking, with_result
 from .backoff import requeue_countdown
 from .claims import holder_line
 from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
@@ -162,6 +162,12 @@ def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, n
         return rt.mutex_storage.try_acquire(name, owner, seconds, before=record, wrap=wrap)
     return rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
                                             declared=True, wrap=wrap)
+
+
+def _ignores_result(task: Any, request: Any) -> bool:
+    """Whether Celery stores no result for this run (so no store can carry its releases)."""
+    ignore = getattr(request, "ignore_result", None)
+    return bool(task.ignore_result if ignore is None else ignore)
 
 
 def _sleep_until(rt: Runtime, at: Any) -> None:
@@ -636,8 +642,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
                         keep_claim: bool) -> None:
         """End of a run that re-sends nothing: release its leases (last taken first), then
         its queued claim unless kept, then delete its claims record, in one round trip (on
-        one server the record goes in the last release's script, ``fused.py``). What fails
-        is logged and ends with its lease; the record is then deleted apart."""
+        one server the record goes in the last release's script, ``fused.py``). In a worker
+        whose result backend is on the same server, that round trip is the store of the
+        result (``with_result.py``). What fails is logged and ends with its lease; the
+        record is then deleted apart."""
         held: list[Lease] = getattr(request, "rediskit_leases", None) or []
         leases = held[::-1]
         if claim is not None:
@@ -648,18 +656,42 @@ class RedisKitTask(Task):  # type: ignore[misc]
         record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
         then = [rt.claims.forget_call(record)] if record is not None else []
         fuse = with_forget(record) if record is not None and rt.one_server else None
-        forgotten = release_together(rt.client, leases, then, fuse)
-        if record is not None and not isinstance(forgotten[0], Exception):
-            request.rediskit_record = None
+        prepared = PreparedRelease(leases, then, fuse)
         released = held[::-1]
-        for lease in released:
-            rt.owners.pop(lease.owner, None)
-            if lease_released.receivers:
-                observe.released(self, request.id, lease)
         held.clear()
         request.rediskit_claim = None
-        if released and self._rk_policy.parks:
-            parking.after_release(self, rt, released)
+        for lease in released:
+            rt.owners.pop(lease.owner, None)
+        task_id: str = request.id
+
+        def done(replies: list[Any]) -> None:
+            forgotten = prepared.finish(replies)
+            if record is not None and (not forgotten or isinstance(forgotten[0], Exception)):
+                self._rk_forget(rt, task_id, record)
+            if lease_released.receivers:
+                for lease in released:
+                    observe.released(self, task_id, lease)
+            if released and self._rk_policy.parks:
+                parking.after_release(self, rt, released)
+
+        request.rediskit_record = None  # deleted with the releases (or apart: done)
+        backend = None
+        if (prepared.calls and not request.is_eager and not self._rk_policy.parks
+                and not rt.settings.trace_commands  # every command through rt.client
+                and not getattr(request, "rediskit_inline", False)
+                and not _ignores_result(self, request)):
+            backend = with_result.backend_for(self, rt.client)
+        if backend is None:
+            done(run_scripts(rt.client, prepared.calls) if prepared.calls else [])
+            return
+        with_result.defer(backend, task_id, prepared, rt.client, done)
+
+    def _rk_forget(self, rt: Runtime, task_id: str, record: tuple[Any, ...]) -> None:
+        try:
+            rt.claims.forget(record)
+        except Exception:  # Redis unreachable: the record expires with the leases
+            log.warning("rediskit: deleting the claims record of %s failed", task_id,
+                        exc_info=True)
 
     def _rk_finish(self, rt: Runtime, request: Any, *, keep_claim: bool) -> None:
         """End of a run: release everything, then send the retry ``retry()`` asked for
@@ -698,11 +730,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if record is None:
             return
         request.rediskit_record = None
-        try:
-            rt.claims.forget(record)
-        except Exception:  # Redis unreachable: the record expires with the leases
-            log.warning("rediskit: deleting the claims record of %s failed", request.id,
-                        exc_info=True)
+        self._rk_forget(rt, request.id, record)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, with the retry sent once this run has released its leases.
