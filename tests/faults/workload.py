@@ -102,10 +102,12 @@ def client_options(cfg: WorkerConfig) -> dict[str, Any]:
 
 def command_worst_case(cfg: WorkerConfig) -> float:
     """The longest one Redis command may take with ``client_options`` however the network
-    or server misbehaves: each of ``retries + 1`` attempts waits at most one socket timeout
-    (connecting to the proxy on loopback is immediate, or refused at once), plus a backoff
-    between attempts."""
-    return (cfg.retries + 1) * cfg.socket_timeout + cfg.retries * cfg.backoff_cap
+    or server misbehaves: each attempt waits at most one socket timeout (connecting to the
+    proxy on loopback is immediate, or refused at once), plus a backoff between redis-py's
+    attempts. The library's lean path makes one attempt of its own first and, after a
+    connection error or timeout, sends the command again through ``execute_command`` (README,
+    "Hot commands"), which makes ``retries + 1`` attempts: ``retries + 2`` in all."""
+    return (cfg.retries + 2) * cfg.socket_timeout + cfg.retries * cfg.backoff_cap
 
 
 class _Log:
