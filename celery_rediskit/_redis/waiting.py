@@ -33,35 +33,15 @@ import logging
 import time
 from collections.abc import Callable
 from threading import Event
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import AcquireAborted, LockTimeout
 from ..lease import Grant
 from ..renewal import deadline_margin, lease_deadline
 from .scripts import LuaScript
+from .wakeup import WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
-if TYPE_CHECKING:
-    from types import ModuleType
-
-    from .wakeup import WaitSlot, WakeupHub
-
-_wakeup: ModuleType | None = None
-
-
-def wakeup() -> ModuleType:
-    """The wake-up module (``wakeup.py``), imported at the first wait or local hand-over, not
-    with the storages: a process that never waits (a worker running singleton tasks) never
-    loads its hubs."""
-    global _wakeup
-    if _wakeup is None:
-        from . import wakeup as module
-
-        _wakeup = module
-    return _wakeup
-
-__all__ = [
-    "FRESH_MAX", "RECHECK_MAX", "WAITER_GRACE_MS", "acquire_queued", "wait_for_grant", "wakeup",
-]
+__all__ = ["FRESH_MAX", "RECHECK_MAX", "WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +98,10 @@ def acquire_queued(
     keep)`` leaves the queue (see :func:`wait_for_grant`); ``lease`` is the lease asked for
     (seconds).
     """
-    w = _wakeup or wakeup()
-    hub = w.hub_for(client)
+    hub = hub_for(client)
     # Once this process listens for grants, the first attempt already joins the queue (the
     # slot must exist before the script runs, or an instant grant could be missed).
-    slot = w.register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
+    slot = register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
     argv[2] = "1" if slot is not None else "0"  # check-in number 1, or just a try
     generation = hub.generation
     checked_in = time.monotonic()
@@ -132,12 +111,12 @@ def acquire_queued(
         # Interrupted, or the reply was lost: the script may have queued the caller or granted
         # it the key. Leave no trace either way.
         if slot is not None:
-            w.drop_slot(owner)
+            drop_slot(owner)
         _leave_quietly(lambda: cancel(key, owner, False), kind, key)
         raise
     if first >= 1 and _takeable(checked_in, lease, 0):
         if slot is not None:
-            w.drop_slot(owner)
+            drop_slot(owner)
         return Grant(first, checked_in)
     if timeout == 0:
         late_replies = 0
@@ -197,12 +176,11 @@ def wait_for_grant(
     queue when ``slot`` is given): its result, ``time.monotonic()`` just before it was sent,
     and ``hub.generation`` then; so the uncontended path stays in the caller.
     """
-    w = _wakeup or wakeup()
     deadline = None if timeout is None else time.monotonic() + timeout
     recheck = min(RECHECK_MAX, lease / 3)
     fresh = fresh_for(lease)
     if slot is None:
-        slot = w.register_slot(owner)
+        slot = register_slot(owner)
         first = None
     try:
         if first is None:
@@ -265,7 +243,7 @@ def wait_for_grant(
         _leave_quietly(lambda: cancel(False), kind, key)
         raise
     finally:
-        w.drop_slot(owner)
+        drop_slot(owner)
 
 
 def _give_up(
