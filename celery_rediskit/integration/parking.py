@@ -179,7 +179,10 @@ def publish(app: Any, d: Dispatch) -> bool:
 
 def publish_all(app: Any, store: RedisParkingStore, dispatches: Iterable[Dispatch]) -> None:
     """Publish entries just taken (a publish that fails is left to the sweeper)."""
-    taken = list(dispatches)
+    # Youngest first: each goes to the front of its queue (see publish), so the oldest turn,
+    # whose permit is reserved and idle until it arrives, is consumed first, and messages
+    # sent ahead come after the reserved ones.
+    taken = list(dispatches)[::-1]
     if taken:
         crash_point("release:after-take")
         store.publish_all(taken, lambda d: _publish_then(app, d))
