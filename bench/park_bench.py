@@ -56,8 +56,8 @@ def _measure(app: Any, env: BenchEnv, broker: Any, name: str, n: int,
     sending took, hand-off gaps after the backlog) of ``n`` tasks ``name``.
 
     The steady ratio is ideal / wall counted from the moment the queue of sent messages is
-    first empty (every task parked, re-queued or running) to the end: a re-sent message
-    joins the tail of its queue, so until then it waits behind the backlog in both modes."""
+    first empty (every task parked, re-queued or running) to the end: until then the workers
+    receive and park (or re-queue) the backlog, on the same CPUs as the running tasks."""
     done = f"{env.prefix}:done"
     env.admin.set(done, 0)
     spans_key = f"{env.prefix}:spans"
