@@ -411,7 +411,8 @@ def remove_revoked(app: Any, task_ids: Iterable[str]) -> list[str]:
 def parked_tasks(app: Any) -> list[dict[str, Any]]:
     """Every parked (or re-sent, not yet started) task under the app's prefix, JSON-ready:
     ``task_id``, ``task_name``, ``resource``, ``kind`` ("lock"/"semaphore"), ``state``
-    ("parked", "taken": being re-sent, "sent": re-sent, not yet started), ``turn`` (Unix
+    ("parked", "ahead": sent ahead and waiting in a worker for its turn, "taken": being
+    re-sent, "sent": re-sent, not yet started), ``turn`` (Unix
     time it first parked, seconds)."""
     kit: Kit | None = getattr(app, APP_ATTRIBUTE, None)
     if kit is None:
