@@ -412,8 +412,8 @@ def parked_tasks(app: Any) -> list[dict[str, Any]]:
     """Every parked (or re-sent, not yet started) task under the app's prefix, JSON-ready:
     ``task_id``, ``task_name``, ``resource``, ``kind`` ("lock"/"semaphore"), ``state``
     ("parked", "ahead": sent ahead and waiting in a worker for its turn, "taken": being
-    re-sent, "sent": re-sent, not yet started), ``turn`` (Unix
-    time it first parked, seconds)."""
+    re-sent, "sent": re-sent, not yet started), ``turn`` (Unix time it first parked,
+    seconds)."""
     kit: Kit | None = getattr(app, APP_ATTRIBUTE, None)
     if kit is None:
         return []
