@@ -3,7 +3,8 @@
 Configured from ``RKB_URL`` (rediskit and results), ``RKB_BROKER`` and ``RKB_PREFIX`` when
 imported by a worker; the bench builds the same app with :func:`build` to send tasks. Every
 task sleeps ``seconds`` under a limit of 1 or 4 permits, parking or re-queueing when it is
-full, and counts itself done in ``<prefix>:done``.
+full, counts itself done in ``<prefix>:done`` and records when it ran (``<prefix>:spans``,
+``"<start> <end>"``, Unix seconds) for the hand-off gaps.
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ def build(url: str, broker: str, prefix: str) -> Celery:
     RedisKit(app, url=url, prefix=prefix)
     client = redis.Redis.from_url(url)
     done = f"{prefix}:done"
+    spans = f"{prefix}:spans"
 
     def body(seconds: float) -> None:
+        start = time.time()
         time.sleep(seconds)
-        client.incr(done)
+        with client.pipeline(transaction=False) as pipe:  # one round trip, as before
+            pipe.rpush(spans, f"{start:.6f} {time.time():.6f}")
+            pipe.incr(done)
+            pipe.execute()
 
     for mode in ("park", "retry"):
         for permits in (1, 4):

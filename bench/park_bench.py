@@ -41,16 +41,27 @@ def _calls(client: Any) -> tuple[int, int]:
             int(stats.get("cmdstat_publish", {}).get("calls", 0)))
 
 
+def _gaps(spans: list[tuple[float, float]], permits: int, since: float) -> list[float]:
+    """Hand-off gaps (seconds) of bodies that started after ``since``: with ``permits``
+    permits, in turn order, the k-th start took the permit the (k - permits)-th end freed."""
+    starts = sorted(s for s, _ in spans)
+    ends = sorted(e for _, e in spans)
+    return [starts[k] - ends[k - permits] for k in range(permits, len(starts))
+            if starts[k] >= since]
+
+
 def _measure(app: Any, env: BenchEnv, broker: Any, name: str, n: int,
-             permits: int = 1) -> tuple[float, float, float, float, float]:
+             permits: int = 1) -> tuple[float, float, float, float, float, list[float]]:
     """(wall seconds, broker publishes per task, steady ratio, events per task, seconds the
-    sending took) of ``n`` tasks ``name``.
+    sending took, hand-off gaps after the backlog) of ``n`` tasks ``name``.
 
     The steady ratio is ideal / wall counted from the moment the queue of sent messages is
-    first empty (every task parked, re-queued or running) to the end: a re-sent message
-    joins the tail of its queue, so until then it waits behind the backlog in both modes."""
+    first empty (every task parked, re-queued or running) to the end: until then the workers
+    receive and park (or re-queue) the backlog, on the same CPUs as the running tasks."""
     done = f"{env.prefix}:done"
     env.admin.set(done, 0)
+    spans_key = f"{env.prefix}:spans"
+    env.admin.delete(spans_key)
     task = app.tasks[name]
     queue = f"q-{env.prefix}"
     before = _calls(broker)
@@ -71,8 +82,16 @@ def _measure(app: Any, env: BenchEnv, broker: Any, name: str, n: int,
     since, count = drained or (start, 0)
     steady = (n - count) * T / permits / (end - since) if end > since else float("nan")
     after = _calls(broker)
+    spans = [tuple(map(float, raw.split())) for raw in env.admin.lrange(spans_key, 0, -1)]
+    wall_since = time.time() - (time.perf_counter() - since)  # the drain, as Unix time
+    gaps = _gaps(spans, permits, wall_since)  # type: ignore[arg-type]
     return (end - start, (after[0] - before[0]) / n, steady, (after[1] - before[1]) / n,
-            sent)
+            sent, gaps)
+
+
+def _ms(values: list[float], q: float) -> str:
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.1f}"
 
 
 def run(env: BenchEnv, log: Callable[[str], None]) -> SectionResult:
@@ -110,22 +129,25 @@ def run(env: BenchEnv, log: Callable[[str], None]) -> SectionResult:
                 ideal = n * T / permits
                 for mode in ("park", "retry"):
                     name = f"{mode}{permits}"
-                    wall, publishes, steady, events, sent = _measure(app, env, broker, name,
-                                                                     n, permits)
+                    wall, publishes, steady, events, sent, gaps = _measure(
+                        app, env, broker, name, n, permits)
+                    p50, p90 = (_ms(gaps, 0.5), _ms(gaps, 0.9)) if gaps else ("-", "-")
                     figures[name] = (wall, ideal / wall, publishes)
                     log(f"park: {n} x {T * 1000:.0f} ms, limit x:{permits}, {mode}: "
                         f"{wall:.2f} s (sent in {sent:.2f} s; ideal {ideal:.2f} s, "
                         f"{ideal / wall:.2f}; after the "
                         f"backlog {steady:.2f}), {publishes:.2f} publishes/task, "
-                        f"{events:.2f} events/task")
+                        f"{events:.2f} events/task, hand-off after the backlog p50 {p50} ms, "
+                        f"p90 {p90} ms")
                     rows.append([f'"x:{permits}"', mode, f"{wall:.2f} s", f"{sent:.2f} s",
                                  f"{ideal:.2f} s",
                                  f"{ideal / wall:.2f}", f"{steady:.2f}", f"{publishes:.2f}",
-                                 f"{events:.2f}"])
+                                 f"{events:.2f}", f"{p50} / {p90}"])
             res.tables.append((
                 f"{n} tasks of {T * 1000:.0f} ms, {WORKERS} prefork workers x {PROCESSES}",
                 ["limit", "mode", "wall", "sending", "ideal (N*t/permits)", "ideal/wall",
-                 "after backlog", "publishes/task", "events/task"], rows))
+                 "after backlog", "publishes/task", "events/task",
+                 "hand-off p50 / p90 ms (after backlog)"], rows))
             for permits in (1, 4):
                 wall, ratio, publishes = figures[f"park{permits}"]
                 retry_wall = figures[f"retry{permits}"][0]

@@ -19,6 +19,13 @@ The re-sent message carries the header :data:`HEADER`
 (``"<kind>|<dispatch id>|<turn>|<resource>"``). On arrival the task adopts its reservation; a
 second copy of it (the sweeper re-sent a message whose publisher died after publishing) finds
 the entry gone and is dropped.
+
+Sent ahead: a run that held its resource at most :data:`AHEAD_HOLD` seconds also sends, at
+its release, the next parked messages ahead of their turn (up to one per permit), so that
+each waits in a worker for the next release instead of travelling after it: a hand-off then
+costs a pub/sub wake-up and the adoption, not the publish, the delivery and the start of a
+task. Such a message waits at most :data:`AHEAD_WAIT` seconds, holding its worker slot (and
+counting against its time limits), then ends, its entry parked at its turn as before.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from kombu.utils.json import loads as _loads
 
 from ..lease import Lease, LeaseKind
 from ..parking import (
+    AHEAD_LEFT,
     DUPLICATE,
     GRANTED,
     Dispatch,
@@ -52,6 +60,8 @@ from .runtime import APP_ATTRIBUTE, Kit, Runtime
 from .signals import task_parked
 
 __all__ = [
+    "AHEAD_HOLD",
+    "AHEAD_WAIT",
     "HEADER",
     "PARKED",
     "PARKED_EVENT",
@@ -73,6 +83,15 @@ PARKED_EVENT = "task-parked"
 
 HEADER = "rediskit_parked"
 """Message header of a re-sent parked task: ``"<kind>|<dispatch id>|<turn>|<resource>"``."""
+
+AHEAD_HOLD = 1.0
+"""Seconds: a release sends the next parked messages ahead when the run that released held
+its lock or permit at most this long (longer runs gain little: a hand-off costs milliseconds,
+and the message sent ahead would hold a worker slot as long)."""
+
+AHEAD_WAIT = 5.0
+"""Seconds a message sent ahead waits in its worker for its turn before it gives up (its
+entry stays parked, and is re-sent the usual way when its turn comes)."""
 
 SWEEP_TICK = 1.0
 """Seconds between two sweeps (one process sweeps per tick, whichever takes the token)."""
@@ -160,7 +179,10 @@ def publish(app: Any, d: Dispatch) -> bool:
 
 def publish_all(app: Any, store: RedisParkingStore, dispatches: Iterable[Dispatch]) -> None:
     """Publish entries just taken (a publish that fails is left to the sweeper)."""
-    taken = list(dispatches)
+    # Youngest first: each goes to the front of its queue (see publish), so the oldest turn,
+    # whose permit is reserved and idle until it arrives, is consumed first, and messages
+    # sent ahead come after the reserved ones.
+    taken = list(dispatches)[::-1]
     if taken:
         crash_point("release:after-take")
         store.publish_all(taken, lambda d: _publish_then(app, d))
@@ -206,7 +228,11 @@ def adopt(task: Any, rt: Runtime, request: Any, resent: Resent,
     """Take over the reservation ``resent`` names: its token (>= 1), 0 when it ended (the
     task asks again with its turn); a copy is dropped (raises ``Ignore``)."""
     got = store_of(rt).adopt(resent.kind, resent.name, request.id, resent.dispatch_id,
-                             rt.settings.lease, before=before)
+                             rt.settings.lease, before=before, wait=AHEAD_WAIT)
+    if got == AHEAD_LEFT:
+        log.info("rediskit: %s[%s] was sent ahead and waited %.0f s for %r: parked again "
+                 "with its turn", task.name, request.id, AHEAD_WAIT, resent.name)
+        _end_parked(task, rt, request)
     if got < 0:
         drop_copy(task, rt, request, f"a copy of the message re-sent for {resent.name!r} "
                                      f"(dispatch {resent.dispatch_id}) ran already or runs")
@@ -242,6 +268,12 @@ def park(task: Any, rt: Runtime, request: Any, kind: LeaseKind, name: str, owner
     send_task_event(task, request, PARKED_EVENT, resource=name, kind=kind.resource)
     if task_parked.receivers:
         observe.parked(task, request.id, name, kind, turn)
+    _end_parked(task, rt, request)
+
+
+def _end_parked(task: Any, rt: Runtime, request: Any) -> NoReturn:
+    """End the run of a task whose message waits parked: give back what it took, keep its
+    queued claim and state."""
     task._rk_release_leases(rt, request)
     claim = getattr(request, "rediskit_claim", None)
     if claim is not None:  # queued scope: the parked message still counts as queued
@@ -254,20 +286,24 @@ def park(task: Any, rt: Runtime, request: Any, kind: LeaseKind, name: str, owner
     raise Ignore()
 
 
-def after_release(task: Any, rt: Runtime, leases: Iterable[Lease]) -> None:
-    """Re-send what is parked on the resources the run just gave back."""
+def after_release(task: Any, rt: Runtime, leases: Iterable[Lease],
+                  held_for: float | None = None) -> None:
+    """Re-send what is parked on the resources the run just gave back (and send the next
+    ones ahead when it held them ``held_for`` <= :data:`AHEAD_HOLD` seconds)."""
     policy = task._rk_policy
     dispatch(task.app, rt, [(str(lease.kind), lease.key) for lease in leases
-                            if parks(policy, lease.kind)])
+                            if parks(policy, lease.kind)],
+             ahead=held_for is not None and held_for <= AHEAD_HOLD)
 
 
-def dispatch(app: Any, rt: Runtime, resources: Iterable[tuple[str, str]]) -> None:
-    """Re-send parked entries for the free permits of each (kind, name); failures are left
-    to the sweeper."""
+def dispatch(app: Any, rt: Runtime, resources: Iterable[tuple[str, str]], *,
+             ahead: bool = False) -> None:
+    """Re-send parked entries for the free permits of each (kind, name), and with ``ahead``
+    the next ones ahead; failures are left to the sweeper."""
     store = store_of(rt)
     for kind, name in resources:
         try:
-            _left, taken = store.dispatch(kind, name, rt.settings.lease)
+            _left, taken = store.dispatch(kind, name, rt.settings.lease, ahead=ahead)
         except Exception:
             log.warning("rediskit: re-sending what is parked at %r failed (the sweeper "
                         "does it)", name, exc_info=True)
@@ -375,8 +411,9 @@ def remove_revoked(app: Any, task_ids: Iterable[str]) -> list[str]:
 def parked_tasks(app: Any) -> list[dict[str, Any]]:
     """Every parked (or re-sent, not yet started) task under the app's prefix, JSON-ready:
     ``task_id``, ``task_name``, ``resource``, ``kind`` ("lock"/"semaphore"), ``state``
-    ("parked", "taken": being re-sent, "sent": re-sent, not yet started), ``turn`` (Unix
-    time it first parked, seconds)."""
+    ("parked", "ahead": sent ahead and waiting in a worker for its turn, "taken": being
+    re-sent, "sent": re-sent, not yet started), ``turn`` (Unix time it first parked,
+    seconds)."""
     kit: Kit | None = getattr(app, APP_ATTRIBUTE, None)
     if kit is None:
         return []

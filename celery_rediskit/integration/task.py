@@ -277,6 +277,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_keep = False
         request.rediskit_record = None  # the claims record this run wrote (a SET command)
         request.rediskit_rate_grants = []
+        request.rediskit_held_since = None
         try:
             try:
                 # The rate first: a rate-limited run holds no lock or permit while it waits
@@ -433,6 +434,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if claim is not None:
             call(rt.client, *record)
             request.rediskit_record = record
+        request.rediskit_held_since = time.monotonic()  # how long it held: see after_release
 
     def _rk_take_rates(self, rt: Runtime, policy: TaskPolicy, request: Any,
                        arguments: Mapping[str, Any]) -> None:
@@ -616,7 +618,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 observe.released(self, request.id, lease)
         held.clear()
         if released and self._rk_policy.parks:
-            parking.after_release(self, rt, released)
+            since = getattr(request, "rediskit_held_since", None)
+            parking.after_release(self, rt, released,
+                                  None if since is None else time.monotonic() - since)
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
         if claim is not None:
             renewer().unregister(claim)

@@ -1,7 +1,7 @@
 -- Take a lock or permit, or park the caller's payload in its FIFO: one atomic step, so a
 -- release between a failed try and the park cannot be missed.
 -- needs: _park
--- KEYS[1..6] see _park.lua
+-- KEYS[1..7] see _park.lua
 -- ARGV[1]  kind: "m" lock, "s" semaphore
 -- ARGV[2]  id of the entry (a task id)
 -- ARGV[3]  owner id to grant to
@@ -14,6 +14,9 @@
 -- ARGV[10] publish deadline, ms: how long a taken entry may stay unpublished
 -- ARGV[11] message id, remembered in `seen` when it parks
 -- ARGV[12] how long `seen` remembers, ms
+-- ARGV[13] how long a published entry waits for its message, ms
+-- ARGV[14] wake channel prefix of the waiters of entries sent ahead (see _park.lua)
+-- ARGV[15] ms a waiting entry sent ahead has to adopt the permit reserved for it here
 -- Free permits go to parked entries older than the caller first (reserved for them: the
 -- caller publishes them). Returns {status, token, id1, payload1, dispatch id1, turn1, ...}:
 -- status 1 granted (token: the fencing token, or 1 for a permit), 0 parked, -1 the id is
@@ -38,7 +41,8 @@ local lease, idle = tonumber(ARGV[4]), tonumber(ARGV[5])
 local turn = tonumber(ARGV[8]) or now_u
 local out = {}
 local free = pk_free(kind, now, tonumber(ARGV[6]))
-free = pk_take(kind, free, now, lease, idle, ARGV[9], tonumber(ARGV[10]), out, turn)
+free = pk_take(kind, free, now, lease, idle, ARGV[9], tonumber(ARGV[10]), out, turn,
+               tonumber(ARGV[13]), ARGV[14], tonumber(ARGV[15]))
 local status, token = 0, 0
 if free > 0 then
   status, token = 1, pk_grant(kind, ARGV[3], now, lease, idle)

@@ -1,7 +1,8 @@
--- Remove entries (revoked tasks): parked ones, and sent ones not yet adopted (their
--- reservation is given back, so the caller dispatches again).
+-- Remove entries (revoked tasks): parked ones (also those sent ahead: their waiter finds
+-- its entry gone and stops), and sent ones not yet adopted (their reservation is given
+-- back, so the caller dispatches again).
 -- needs: _park
--- KEYS[1..6] see _park.lua
+-- KEYS[1..7] see _park.lua
 -- ARGV[1] kind "m" / "s"; ARGV[2], ... ids
 -- Returns the ids removed.
 local kind = ARGV[1]
@@ -9,6 +10,7 @@ local removed = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
   local gone = redis.call('ZREM', KEYS[3], id) == 1
+  redis.call('HDEL', KEYS[7], id)
   local entry = redis.call('HGET', KEYS[5], id)
   if entry then
     gone = true

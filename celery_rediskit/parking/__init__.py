@@ -6,6 +6,7 @@ for the keys. Nothing here knows Celery: the Celery layer parks task messages wi
 """
 
 from .base import (
+    AHEAD_LEFT,
     DUPLICATE,
     GRANTED,
     NEED_PAYLOAD,
@@ -19,6 +20,7 @@ from .base import (
 from .redis import PUBLISH_DEADLINE, RedisParkingStore
 
 __all__ = [
+    "AHEAD_LEFT",
     "DUPLICATE",
     "GRANTED",
     "NEED_PAYLOAD",

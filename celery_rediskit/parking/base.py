@@ -18,6 +18,12 @@ must not run.
   under another dispatch id) when it arrives, and is dropped.
 - **Ids** are unique among the entries of one resource: an id parked or sent already is not
   parked twice (the caller is a copy).
+- **Sent ahead.** A dispatch may also send the next parked entries *ahead*, before a permit
+  frees, at most one per permit: each stays parked at its turn, and its re-sent caller waits
+  (:meth:`ParkingStore.adopt` with ``wait``) until its turn comes with a free permit, which
+  is then reserved for it as for any dispatch, and it is woken at once. A waiter that gives
+  up (or dies: it checks in every second) leaves the entry parked at its turn, to be re-sent
+  the usual way.
 
 Times are seconds in this API; kinds are ``"m"`` (a lock) and ``"s"`` (a semaphore).
 """
@@ -29,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "AHEAD_LEFT",
+    "AHEAD_WAITING",
     "DUPLICATE",
     "EXPIRED",
     "GRANTED",
@@ -46,6 +54,14 @@ PARKED = "parked"
 DUPLICATE = "duplicate"
 NEED_PAYLOAD = "need_payload"
 EXPIRED = "expired"
+
+AHEAD_WAITING = -2
+"""What the adoption script answers a caller sent ahead whose turn has not come (internal:
+:meth:`ParkingStore.adopt` waits on it)."""
+
+AHEAD_LEFT = -3
+""":meth:`ParkingStore.adopt`: the caller was sent ahead and stopped waiting (``wait``
+seconds passed): its entry stays parked at its turn and is re-sent later; this message ends."""
 
 
 def reservation_owner(dispatch_id: str) -> str:
@@ -111,20 +127,26 @@ class ParkingStore(ABC):
 
     @abstractmethod
     def dispatch(self, kind: str, name: str, lease: float, *, permits: int = 1,
-                 sweep: bool = False) -> tuple[int, list[Dispatch]]:
+                 sweep: bool = False, ahead: bool = False) -> tuple[int, list[Dispatch]]:
         """Take parked entries for the free permits of ``name``, oldest turn first, each with
-        a reservation of ``lease`` seconds; with ``sweep`` also entries sent earlier whose
-        deadline passed. Returns (entries left: parked and sent, the entries to publish)."""
+        a reservation of ``lease`` seconds (an entry sent ahead gets its reservation and is
+        woken, with nothing to publish); with ``sweep`` also entries sent earlier whose
+        deadline passed; with ``ahead`` also the next parked entries, to be sent ahead (up
+        to one per permit). Returns (entries left: parked and sent, the entries to
+        publish)."""
 
     @abstractmethod
     def mark_sent(self, dispatches: Sequence[Dispatch]) -> None:
         """The messages of ``dispatches`` are published: their entries wait for them."""
 
     @abstractmethod
-    def adopt(self, kind: str, name: str, id: str, dispatch_id: str, lease: float) -> int:
+    def adopt(self, kind: str, name: str, id: str, dispatch_id: str, lease: float, *,
+              wait: float = 0.0) -> int:
         """The re-sent ``id`` takes over its reservation for ``lease`` seconds: its fencing
         token (a lock) or 1 (a permit); 0 when the reservation ended meanwhile (ask again,
-        keeping the turn); -1 when this message is a copy that must not run."""
+        keeping the turn); -1 when this message is a copy that must not run. Sent ahead, it
+        first waits for its turn, up to ``wait`` seconds: :data:`AHEAD_LEFT` when it did not
+        come (the entry stays parked)."""
 
     @abstractmethod
     def remove(self, kind: str, name: str, ids: Iterable[str]) -> list[str]:

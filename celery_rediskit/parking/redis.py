@@ -4,8 +4,16 @@ Keys of a lock ``K`` (base ``<prefix>:lock:{K}``) or a semaphore ``K`` (base
 ``<prefix>:sem:{K}``), all with the resource's hash tag, so one script sees the resource and
 its entries together (``lua/_park.lua``): ``<base>:parked`` (ZSET id -> turn),
 ``<base>:payloads`` (HASH id -> payload), ``<base>:sent`` (HASH id -> dispatch id, state,
-deadline, turn) and ``<base>:seen`` (ZSET of recently parked message ids). They expire
+deadline, turn), ``<base>:seen`` (ZSET of recently parked message ids) and ``<base>:ahead``
+(HASH id -> dispatch id, state, deadline, turn, waiter: entries sent ahead). They expire
 ``idle_ttl`` after their last write.
+
+Sent ahead (``dispatch(..., ahead=True)``): a release of a short run also sends the next
+parked entries, up to one per permit, before any permit frees; each stays parked at its turn
+and its message waits in a worker (:meth:`RedisParkingStore.adopt` with ``wait``) until its
+turn comes with a free permit, which reserves the permit for it and wakes it on its process's
+wake channel (``_redis/wakeup.py``): the hand-off then costs a pub/sub message and the
+adoption, not a publish and a delivery.
 
 ``<prefix>:parking`` indexes the resources with entries (ZSET ``"<kind>|<name>"``), so the
 sweeper finds them without SCAN. It lives in a slot of its own on a Redis Cluster, so it is
@@ -30,9 +38,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import as_text, call, call_many, load_script
+from .._redis.slots import is_cluster, key_slot
+from .._redis.wakeup import drop_slot, hub_for, register_slot
 from .._validate import resource_key, to_ms
 from ..durations import Duration
+from ..lease import process_id
 from .base import (
+    AHEAD_WAITING,
     DUPLICATE,
     GRANTED,
     NEED_PAYLOAD,
@@ -43,13 +55,20 @@ from .base import (
     ParkOutcome,
 )
 
-__all__ = ["PUBLISH_DEADLINE", "SEEN_TTL", "RedisParkingStore"]
+__all__ = ["AHEAD_CHECK_IN", "PUBLISH_DEADLINE", "SEEN_TTL", "RedisParkingStore"]
 
 log = logging.getLogger(__name__)
 
 PUBLISH_DEADLINE = 5.0
 """Seconds a taken entry may stay unpublished before a sweep re-sends it (its publisher died
 or the broker refused the message)."""
+
+AHEAD_CHECK_IN = 1.0
+"""Seconds between two check-ins of a message sent ahead that waits for its turn: it asks
+Redis again (a wake-up lost with a dropped connection costs at most this), and a sweep counts
+it gone once it missed a few (its mark is dropped: the entry is re-sent when its turn comes)."""
+
+_AHEAD_GONE_MS = int(AHEAD_CHECK_IN * 3 * 1000)
 
 SEEN_TTL = 3600.0
 """Seconds a parked message id is remembered (a redelivered copy of it is recognised)."""
@@ -94,6 +113,7 @@ class RedisParkingStore(ParkingStore):
         self._adopt = load_script("park_adopt")
         self._remove = load_script("park_remove")
         self._unindex = load_script("park_unindex")
+        self._sharded = is_cluster(self.client)
 
     # -- keys -----------------------------------------------------------------------------
     def key_list(self, kind: str, name: str) -> list[str]:
@@ -108,7 +128,14 @@ class RedisParkingStore(ParkingStore):
         else:
             raise ValueError(f"kind must be 'm' (lock) or 's' (semaphore), got {kind!r}")
         return [holders, second, base + ":parked", base + ":payloads", base + ":sent",
-                base + ":seen"]
+                base + ":seen", base + ":ahead"]
+
+    def wake_prefix(self, keys: Sequence[str]) -> str:
+        """The wake channel prefix of waiters on the resource of ``keys`` (its slot's on a
+        Redis Cluster: sharded pub/sub)."""
+        if self._sharded:
+            return self.keys.sharded_wake_prefix(key_slot(keys[0]))
+        return self.keys.wake_channel_prefix
 
     @staticmethod
     def _member(kind: str, name: str) -> str:
@@ -129,7 +156,8 @@ class RedisParkingStore(ParkingStore):
         keys = self.key_list(kind, name)
         args = [kind, id, owner, to_ms(lease), self._idle_ms, permits,
                 b"" if payload is None else payload, "" if turn is None else str(int(turn)),
-                self._did(), self._publish_ms, message_id or id, self._seen_ms]
+                self._did(), self._publish_ms, message_id or id, self._seen_ms, self._wait_ms,
+                self.wake_prefix(keys), _AHEAD_GONE_MS]
         command = ("EVALSHA", self._acquire.sha, len(keys), *keys, *args)
         if payload is None:
             reply = self._acquire.run(self.client, keys, args, raw=True)
@@ -153,10 +181,11 @@ class RedisParkingStore(ParkingStore):
         return [r if not isinstance(r, str) else r.encode() for r in reply]
 
     def dispatch(self, kind: str, name: str, lease: float, *, permits: int = 1,
-                 sweep: bool = False) -> tuple[int, list[Dispatch]]:
+                 sweep: bool = False, ahead: bool = False) -> tuple[int, list[Dispatch]]:
         keys = self.key_list(kind, name)
         args = [kind, to_ms(lease), self._idle_ms, permits, self._did(), self._publish_ms,
-                "1" if sweep else "0"]
+                "1" if sweep else "0", "1" if ahead else "0", self._wait_ms,
+                self.wake_prefix(keys), _AHEAD_GONE_MS]
         reply = self._dispatch.run(self.client, keys, args, raw=True)
         return int(reply[0]), _dispatches(kind, name, reply[1:])
 
@@ -168,15 +197,55 @@ class RedisParkingStore(ParkingStore):
             args: list[Any] = [self._wait_ms]
             for d in group:
                 args += [d.id, d.dispatch_id]
-            self._sent.run(self.client, [self.key_list(kind, name)[4]], args)
+            keys = self.key_list(kind, name)
+            self._sent.run(self.client, [keys[4], keys[6]], args)
 
     def adopt(self, kind: str, name: str, id: str, dispatch_id: str, lease: float, *,
-              before: tuple[Any, ...] | None = None) -> int:
+              before: tuple[Any, ...] | None = None, wait: float = 0.0) -> int:
         keys = self.key_list(kind, name)
-        args = [kind, id, dispatch_id, to_ms(lease)]
+        waiter = f"{process_id()}:park:{dispatch_id}"
+        args = [kind, id, dispatch_id, to_ms(lease), "wait" if wait > 0 else "leave", waiter,
+                _AHEAD_GONE_MS]
+        if wait > 0:
+            # subscribed before the wait is known in Redis: a wake-up cannot come unheard
+            hub = hub_for(self.client)
+            hub.ensure(self.wake_prefix(keys))
         if before is not None:
-            return int(self._adopt.run_after(self.client, before, keys, args))
-        return int(self._adopt.run(self.client, keys, args))
+            got = int(self._adopt.run_after(self.client, before, keys, args))
+        else:
+            got = int(self._adopt.run(self.client, keys, args))
+        if got != AHEAD_WAITING:
+            return got
+        return self._wait_ahead(hub, keys, args, waiter, wait)
+
+    def _wait_ahead(self, hub: Any, keys: list[str], args: list[Any], waiter: str,
+                    wait: float) -> int:
+        """Sent ahead: wait (woken on the wake channel, checking in every
+        :data:`AHEAD_CHECK_IN` seconds) until the turn comes with a permit, at most ``wait``
+        seconds; then, or on any error, give the wait up (the entry stays parked)."""
+        end = time.monotonic() + wait
+        slot = register_slot(waiter)
+        try:
+            got = AHEAD_WAITING
+            while got == AHEAD_WAITING:
+                generation = hub.generation
+                left = end - time.monotonic()
+                if left <= 0:
+                    args[4] = "leave"
+                if slot.token is None and left > 0:
+                    hub.wait(slot, min(AHEAD_CHECK_IN, left), None, generation)
+                slot.token = None
+                got = int(self._adopt.run(self.client, keys, args))
+            return got
+        except BaseException:
+            args[4] = "abandon"
+            try:
+                self._adopt.run(self.client, keys, args)
+            except Exception:  # its mark is dropped by a sweep once its check-ins stop
+                log.warning("rediskit: giving up a wait ahead failed", exc_info=True)
+            raise
+        finally:
+            drop_slot(waiter)
 
     def remove(self, kind: str, name: str, ids: Iterable[str]) -> list[str]:
         ids = list(ids)
@@ -191,6 +260,8 @@ class RedisParkingStore(ParkingStore):
             (as_text(member), "parked", int(score))
             for member, score in self.client.zrange(keys[2], 0, -1, withscores=True)
         ]
+        ahead = {as_text(k) for k in self.client.hkeys(keys[6])}
+        ids = [(i, "ahead" if i in ahead else state, turn) for i, state, turn in ids]
         for key, value in self.client.hgetall(keys[4]).items():
             _did, state, _deadline, turn = as_text(value).split("|")
             ids.append((as_text(key), "taken" if state == "t" else "sent", int(turn)))

@@ -66,5 +66,11 @@ def build(url: str, prefix: str, broker: str | None = None) -> Celery:
     return app
 
 
+if os.environ.get("RK_AHEAD_HOLD"):  # a test makes every release send the next task ahead
+    from celery_rediskit.integration import parking
+
+    parking.AHEAD_HOLD = float(os.environ["RK_AHEAD_HOLD"])
+    parking.AHEAD_WAIT = float(os.environ.get("RK_AHEAD_WAIT", parking.AHEAD_WAIT))
+
 if os.environ.get("RK_URL"):
     app = build(os.environ["RK_URL"], os.environ["RK_PREFIX"], os.environ.get("RK_BROKER"))

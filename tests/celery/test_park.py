@@ -18,7 +18,13 @@ from celery_rediskit.errors import ConfigurationError
 from celery_rediskit.integration import RedisKit, TaskLocked, metrics
 from celery_rediskit.integration.cli import rediskit
 from celery_rediskit.integration.control import lock_report
-from celery_rediskit.integration.parking import PARKED, parked_tasks, publish, store_of
+from celery_rediskit.integration.parking import (
+    PARKED,
+    parked_tasks,
+    publish,
+    publish_all,
+    store_of,
+)
 from celery_rediskit.integration.signals import task_parked
 from celery_rediskit.parking import Dispatch
 
@@ -377,3 +383,65 @@ def test_a_resent_message_goes_to_the_front_of_its_redis_queue(app, client, pref
     assert client.llen(queue) == 6
     following = client.lindex(queue, -1)  # kombu consumes from the right end (BRPOP)
     assert b"parked-1" in following and ("d-" + prefix).encode() in following
+
+
+def test_resent_messages_are_consumed_oldest_turn_first(app, client, prefix) -> None:
+    """One release re-sends several messages (reserved ones, then ones sent ahead): each goes
+    to the front, and they are consumed in turn order, the reserved ones first (their
+    permits idle until they arrive)."""
+
+    @app.task(shared=False, name="order", concurrency_limit="order:2", on_limited="park")
+    def order(i: int) -> int:
+        return i
+
+    queue = app.conf.task_default_queue
+    for i in range(3):  # sent since they parked; no worker consumes this queue
+        order.delay(i)
+    taken = []
+    for i in range(4):  # turns 1..4: two reserved (freed permits), then two sent ahead
+        message = order.signature((i,), task_id=f"parked-{i}", queue=queue)
+        taken.append(Dispatch(kind="s", name="order", id=f"parked-{i}",
+                              payload=dumps(dict(message)).encode(),
+                              dispatch_id=f"d{i}-{prefix}", turn=i + 1))
+    publish_all(app, store_of(RedisKit.of(app).runtime()), taken)
+    assert client.llen(queue) == 7
+    consumed = [client.lindex(queue, -1 - k) for k in range(4)]  # BRPOP: the right end first
+    assert [f"parked-{i}".encode() in m for i, m in enumerate(consumed)] == [True] * 4
+
+
+def test_short_runs_send_the_next_parked_task_ahead(app, worker, client, prefix) -> None:
+    """A run of <= AHEAD_HOLD seconds sends the next parked task ahead at its release: it
+    waits in a worker (state "ahead") and takes the permit the moment the next release frees
+    it. Every task still runs once, one at a time, in the order they parked."""
+    probe = Probe(client, prefix + ":p")
+    key = prefix + ":runs"
+
+    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
+    def job(self: Any, i: int) -> int:
+        probe.enter()
+        client.rpush(key, self.request.id)
+        time.sleep(0.05)
+        probe.exit()
+        return i
+
+    states: set[str] = set()
+    order: list[str] = []
+    with worker(app, concurrency=6):
+        results = [job.delay(i) for i in range(12)]
+        wait_for(lambda: parked_count(app, "s", "x") >= 5)
+        order = [t["task_id"] for t in sorted(parked_tasks(app), key=lambda t: t["turn"])]
+        deadline = time.monotonic() + WAIT
+        while not all(r.ready() for r in results):
+            assert time.monotonic() < deadline
+            tasks = parked_tasks(app)
+            states |= {t["state"] for t in tasks}
+            assert sum(t["state"] == "ahead" for t in tasks) <= 1  # one per permit
+            time.sleep(0.005)
+        assert sorted(r.get(timeout=WAIT) for r in results) == list(range(12))
+    assert "ahead" in states
+    assert probe.peak == 1 and probe.runs == 12
+    assert set(runs(client, key).values()) == {1}
+    ran = [x.decode() for x in client.lrange(key, 0, -1)]
+    assert [t for t in ran if t in order] == order  # the parked ones ran in their turn
+    assert parked_count(app, "s", "x") == 0
+    assert RedisKit.of(app).runtime().semaphore_storage.get_semaphore_info("x").acquired == 0

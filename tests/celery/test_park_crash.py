@@ -48,8 +48,10 @@ class Cluster:
         return f"q-{self.prefix}-{name}"
 
     def start(self, name: str, *, queue: str | None = None, crash_at: str = "",
-              concurrency: int = 2) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, RK_URL=self.url, RK_PREFIX=self.prefix, PYTHONPATH=str(HERE))
+              concurrency: int = 2, extra: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, RK_URL=self.url, RK_PREFIX=self.prefix, PYTHONPATH=str(HERE),
+                   **(extra or {}))
         if self.broker:
             env["RK_BROKER"] = self.broker
         if crash_at:
@@ -95,6 +97,12 @@ class Cluster:
     def parked(self) -> int:
         store = store_of(RedisKit.of(self.app).runtime())
         return sum(store.counts([("s", f"pk-{self.run}")])[0])
+
+    def ahead_waiter(self, task_id: str) -> str:
+        """The waiter of ``task_id`` sent ahead ("" until its message arrived, or if not)."""
+        store = store_of(RedisKit.of(self.app).runtime())
+        raw = self.client.hget(store.key_list("s", f"pk-{self.run}")[6], task_id)
+        return raw.decode().split("|")[4] if raw else ""
 
     def wait_for(self, what: Any, timeout: float = WAIT) -> float:
         start = time.monotonic()
@@ -242,3 +250,33 @@ def test_redis_restart_with_persistence_loses_nothing(tmp_path: Path,
         assert set(runs) == set(ids) and set(runs.values()) == {1}
     finally:
         c.close()
+
+
+AHEAD = {"RK_AHEAD_HOLD": "600", "RK_AHEAD_WAIT": "600"}  # every release sends ahead
+
+
+def test_killed_while_waiting_ahead(cluster: Cluster) -> None:
+    """A task sent ahead waits in its worker for the release; the worker dies meanwhile. The
+    release reserves the permit for it all the same (its last check-in is recent); a sweep
+    re-sends its message once it did not adopt in time, and another worker runs it, once."""
+    c = cluster
+    c.start("b", extra=AHEAD)
+    holder = c.send("holder", "b", hold=True)
+    c.wait_for(lambda: len(c.runs()) == 1)
+    c.start("c", extra=AHEAD)
+    first = c.send("early", "c", hold=True)
+    c.wait_for(lambda: c.parked() == 1)
+    a = c.start("a", extra=AHEAD)
+    second = c.send("early", "a")
+    c.wait_for(lambda: c.parked() == 2)
+    c.go()  # the holder ends: `first` gets the permit, `second` is sent ahead and waits on a
+    c.wait_for(lambda: len(c.runs()) == 2 and c.ahead_waiter(second.id) != "")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    c.go()  # `first` ends
+    c.start("a2", queue="a")
+    assert holder.get(timeout=WAIT) == holder.id
+    assert first.get(timeout=WAIT) == first.id
+    assert second.get(timeout=WAIT) == second.id
+    assert c.runs() == Counter({holder.id: 1, first.id: 1, second.id: 1})
+    assert c.parked() == 0

@@ -3,6 +3,7 @@ adoption, copies, sweeps and the index (no Celery)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import redis
 from celery_rediskit import RedisMutexStorage, RedisSemaphoreStorage
 from celery_rediskit._redis.slots import key_slot
 from celery_rediskit.parking import (
+    AHEAD_LEFT,
     DUPLICATE,
     GRANTED,
     NEED_PAYLOAD,
@@ -207,7 +209,162 @@ def test_keys_expire_and_share_the_resource_slot(store: RedisParkingStore,
     park(store, "m", "r", "b")
     keys = store.key_list("m", "r")
     assert len({key_slot(k) for k in keys}) == 1
+    store.dispatch("m", "r", LEASE, ahead=True)  # b is sent ahead: the ahead key exists
     for k in keys[2:4] + keys[5:]:
         assert client.pttl(k) > 0, k
     skeys = store.key_list("s", "r")
     assert len({key_slot(k) for k in skeys}) == 1
+
+
+class Waiting(threading.Thread):
+    """``store.adopt(..., wait=...)`` in a thread (a message sent ahead, waiting in a worker):
+    ``result`` and when it returned."""
+
+    def __init__(self, store: RedisParkingStore, kind: str, name: str, d: Dispatch,
+                 wait: float = 10.0) -> None:
+        super().__init__(daemon=True)
+        self.args_ = (store, kind, name, d, wait)
+        self.result: int | None = None
+        self.returned = 0.0
+
+    def run(self) -> None:
+        store, kind, name, d, wait = self.args_
+        self.result = store.adopt(kind, name, d.id, d.dispatch_id, LEASE, wait=wait)
+        self.returned = time.monotonic()
+
+
+def wait_until(what: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def ahead_waiter(store: RedisParkingStore, kind: str, name: str, id: str) -> str:
+    raw = store.client.hget(store.key_list(kind, name)[6], id)
+    return raw.decode().split("|")[4] if raw else ""
+
+
+def test_sent_ahead_waits_and_is_woken_by_the_release(store: RedisParkingStore,
+                                                      mutexes: RedisMutexStorage) -> None:
+    assert park(store, "m", "r", "a").status == GRANTED
+    for i in "bcd":
+        assert park(store, "m", "r", i).status == PARKED
+    # the lock is held: b goes ahead (no reservation), once: one per permit
+    left, taken = store.dispatch("m", "r", LEASE, ahead=True)
+    assert left == 3 and [d.id for d in taken] == ["b"]
+    assert mutexes.get_lock_info("r").holder == "own-a"
+    assert store.dispatch("m", "r", LEASE, ahead=True) == (3, [])
+    assert [(e.id, e.state) for e in store.entries("m", "r")] == [
+        ("b", "ahead"), ("c", "parked"), ("d", "parked")]
+    store.mark_sent(taken)
+    waiting = Waiting(store, "m", "r", taken[0])
+    waiting.start()
+    wait_until(lambda: ahead_waiter(store, "m", "r", "b") != "")
+    assert waiting.result is None
+    # the release: the lock goes to b's dispatch id, b is woken (nothing published for b),
+    # and c goes ahead in its place
+    assert mutexes.release("r", "own-a")
+    released = time.monotonic()
+    left, taken2 = store.dispatch("m", "r", LEASE, ahead=True)
+    assert [d.id for d in taken2] == ["c"]
+    waiting.join(5)
+    assert waiting.result is not None and waiting.result >= 1
+    assert waiting.returned - released < 0.5  # woken, not found at its next check-in (1 s)
+    info = mutexes.get_lock_info("r")
+    assert info.holder == reservation_owner(taken[0].dispatch_id)
+    assert info.fencing_token == waiting.result
+    # a copy of b's message is refused
+    assert store.adopt("m", "r", "b", taken[0].dispatch_id, LEASE, wait=1) == -1
+    assert [(e.id, e.state) for e in store.entries("m", "r")] == [
+        ("c", "ahead"), ("d", "parked")]
+
+
+def test_sent_ahead_one_per_permit_and_turns_kept(store: RedisParkingStore,
+                                                  sems: RedisSemaphoreStorage) -> None:
+    for i in range(2):
+        assert park(store, "s", "db", f"h{i}", permits=2).status == GRANTED
+    for i in range(4):
+        assert park(store, "s", "db", f"p{i}", permits=2).status == PARKED
+    _, taken = store.dispatch("s", "db", LEASE, permits=2, ahead=True)
+    assert [d.id for d in taken] == ["p0", "p1"]
+    store.mark_sent(taken)
+    assert store.dispatch("s", "db", LEASE, permits=2, ahead=True)[1] == []
+    # an older turn parks after them: it goes first when a permit frees, sent the usual way
+    turn = store.entries("s", "db")[0].turn
+    assert park(store, "s", "db", "old", permits=2, turn=turn - 1000).status == PARKED
+    assert sems.release("db", "own-h0")
+    _, taken2 = store.dispatch("s", "db", LEASE, permits=2, ahead=True)
+    assert [d.id for d in taken2] == ["old"]
+    assert reservation_owner(taken2[0].dispatch_id) in sems.get_semaphore_info("db").holders
+    # the next release goes to p0, which was sent ahead: it is not sent again (p2 goes
+    # ahead in its place)
+    assert sems.release("db", "own-h1")
+    left, taken3 = store.dispatch("s", "db", LEASE, permits=2, ahead=True)
+    assert [d.id for d in taken3] == ["p2"] and left == 5
+    assert store.adopt("s", "db", "p0", taken[0].dispatch_id, LEASE, wait=1) == 1
+
+
+def test_sent_ahead_gives_up_and_keeps_its_turn(store: RedisParkingStore,
+                                                mutexes: RedisMutexStorage) -> None:
+    assert park(store, "m", "r", "a").status == GRANTED
+    for i in "bc":
+        assert park(store, "m", "r", i).status == PARKED
+    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
+    store.mark_sent(taken)
+    assert store.adopt("m", "r", "b", taken[0].dispatch_id, LEASE, wait=0.2) == AHEAD_LEFT
+    assert [(e.id, e.state) for e in store.entries("m", "r")] == [
+        ("b", "parked"), ("c", "parked")]
+    # its turn comes: it is sent again the usual way, and the old message is a copy
+    mutexes.release("r", "own-a")
+    _, again = store.dispatch("m", "r", LEASE)
+    assert [d.id for d in again] == ["b"] and again[0].dispatch_id != taken[0].dispatch_id
+    assert store.adopt("m", "r", "b", taken[0].dispatch_id, LEASE, wait=1) == -1
+    assert store.adopt("m", "r", "b", again[0].dispatch_id, LEASE) >= 1
+
+
+def test_sweep_drops_the_mark_of_a_dead_waiter(store: RedisParkingStore,
+                                               mutexes: RedisMutexStorage) -> None:
+    """A waiter that stops checking in (its process died) loses its mark; one that died after
+    the release reserved the lock for it has its message re-sent by a sweep."""
+    assert park(store, "m", "r", "a").status == GRANTED
+    for i in "bc":
+        assert park(store, "m", "r", i).status == PARKED
+    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
+    store.mark_sent(taken)
+    keys = store.key_list("m", "r")
+    did = taken[0].dispatch_id
+
+    def register(gone_ms: int) -> int:  # what a waiter's check-in does, then it "dies"
+        return int(store._adopt.run(store.client, keys, ["m", "b", did, 5000, "wait",
+                                                         "proc:park:" + did, gone_ms]))
+
+    assert register(100) == -2
+    time.sleep(0.2)
+    store.dispatch("m", "r", LEASE, sweep=True)
+    assert store.entries("m", "r")[0].state == "parked"
+    assert store.adopt("m", "r", "b", did, LEASE, wait=1) == -1  # a late copy
+    # sent ahead again; the waiter registers, the release reserves the lock for it, and it dies
+    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
+    store.mark_sent(taken)
+    did = taken[0].dispatch_id
+    assert register(60_000) == -2
+    mutexes.release("r", "own-a")
+    assert store.dispatch("m", "r", LEASE)[1] == []
+    assert mutexes.get_lock_info("r").holder == reservation_owner(did)
+    # the sweep re-sends it (same dispatch id) once its waiter had its time to adopt
+    wait_until(lambda: [d.id for d in store.dispatch("m", "r", LEASE, sweep=True)[1]] == ["b"])
+    assert store.adopt("m", "r", "b", did, LEASE) >= 1
+
+
+def test_remove_ends_a_wait_ahead(store: RedisParkingStore) -> None:
+    assert park(store, "m", "r", "a").status == GRANTED
+    assert park(store, "m", "r", "b").status == PARKED
+    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
+    store.mark_sent(taken)
+    waiting = Waiting(store, "m", "r", taken[0])
+    waiting.start()
+    wait_until(lambda: ahead_waiter(store, "m", "r", "b") != "")
+    assert store.remove("m", "r", ["b"]) == ["b"]
+    waiting.join(5)
+    assert waiting.result == -1 and store.entries("m", "r") == []
