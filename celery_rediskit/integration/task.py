@@ -358,15 +358,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
             # task parks again at a resource before it in the plan. The claims record goes
             # with the next try (or after the plan): a copy dropped here must not overwrite
             # the record of the run that adopted it.
-            adopting = time.monotonic()  # the adopted lease counts from here
-            got = parking.adopt(self, rt, request, resent, None)
+            got = parking.adopt(self, rt, request, resent, None)  # a Grant: dated by its call
             if got >= 1:
                 adopted_kind, adopted_name, _ = plan[adopt_at]
                 lease = (MutexLease if adopted_kind is LeaseKind.MUTEX else Permit)(
                     rt.mutex_storage if adopted_kind is LeaseKind.MUTEX
                     else rt.semaphore_storage, resource_key(adopted_name), resent.owner,
                     seconds, fencing_token=got, on_lost=rt.mutex.on_lost,
-                    companion_keys=companions, granted_at=adopting)
+                    companion_keys=companions)
                 lease.start_renewal()
                 held.append(lease)
                 rt.owners[resent.owner] = (self, task_id)

@@ -143,7 +143,8 @@ class ParkingStore(ABC):
     def adopt(self, kind: str, name: str, id: str, dispatch_id: str, lease: float, *,
               wait: float = 0.0) -> int:
         """The re-sent ``id`` takes over its reservation for ``lease`` seconds: its fencing
-        token (a lock) or 1 (a permit); 0 when the reservation ended meanwhile (ask again,
+        token (a lock) or 1 (a permit), as a :class:`~celery_rediskit.lease.Grant` dated from
+        the call that adopted; 0 when the reservation ended meanwhile (ask again,
         keeping the turn); -1 when this message is a copy that must not run. Sent ahead, it
         first waits for its turn, up to ``wait`` seconds: :data:`AHEAD_LEFT` when it did not
         come (the entry stays parked)."""

@@ -42,7 +42,7 @@ from .._redis.slots import is_cluster, key_slot
 from .._redis.wakeup import drop_slot, hub_for, register_slot
 from .._validate import resource_key, to_ms
 from ..durations import Duration
-from ..lease import process_id
+from ..lease import Grant, process_id
 from .base import (
     AHEAD_WAITING,
     DUPLICATE,
@@ -210,12 +210,13 @@ class RedisParkingStore(ParkingStore):
             # subscribed before the wait is known in Redis: a wake-up cannot come unheard
             hub = hub_for(self.client)
             hub.ensure(self.wake_prefix(keys))
+        sent = time.monotonic()  # a reservation adopted counts its lease from here
         if before is not None:
             got = int(self._adopt.run_after(self.client, before, keys, args))
         else:
             got = int(self._adopt.run(self.client, keys, args))
         if got != AHEAD_WAITING:
-            return got
+            return Grant(got, sent) if got >= 1 else got
         return self._wait_ahead(hub, keys, args, waiter, wait)
 
     def _wait_ahead(self, hub: Any, keys: list[str], args: list[Any], waiter: str,
@@ -235,8 +236,9 @@ class RedisParkingStore(ParkingStore):
                 if slot.token is None and left > 0:
                     hub.wait(slot, min(AHEAD_CHECK_IN, left), None, generation)
                 slot.token = None
+                sent = time.monotonic()
                 got = int(self._adopt.run(self.client, keys, args))
-            return got
+            return Grant(got, sent) if got >= 1 else got
         except BaseException:
             args[4] = "abandon"
             try:
