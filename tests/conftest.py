@@ -24,6 +24,27 @@ from tests.faults.sentinel import SentinelSetup
 from tests.faults.tls import TLSFiles
 from tests.processes import Holder
 
+# Run alone by `make test` (marker `serial`), after the rest has run in parallel
+# (pytest-xdist): these judge time bounds under injected faults or load, or fork the test
+# process (forking an xdist worker, whose execnet threads may hold locks, can hang the child).
+SERIAL = (
+    "tests/faults/",
+    "tests/cluster/",
+    "tests/celery/test_park_crash.py",
+    "tests/celery/test_rate_prefork.py",
+    "tests/ratelimit/test_accuracy.py",
+    "tests/cache/test_cache_fork.py",
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(ROOT).as_posix()
+        if where.startswith(SERIAL):
+            item.add_marker(pytest.mark.serial)
+
+
 # The testing kit users get (celery_rediskit/contrib/pytest.py): the suite runs on its
 # session server, and tests use its rediskit_* fixtures where they fit.
 pytest_plugins = ["celery_rediskit.contrib.pytest"]
