@@ -666,6 +666,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         for lease in released:
             rt.owners.pop(lease.owner, None)
         task_id: str = request.id
+        since: float | None = getattr(request, "rediskit_held_since", None)
 
         def done(replies: list[Any]) -> None:
             forgotten = prepared.finish(replies)
@@ -675,7 +676,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 for lease in released:
                     observe.released(self, task_id, lease)
             if released and self._rk_policy.parks:
-                parking.after_release(self, rt, released)
+                parking.after_release(self, rt, released,
+                                      None if since is None else time.monotonic() - since)
 
         request.rediskit_record = None  # deleted with the releases (or apart: done)
         backend = None
