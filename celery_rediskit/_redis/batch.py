@@ -34,6 +34,8 @@ class _BatchReleaser(Protocol):
 
     def release_reply(self, reply: Any) -> bool: ...
 
+    def renewal_key(self, key: str) -> str: ...
+
 
 def _run_one(client: Any, script_call: ScriptCall) -> Any:
     script, keys, args = script_call
@@ -85,6 +87,14 @@ class PreparedRelease:
         else:
             calls.extend(then)
         self._leases, self._storages, self.calls = pending, storages, calls
+
+    def held(self) -> list[tuple[str, str, str]]:
+        """What each lease to release holds until its release runs: (its Redis key, its
+        kind's value, ``"m"`` a lock's key holding the owner or ``"s"`` a semaphore's
+        holders with the owner as a member, and the owner); for a command that must run
+        only after the releases (``lua/result_store.lua``)."""
+        return [(storage.renewal_key(lease.key), lease.kind.value, lease.owner)
+                for storage, lease in zip(self._storages, self._leases, strict=True)]
 
     def finish(self, replies: Sequence[Any]) -> list[Any]:
         """Take the replies of :attr:`calls`; return those of ``then`` (see

@@ -689,7 +689,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if backend is None:
             done(run_scripts(rt.client, prepared.calls) if prepared.calls else [])
             return
-        with_result.defer(backend, task_id, prepared, rt.client, done)
+        held_until = prepared.held()  # the store must find these released
+        if record is not None:
+            held_until.append((record[1], "m", record[2]))  # and the record deleted
+        with_result.defer(backend, task_id, prepared, rt.client, done, held_until)
 
     def _rk_forget(self, rt: Runtime, task_id: str, record: tuple[Any, ...]) -> None:
         try:

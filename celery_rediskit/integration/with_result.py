@@ -11,22 +11,29 @@ The releases are handed over (:func:`defer`) when the body is done; a store of t
 result takes them (:func:`_install` wraps the backend's ``_set``). Whatever keeps Celery from
 storing it (``ignore_result``, ``Ignore``/``Reject``, a result stored already, a store that
 failed) leaves them to the backend's ``process_cleanup``, which Celery's tracer calls after
-every run in a worker: they are sent there, on the library's client, as before. A release
-script the server lacks (after a restart) fails inside the transaction without touching the
-result; the releases are then sent again on their own (each is idempotent: a release id,
-an owner-checked record deletion).
+every run in a worker: they are sent there, on the library's client, as before.
+
+A caller that has the result finds the run's leases released and its claims record gone,
+always. Inside the transaction the result is stored by a script (``lua/result_store.lua``,
+the SET and PUBLISH of Celery's own store) that writes nothing while a lease of the run is
+still held or its record still there. That happens when a release script is missing on the
+server (NOSCRIPT, which fails that command only, not the transaction: the first runs of a
+process after a restart, a failover or ``SCRIPT FLUSH``); the releases are then sent again
+on their own (each is idempotent: a release id, an owner-checked record deletion), loading
+the scripts, and only then is the result stored, as Celery stores it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from .._redis.batch import PreparedRelease, run_scripts
+from .._redis.scripts import load_script
 
 __all__ = ["backend_for", "defer", "flush"]
 
@@ -39,11 +46,13 @@ _WHERE = ("host", "port", "path", "db", "username")
 
 
 class _Deferred:
-    __slots__ = ("client", "done", "key", "prepared")
+    __slots__ = ("client", "done", "held", "key", "prepared")
 
     def __init__(self, key: bytes, prepared: PreparedRelease, client: Any,
-                 done: Callable[[list[Any]], None]) -> None:
+                 done: Callable[[list[Any]], None],
+                 held: Sequence[tuple[str, str, str]]) -> None:
         self.key, self.prepared, self.client, self.done = key, prepared, client, done
+        self.held = held
 
 
 def backend_for(task: Any, client: Any) -> Any | None:
@@ -86,25 +95,36 @@ def _install(backend: Any) -> None:
         if deferred is None or _as_bytes(key) != deferred.key:
             return original_set(key, value, *rest)
         expires = rest[0] if rest and rest[0] is not None else backend.expires
+        ms = round(float(expires) * 1000) if expires else 0
+        store = load_script("result_store")
+        keys = [key, *(k for k, _kind, _value in deferred.held)]
+        args: list[Any] = [value, ms]
+        for _k, kind, held_value in deferred.held:
+            args += [kind, held_value]
         with backend.client.pipeline() as pipe:
-            if expires:
-                pipe.set(key, value, ex=expires)
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
-            for script, keys, args in deferred.prepared.calls:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            for script, skeys, sargs in deferred.prepared.calls:
+                pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
+            pipe.execute_command("EVALSHA", store.sha, len(keys), *keys, *args)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
         _local.deferred = None
-        ours = list(replies[2:])
-        if any(isinstance(reply, NoScriptError) for reply in ours):
-            _send(deferred)  # loads the scripts; the releases that ran answer as before
-        else:
-            _finish(deferred, ours)
-        for reply in replies[:2]:
-            if isinstance(reply, Exception):
-                raise reply  # Celery's own store failed: as its _set would
-        return None
+        ours, stored = list(replies[:-1]), replies[-1]
+        if stored == 1:
+            if any(isinstance(reply, NoScriptError) for reply in ours):
+                _send(deferred)  # a missing release of a lease no longer held: idempotent
+            else:
+                _finish(deferred, ours)
+            return None
+        # Nothing stored: a release did not run (its script missing), or the store's
+        # script is missing, or the store failed. Releases first, then Celery's own store
+        # (which raises as it would if the server refuses it).
+        _send(deferred)  # loads the missing release scripts; those that ran answer as before
+        result = original_set(key, value, *rest)
+        if isinstance(stored, NoScriptError):
+            try:
+                store.load(backend.client)  # for the next run's store
+            except Exception:  # noqa: BLE001 - the next store falls back the same way
+                log.debug("rediskit: loading the result store script failed", exc_info=True)
+        return result
 
     def process_cleanup() -> None:
         try:
@@ -121,13 +141,17 @@ def _as_bytes(key: Any) -> bytes:
 
 
 def defer(backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
-          done: Callable[[list[Any]], None]) -> None:
+          done: Callable[[list[Any]], None],
+          held: Sequence[tuple[str, str, str]] = ()) -> None:
     """Hand ``prepared`` over to the store of ``task_id``'s result by ``backend`` (from
     :func:`backend_for`); ``done`` gets the replies of its calls once sent (on ``client``,
-    the library's, when the store does not take them)."""
+    the library's, when the store does not take them). ``held``: what the releases end,
+    (key, kind, value) as ``lua/result_store.lua`` checks it (``PreparedRelease.held``,
+    and the claims record with kind ``"m"`` and its text): the result is stored only once
+    none of it is held any more."""
     flush()  # one left by a run whose store and cleanup never came (should not happen)
     _local.deferred = _Deferred(_as_bytes(backend.get_key_for_task(task_id)), prepared,
-                                client, done)
+                                client, done, held)
 
 
 def flush() -> None:

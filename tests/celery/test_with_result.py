@@ -5,6 +5,7 @@ trips (``tests/roundtrips.py``); Celery's backend has a client of its own."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ import redis
 from celery import Celery
 from celery.exceptions import Ignore
 
+from celery_rediskit._redis.scripts import load_script
+from celery_rediskit.testing import PrivateServer
 from tests.interrupts import wait_until
 from tests.roundtrips import round_trip_client
 
@@ -147,3 +150,73 @@ def test_a_backend_on_another_database_is_left_alone(
         app.close()
         c.close()
     assert sent == [["EVALSHA"], ["EVALSHA"]], "acquire, then release on their own"
+
+
+def _keyspace_events(client: redis.Redis, act: Callable[[], Any], until: bytes,
+                     timeout: float = WAIT) -> list[tuple[bytes, bytes]]:
+    """The (key, event) pairs the server publishes while ``act()`` runs, in the order it ran
+    them, up to the first ``until`` event of a result key (``celery-task-meta-*``)."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.psubscribe("__keyspace@*__:*")
+        pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+        act()
+        events: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            key = message["channel"].split(b":", 1)[1]
+            events.append((key, message["data"]))
+            if key.startswith(b"celery-task-meta-") and message["data"] == until:
+                return events
+        raise AssertionError(f"no {until!r} of a result key in {events}")
+    finally:
+        pubsub.close()
+
+
+@pytest.mark.parametrize("loaded", ["none", "store only"])
+@pytest.mark.parametrize("task", ["single", "limited", "both"])
+def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
+    private_server: PrivateServer, prefix: str, task: str, loaded: str
+) -> None:
+    """After the server lost its scripts (a restart, a failover, SCRIPT FLUSH) a run's
+    releases and the deletion of its claims record still come before its result is stored,
+    in the server's own order (keyspace events): a caller that has the result finds them
+    done. Before, the store went through and the releases followed it in a round trip of
+    their own (test_long_tasks saw the record outlive its task)."""
+    url = private_server.url
+    client = redis.Redis.from_url(url)
+    client.config_set("notify-keyspace-events", "Kg$z")
+    app, c, _trips = _app(url, prefix)
+    options: dict[str, Any] = {
+        "single": {"singleton": True},
+        "limited": {"concurrency_limit": "db:2"},
+        "both": {"singleton": True, "concurrency_limit": "db:2"},
+    }[task]
+
+    @app.task(shared=False, **options)
+    def job(x: int) -> int:
+        return x
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up: scripts loaded, backend
+            client.script_flush()
+            if loaded == "store only":  # reloaded meanwhile by another run's store
+                client.script_load(load_script("result_store").source)
+            result: list[Any] = []
+            events = _keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
+            assert result[0].get(timeout=WAIT) == 2
+            assert _locked(client, prefix) == []
+    finally:
+        app.close()
+        c.close()
+        client.close()
+    mine = [(k, e) for k, e in events if k.startswith(prefix.encode())]
+    record = [e for k, e in mine if b":claims:" in k]
+    released = [e for k, e in mine if k.endswith(b"}") or k.endswith(b":holders")]
+    # the record written by the acquire, then deleted; each lease taken, then given back
+    assert record[-1] == b"del", events
+    assert released and released[-1] in (b"del", b"zrem"), events
