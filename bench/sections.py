@@ -75,6 +75,22 @@ SECTIONS: list[Section] = [
         runner="bench.park_bench:run",
         requires=("celery_rediskit.integration.parking:Sweeper",),
     ),
+    Section(
+        "renewal", "Renewal: server time per script with 5,000 and 50,000 leases held",
+        runner="bench.renewal_bench:run",
+        requires=("celery_rediskit._redis.renew_batch:RedisRenewal",),
+    ),
+    Section(
+        "startup", "Startup and memory: import times, the RSS a worker process gains",
+        runner="bench.startup_bench:run",
+        requires=("celery_rediskit.integration:RedisKit",),
+    ),
+    Section(
+        "peers", "Task options vs celery-once and celery-singleton: worker and Redis CPU per "
+        "task, round trips, throughput",
+        runner="bench.peers_bench:run",
+        requires=("celery_rediskit.integration:RedisKit",),
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SECTIONS}

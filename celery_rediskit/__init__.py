@@ -6,24 +6,10 @@ nothing of Celery; ``celery_rediskit.integration`` composes them for Celery apps
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._redis.keys import KeySpace
 from ._redis.scripts import trace_commands
-from .cache import (
-    MISSING,
-    CachedFunction,
-    CacheProvider,
-    CacheUnavailable,
-    MemoryCacheProvider,
-    RedisCacheProvider,
-    cache_key_for,
-    cache_life,
-    cache_tag,
-    cached,
-    compute_cached,
-    get_cache_provider,
-    revalidate_tag,
-    set_cache_provider,
-)
 from .errors import (
     AcquireAborted,
     CacheError,
@@ -62,6 +48,46 @@ from .semaphore import (
     create_semaphore,
 )
 from .semaphore.redis import RedisSemaphoreStorage
+
+if TYPE_CHECKING:
+    from .cache import (
+        MISSING,
+        CachedFunction,
+        CacheProvider,
+        CacheUnavailable,
+        MemoryCacheProvider,
+        RedisCacheProvider,
+        cache_key_for,
+        cache_life,
+        cache_tag,
+        cached,
+        compute_cached,
+        get_cache_provider,
+        revalidate_tag,
+        set_cache_provider,
+    )
+
+# The cache (its serializers, encoders and providers) is imported at the first use of one of
+# its names here, not with the package: a process that only takes locks never loads it.
+_FROM_CACHE = frozenset({
+    "MISSING", "CachedFunction", "CacheProvider", "CacheUnavailable", "MemoryCacheProvider",
+    "RedisCacheProvider", "cache_key_for", "cache_life", "cache_tag", "cached",
+    "compute_cached", "get_cache_provider", "revalidate_tag", "set_cache_provider",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_CACHE:
+        from . import cache
+
+        value = getattr(cache, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FROM_CACHE})
 
 __version__ = "0.1.0"
 

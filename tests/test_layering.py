@@ -43,6 +43,23 @@ def test_primitives_import_without_celery() -> None:
     assert result.stdout.strip() == "ok"
 
 
+LAZY_MODULES = frozenset({
+    "celery_rediskit.cache",
+    "celery_rediskit.report",
+    "celery_rediskit._redis.wakeup",
+})
+"""The only modules imported inside functions: at their first use, so that what a plain task
+(or a lock that never waits) does not use is never loaded (tests/test_imports.py). Imports
+under ``if TYPE_CHECKING:`` are for annotations only."""
+
+
+def _is_type_checking_block(node: object) -> bool:
+    import ast
+
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) \
+        and node.test.id == "TYPE_CHECKING"
+
+
 def _intra_package_imports() -> dict[str, tuple[set[str], list[str]]]:
     """module → (modules of the package it imports at module level, imports inside functions)."""
     import ast
@@ -70,12 +87,15 @@ def _intra_package_imports() -> dict[str, tuple[set[str], list[str]]]:
                 return []
             return [f"{base}.{a.name}" for a in node.names] + [base]
 
+        typing_only = {id(n) for block in tree.body if _is_type_checking_block(block)
+                       for n in ast.walk(block)}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 targets = resolve(node)
                 if node in tree.body:
                     top.update(targets)
-                elif targets:
+                elif targets and id(node) not in typing_only and not (
+                        set(targets) & LAZY_MODULES):
                     nested.append(f"line {node.lineno}: {targets[-1]}")
         found[name] = (top, nested)
     modules = set(found)

@@ -127,6 +127,46 @@ def test_companion_keys_in_a_big_batch_go_with_their_own_lease(
     c.delete(*(f"{prefix}:rec:{i}" for i in range(count)))
 
 
+def _evalsha_calls(admin: redis.Redis) -> int:
+    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_renewal_is_split_by_cost_so_no_script_stalls_the_server(
+    private_server: PrivateServer
+) -> None:
+    """Counted by the server itself (INFO commandstats, on a server of the test's own): a
+    renewal of many leases runs as scripts of at most BATCH_COST commands each (a lock with a
+    companion costs 3, a permit 3 and more), all in one round trip, and renews every lease."""
+    admin = redis.Redis.from_url(private_server.url)
+    c, trips = round_trip_client(private_server.url)
+    mutex = create_mutex(lease=30, storage=RedisMutexStorage(c, prefix="p"))
+    semaphore = create_semaphore(permits=1000, lease=30,
+                                 storage=RedisSemaphoreStorage(c, prefix="p"))
+    locks = [mutex.acquire(f"res{i}", auto_renew=False, companion_keys=[f"p:rec:{i}"])
+             for i in range(900)]
+    permits = [semaphore.acquire("pool", auto_renew=False) for _ in range(300)]
+    leases = [*locks, *permits]
+    for i in range(900):
+        c.set(f"p:rec:{i}", i, px=2000)
+    renewer().renew_now(leases[:1])  # the renewal connection, the script loaded
+    before = _evalsha_calls(admin)
+    trips.clear()
+    renewer().renew_now(leases)
+    scripts = _evalsha_calls(admin) - before
+    assert trips == [["EVALSHA"] * scripts], "every script in one round trip"
+    # 66 locks (3 commands each) per script of at most 200: 14 scripts, the last one with
+    # 42 locks and 24 permits (3 each); the other 276 permits: 5 more
+    assert scripts == 19, scripts
+    assert not any(lease.lost for lease in leases)
+    assert min(c.pttl(f"p:lock:{{res{i}}}") for i in range(0, 900, 30)) > 29_000
+    assert min(c.pttl(f"p:rec:{i}") for i in range(0, 900, 30)) > 29_000
+    assert 29 < permits[-1].ttl() <= 30
+    for lease in leases:
+        lease.release()
+    admin.close()
+    c.close()
+
+
 @pytest.fixture
 def one_node_cluster(tmp_path: Any) -> Iterator[RedisCluster]:
     """A real Redis Cluster of one node holding every slot: it refuses cross-slot scripts."""

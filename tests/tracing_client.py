@@ -38,6 +38,7 @@ class Recording(redis.Redis):
         """(path, script name) of every EVALSHA seen."""
         names = {load_script(n).sha: n for n in (
             "mutex_acquire", "mutex_release", "sem_acquire", "sem_release", "mutex_info",
-            "sem_info")}
+            "sem_info", "claims_mutex_acquire", "claims_mutex_release", "claims_sem_acquire",
+            "claims_sem_release")}
         return {(path, names.get(sha, sha)) for path, cmd, sha in self.seen
                 if cmd == "EVALSHA"}

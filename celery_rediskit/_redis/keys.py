@@ -7,9 +7,8 @@ arguments, all in one slot).
 Every key the library writes expires: none is left behind by a name that is never used again
 (per-user lock names, ``tenant:{id}`` templates). What each key lives:
 
-- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl / 2`` to
-  ``idle_ttl`` after the last grant's lease (keys touched on every grant renew their expiry
-  at most once per half of it: setting one costs as much as the rest of a grant). A
+- a lock's owner key: its lease. Its fence key (the last fencing token): ``idle_ttl`` after
+  the last grant's lease (set by the SET that writes each token). A
   fence that expired costs nothing: tokens come from the server's clock when it is gone, so
   they keep rising (see ``lua/_fence.lua``).
 - a semaphore's ``total`` and ``initial``: ``idle_ttl / 2`` to ``idle_ttl`` after the last

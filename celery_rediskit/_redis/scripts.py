@@ -10,9 +10,12 @@ redis-py adds microseconds per call on the hot path. When the server has forgott
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import os
 import re
+import threading
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -63,6 +66,70 @@ def _connection(pool: Any, command: Any) -> Any:
     return pool.get_connection(command) if _NAMED else pool.get_connection()
 
 
+# Each thread keeps the connection of its last lean call checked out of the pool, for the next
+# one: checking a connection out and back in costs more CPU than the round trip itself (the
+# pool's lock and bookkeeping, and a poll of the socket for unread data, which a connection used
+# only here never has: every reply is read, or the connection is dropped).
+_local = threading.local()
+_generation = 0  # bumped in a forked child: a connection of the parent is never used there
+
+
+def _after_fork_in_child() -> None:
+    global _generation
+    _generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Held:
+    """A connection checked out of ``pool`` by this thread (the pool counts it in use)."""
+
+    __slots__ = ("conn", "generation", "pool")
+
+    def __init__(self, pool: Any, conn: Any) -> None:
+        self.pool, self.conn, self.generation = pool, conn, _generation
+
+    def give_back(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None and self.generation == _generation:  # not a parent's, after fork
+            self.pool.release(conn)
+
+    def __del__(self) -> None:  # the thread ended (its locals went): back to the pool
+        with contextlib.suppress(Exception):
+            self.give_back()
+
+
+def _checkout(pool: Any, command: Any) -> _Held:
+    held: _Held | None = getattr(_local, "held", None)
+    if held is not None:
+        _local.held = None  # in use: a nested call (another frame of this thread) takes its own
+        if held.pool is pool and held.generation == _generation and held.conn is not None:
+            if _still_good(held.conn):
+                return held
+            held.conn.disconnect()  # the server closed it (a restart): the pool reconnects
+        held.give_back()
+    return _Held(pool, _connection(pool, command))
+
+
+def _still_good(conn: Any) -> bool:
+    """Whether a connection kept since an earlier call can be used as it is: nothing is
+    waiting to be read on it (an idle connection that turns readable was closed by the server,
+    or holds a stray reply). One zero-timeout poll, the check redis-py's pool makes at every
+    checkout; without it the first command after a server restart would fail."""
+    try:
+        return not conn.can_read(timeout=0)
+    except (ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _checkin(held: _Held) -> None:
+    if getattr(_local, "held", None) is None:
+        _local.held = held
+    else:
+        held.give_back()
+
+
 class LuaScript:
     """One Lua script: its source and SHA1; ``run`` calls it with EVALSHA on any client."""
 
@@ -79,8 +146,17 @@ class LuaScript:
         try:
             return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
         except NoScriptError:
-            client.script_load(self.source)  # on a cluster client: every primary
+            self.load(client)
             return call(client, "EVALSHA", self.sha, len(keys), *keys, *args, raw=raw)
+
+    def load(self, client: Any) -> None:
+        """Load the script where :func:`call` runs it: on a plain client over the very
+        connection this thread calls through (after a Sentinel failover it may still talk to
+        the old master until that refuses writes), on a cluster client on every primary."""
+        if getattr(client, "connection_pool", None) is None:
+            client.script_load(self.source)
+        else:
+            call(client, "SCRIPT", "LOAD", self.source)
 
 
     def run_many(self, client: Any, calls: list[list[str]]) -> list[Any]:
@@ -89,7 +165,7 @@ class LuaScript:
         commands = [("EVALSHA", self.sha, len(keys), *keys) for keys in calls]
         replies = call_many(client, *commands)
         if any(isinstance(r, NoScriptError) for r in replies):
-            client.script_load(self.source)
+            self.load(client)
             replies = call_many(client, *commands)
         for reply in replies:
             if isinstance(reply, Exception):
@@ -158,9 +234,11 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
     ``raw``: string replies come back as bytes even from a ``decode_responses=True`` client
     (for stored payloads, which need not be text).
 
-    On a plain ``redis.Redis`` this borrows a connection from the client's own pool and talks
-    to it directly, skipping redis-py's per-command retry closure and metrics bookkeeping
-    (about a third of its client-side cost). Error replies are raised as usual.
+    On a plain ``redis.Redis`` this talks directly to a connection of the client's own pool,
+    skipping redis-py's per-command retry closure and metrics bookkeeping; each thread keeps
+    the connection of its last call checked out for the next one (given back to the pool when
+    the thread ends or uses another client), which halves the client's CPU per round trip.
+    Error replies are raised as usual.
 
     After a connection error or timeout the command may or may not have run: the connection is
     dropped and the command sent again through ``client.execute_command``, so redis-py's retry
@@ -182,19 +260,24 @@ def call(client: Any, *args: Any, raw: bool = False) -> Any:
         return _cluster_call(client, args, raw)
     if getattr(client, "connection", None) is not None:
         return client.execute_command(*args, **options)
-    conn = _connection(pool, args[0])
+    held = _checkout(pool, args[0])
+    conn = held.conn
     try:
         conn.send_command(*args)
-        return conn.read_response(disable_decoding=raw)
+        reply = conn.read_response(disable_decoding=raw)
     except ResponseError:
+        _checkin(held)
         raise  # an error reply: the connection is fine
     except (ConnectionError, TimeoutError, OSError):
         conn.disconnect()  # unknown state: drop it and send again (below)
+        held.give_back()  # to the pool, where the re-send takes it (to wherever it reconnects)
     except BaseException:
         conn.disconnect()  # a reply may still be on its way: never reuse this connection
+        held.give_back()
         raise
-    finally:
-        pool.release(conn)
+    else:
+        _checkin(held)
+        return reply
     return client.execute_command(*args, **_RAW) if raw else client.execute_command(*args)
 
 
@@ -313,7 +396,8 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
-    conn = _connection(pool, commands[0][0])
+    held = _checkout(pool, commands[0][0])
+    conn = held.conn
     try:
         conn.send_packed_command(conn.pack_commands(commands))
         replies = []
@@ -322,9 +406,11 @@ def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:
                 replies.append(conn.read_response())
             except ResponseError as exc:
                 replies.append(exc)
-        return replies
-    except Exception:
+    except BaseException:
+        # A broken connection, or an interruption (a soft time limit raised into the read):
+        # replies may still be on their way, so the connection is never reused as it is.
         conn.disconnect()
+        held.give_back()
         raise
-    finally:
-        pool.release(conn)
+    _checkin(held)
+    return replies

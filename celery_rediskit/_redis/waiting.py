@@ -33,15 +33,35 @@ import logging
 import time
 from collections.abc import Callable
 from threading import Event
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AcquireAborted, LockTimeout
 from ..lease import Grant
 from ..renewal import deadline_margin, lease_deadline
 from .scripts import LuaScript
-from .wakeup import WaitSlot, WakeupHub, drop_slot, hub_for, register_slot
 
-__all__ = ["FRESH_MAX", "RECHECK_MAX", "WAITER_GRACE_MS", "acquire_queued", "wait_for_grant"]
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .wakeup import WaitSlot, WakeupHub
+
+_wakeup: ModuleType | None = None
+
+
+def wakeup() -> ModuleType:
+    """The wake-up module (``wakeup.py``), imported at the first wait or local hand-over, not
+    with the storages: a process that never waits (a worker running singleton tasks) never
+    loads its hubs."""
+    global _wakeup
+    if _wakeup is None:
+        from . import wakeup as module
+
+        _wakeup = module
+    return _wakeup
+
+__all__ = [
+    "FRESH_MAX", "RECHECK_MAX", "WAITER_GRACE_MS", "acquire_queued", "wait_for_grant", "wakeup",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +118,11 @@ def acquire_queued(
     keep)`` leaves the queue (see :func:`wait_for_grant`); ``lease`` is the lease asked for
     (seconds).
     """
-    hub = hub_for(client)
+    w = _wakeup or wakeup()
+    hub = w.hub_for(client)
     # Once this process listens for grants, the first attempt already joins the queue (the
     # slot must exist before the script runs, or an instant grant could be missed).
-    slot = register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
+    slot = w.register_slot(owner) if timeout != 0 and hub.ready(channel_prefix) else None
     argv[2] = "1" if slot is not None else "0"  # check-in number 1, or just a try
     generation = hub.generation
     checked_in = time.monotonic()
@@ -111,12 +132,12 @@ def acquire_queued(
         # Interrupted, or the reply was lost: the script may have queued the caller or granted
         # it the key. Leave no trace either way.
         if slot is not None:
-            drop_slot(owner)
+            w.drop_slot(owner)
         _leave_quietly(lambda: cancel(key, owner, False), kind, key)
         raise
     if first >= 1 and _takeable(checked_in, lease, 0):
         if slot is not None:
-            drop_slot(owner)
+            w.drop_slot(owner)
         return Grant(first, checked_in)
     if timeout == 0:
         late_replies = 0
@@ -176,11 +197,12 @@ def wait_for_grant(
     queue when ``slot`` is given): its result, ``time.monotonic()`` just before it was sent,
     and ``hub.generation`` then; so the uncontended path stays in the caller.
     """
+    w = _wakeup or wakeup()
     deadline = None if timeout is None else time.monotonic() + timeout
     recheck = min(RECHECK_MAX, lease / 3)
     fresh = fresh_for(lease)
     if slot is None:
-        slot = register_slot(owner)
+        slot = w.register_slot(owner)
         first = None
     try:
         if first is None:
@@ -243,7 +265,7 @@ def wait_for_grant(
         _leave_quietly(lambda: cancel(False), kind, key)
         raise
     finally:
-        drop_slot(owner)
+        w.drop_slot(owner)
 
 
 def _give_up(

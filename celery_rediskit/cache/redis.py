@@ -43,7 +43,7 @@ from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import LuaScript, as_text, call, load_script
 from .._redis.slots import key_slot, slot_tag
-from .._redis.wakeup import hand_over_local
+from .._redis.waiting import wakeup
 from .._validate import positive_seconds, resource_key, to_ms
 from ..durations import Duration, optional_duration
 from ..errors import AcquireAborted, LockError, SerializationError
@@ -401,4 +401,4 @@ class RedisCacheProvider(CacheProvider):
         args = [*self._locks.release_argv(held.owner, name), *store, self._tags_of(entry)]
         result = self._run(self._unlock, keys, args)
         if isinstance(result, (bytes, str)):
-            hand_over_local(result)  # the next waiter is a thread of this process
+            wakeup().hand_over_local(result)  # the next waiter is a thread of this process

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from .._redis.scripts import call, load_script
+from .._redis.scripts import LuaScript, call, load_script
 
 __all__ = ["ClaimStore", "Releaser", "holder_line", "parse_record"]
 
@@ -77,8 +77,13 @@ class ClaimStore:
         has been rewritten since: by a re-sent message of the same task id (a retry, a
         re-queue) or another delivery of it, whose record it now is. One round trip; True
         when deleted."""
+        return bool(load_script("claims_forget").run(self.client, *self.forget_call(command)[1:]))
+
+    def forget_call(self, command: tuple[Any, ...]) -> tuple[LuaScript, list[str], list[Any]]:
+        """The script :meth:`forget` runs, with its KEYS and ARGV, to send along with others
+        in one round trip (``batch.run_scripts``)."""
         _set, key, text = command[:3]
-        return bool(load_script("claims_forget").run(self.client, [key], [text]))
+        return load_script("claims_forget"), [key], [text]
 
     def held(self, task_id: str) -> list[tuple[str, str, str]]:
         """(kind, key, owner) recorded for ``task_id``."""

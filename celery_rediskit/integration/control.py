@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from celery.worker import state as worker_state
@@ -36,17 +36,12 @@ from ..lease import Lease, LeaseKind
 from ..parking import RedisParkingStore
 from ..ratelimit import RateInfo
 from ..renewal import renewer
-from ..report import (
-    Holder,
-    Resource,
-    glob_escape,
-    read_rate_limiters,
-    read_resources,
-    scan_keys,
-)
 from .claims import parse_record
 from .parking import parked_tasks
 from .runtime import APP_ATTRIBUTE, Kit, kit_of
+
+if TYPE_CHECKING:
+    from ..report import Holder, Resource
 
 __all__ = ["LockReport", "lock_report", "rediskit_leases", "worker_leases"]
 
@@ -85,6 +80,8 @@ class LockReport:
 
 def _holders_by_owner(client: Any, prefix: str) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """owner id → (task id, holder line) from every claims record under ``prefix``."""
+    from ..report import glob_escape, scan_keys  # the report modules: loaded when reporting
+
     head = f"{prefix}:claims:"
     keys = list(dict.fromkeys(scan_keys(client, glob_escape(head) + "*")))
     found: dict[str, tuple[str, dict[str, Any] | None]] = {}
@@ -168,6 +165,11 @@ def lock_report(
     rate, budget left and next free slot). Reads Redis directly: works with no worker
     running. Raises redis-py's errors when Redis can't be reached.
     """
+    from ..report import (  # loaded when reporting, not with the integration
+        read_rate_limiters,
+        read_resources,
+    )
+
     kit = kit_of(app)
     client = client if client is not None else kit.runtime().client
     prefix = kit.settings.prefix

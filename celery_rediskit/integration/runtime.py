@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
@@ -21,7 +21,7 @@ from redis.sentinel import Sentinel
 
 from .._redis.clients import check_client
 from .._redis.scripts import trace_commands
-from ..cache import MISSING, CacheUnavailable, RedisCacheProvider
+from .._redis.slots import is_cluster
 from ..errors import ConfigurationError
 from ..lease import Lease, LeaseKind
 from ..mutex import Mutex, create_mutex
@@ -33,6 +33,9 @@ from . import observe
 from .claims import ClaimStore, Releaser
 from .settings import Settings
 from .signals import lease_lost
+
+if TYPE_CHECKING:
+    from ..cache import RedisCacheProvider
 
 __all__ = [
     "APP_ATTRIBUTE",
@@ -189,6 +192,9 @@ class Runtime:
                        else check_client("RedisKit(client=...)", client))
         if s.trace_commands:
             trace_commands(self.client)
+        # One server: a task's claims record rides inside its first acquire and last release
+        # script (fused.py); a cluster keeps it in another slot, so it is a command apart.
+        self.one_server = not is_cluster(self.client)
         self.mutex_storage = RedisMutexStorage(self.client, prefix=s.prefix, idle_ttl=s.idle_ttl)
         self.semaphore_storage = RedisSemaphoreStorage(
             self.client, prefix=s.prefix, idle_ttl=s.idle_ttl
@@ -232,6 +238,8 @@ class Runtime:
         """The app's ``RedisCacheProvider`` (results stored with the ``json`` serializer)."""
         provider = self._cache
         if provider is None:
+            from ..cache import RedisCacheProvider  # loaded by the first task with cache_ttl
+
             provider = self._cache = RedisCacheProvider(
                 self.client, prefix=self.settings.prefix, idle_ttl=self.settings.idle_ttl
             )
@@ -239,6 +247,8 @@ class Runtime:
 
     def cache_lookup(self, task_name: str, name: str) -> tuple[bool, Any]:
         """(True, value) when entry ``name`` is cached. An outage counts as a miss."""
+        from ..cache import MISSING, CacheUnavailable
+
         try:
             value = self.cache.get(name, MISSING)
         except CacheUnavailable:
@@ -251,6 +261,8 @@ class Runtime:
     def cache_store(self, task_name: str, name: str, value: Any, ttl: float | None,
                     tags: list[str]) -> None:
         """Store ``value`` as entry ``name`` for ``ttl`` seconds; failures are logged."""
+        from ..cache import CacheUnavailable
+
         try:
             self.cache.set(name, value, ttl, tags=tags)
         except CacheUnavailable:

@@ -24,6 +24,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
 
+from .._redis.batch import PreparedRelease, run_scripts
 from .._redis.scripts import call
 from .._validate import resource_key
 from ..errors import ConfigurationError, LockError, LockTimeout, RateLimited
@@ -32,10 +33,11 @@ from ..mutex import MutexLease
 from ..ratelimit import RateDecision
 from ..renewal import renewer
 from ..semaphore import Permit
-from . import observe, parking
+from . import observe, parking, with_result
 from .backoff import requeue_countdown
 from .claims import holder_line
 from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
+from .fused import with_forget, with_record
 from .naming import declared_name
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
@@ -146,15 +148,26 @@ def _delay_of(options: Mapping[str, Any]) -> float:
 
 
 def _try_acquire(rt: Runtime, record: tuple[Any, ...] | None, kind: LeaseKind, name: str,
-                 owner: str, permits: int, seconds: float) -> int:
+                 owner: str, permits: int, seconds: float, *, if_free: bool = False) -> int:
     """One attempt (without queueing) to take lock (``kind`` "m") or permit ("s") ``name``
-    for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (a command) is sent
-    first in the same round trip. A limit's ``permits`` are declared: they become the
+    for ``owner``: the token (>= 1) when granted, else <= -1. ``record`` (the claims record's
+    command) is written in the same round trip: on one server inside the acquire script
+    (``fused.py``; with ``if_free``, only while the lock is free or the caller's), else sent
+    first (never with ``if_free``). A limit's ``permits`` are declared: they become the
     semaphore's total at this attempt, unless an operator set it (``rediskit permits``)."""
+    wrap = None
+    if record is not None and rt.one_server:
+        wrap, record = with_record(record, only_if_free=if_free), None
     if kind is LeaseKind.MUTEX:
-        return rt.mutex_storage.try_acquire(name, owner, seconds, before=record)
+        return rt.mutex_storage.try_acquire(name, owner, seconds, before=record, wrap=wrap)
     return rt.semaphore_storage.try_acquire(name, owner, permits, seconds, before=record,
-                                            declared=True)
+                                            declared=True, wrap=wrap)
+
+
+def _ignores_result(task: Any, request: Any) -> bool:
+    """Whether Celery stores no result for this run (so no store can carry its releases)."""
+    ignore = getattr(request, "ignore_result", None)
+    return bool(task.ignore_result if ignore is None else ignore)
 
 
 def _sleep_until(rt: Runtime, at: Any) -> None:
@@ -318,10 +331,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
         """Take every lock and permit of ``plan`` (in its order) and record them by task id.
 
         The owner ids are chosen up front, so the claims record is sent together with the
-        first attempt, in one round trip. (A record naming a lock this run did not get is
-        harmless: every release by task id is owner-checked.) A queued-scope run writes its
-        record after its acquisitions instead: when it meets its own lock held, another run
-        of the same task id is running, whose record must not be overwritten.
+        first attempt, in one round trip (on one server, in its very script). (A record naming
+        a lock this run did not get is harmless: every release by task id is owner-checked.)
+        A queued-scope run must not overwrite the record of another run of the same task id,
+        which holds its lock when it meets it held: on one server its first attempt writes
+        the record only while the lock is free or its own; on a cluster it writes the record
+        after its acquisitions.
 
         Every lease names the record as a companion key, so the renewals that keep the leases
         alive keep the record too (in the same round trip), however long the task runs.
@@ -346,7 +361,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         record = rt.claims.record_command(task_id, records, 2 * seconds,
                                           holder_line(self.name, request.hostname))
         companions = (rt.claims.key(task_id),)
-        pending: tuple[Any, ...] | None = record if claim is None else None
+        pending: tuple[Any, ...] | None = record if claim is None or rt.one_server else None
         if claim is None:
             request.rediskit_record = record
         if (resent is None and policy.parks and not inline
@@ -379,7 +394,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = resource_key(name)
             started = time.monotonic()
             if kind is LeaseKind.MUTEX:
-                token = _try_acquire(rt, pending, kind, name, owner, 0, seconds)
+                token = _try_acquire(rt, pending, kind, name, owner, 0, seconds,
+                                     if_free=claim is not None)
+                if claim is not None and pending is not None and token >= 1:
+                    request.rediskit_record = record  # written: the lock was free
                 pending = None
                 if (token < 1 and policy.on_locked == "park" and claim is None and not inline
                         and not request.is_eager):
@@ -430,7 +448,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
             held.insert(adopt_at, held.pop(0))
         if pending is not None:  # only the adopted reservation: no try carried the record
             call(rt.client, *pending)
-        if claim is not None:
+        if claim is not None and request.rediskit_record is None:
             call(rt.client, *record)
             request.rediskit_record = record
         request.rediskit_held_since = time.monotonic()  # how long it held: see after_release
@@ -506,9 +524,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         storage = rt.mutex_storage
         lease = rt.settings.lease
-        try:
-            token = storage.acquire(qname, owner, lease, 0)
-        except LockTimeout:
+        token = storage.try_acquire(qname, owner, lease)  # one try: a lock never waits here
+        if token < 1:
             holder = storage.get_lock_info(qname).holder or ""
             other = holder[2:] if holder.startswith("q:") else holder
             if task_duplicate.receivers:
@@ -624,6 +641,66 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if claim is not None:
             renewer().unregister(claim)
 
+    def _rk_release_all(self, rt: Runtime, request: Any, claim: MutexLease | None,
+                        keep_claim: bool) -> None:
+        """End of a run that re-sends nothing: release its leases (last taken first), then
+        its queued claim unless kept, then delete its claims record, in one round trip (on
+        one server the record goes in the last release's script, ``fused.py``). In a worker
+        whose result backend is on the same server, that round trip is the store of the
+        result (``with_result.py``). What fails is logged and ends with its lease; the
+        record is then deleted apart."""
+        held: list[Lease] = getattr(request, "rediskit_leases", None) or []
+        leases = held[::-1]
+        if claim is not None:
+            if keep_claim:
+                renewer().unregister(claim)
+            else:
+                leases.append(claim)
+        record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
+        then = [rt.claims.forget_call(record)] if record is not None else []
+        fuse = with_forget(record) if record is not None and rt.one_server else None
+        prepared = PreparedRelease(leases, then, fuse)
+        released = held[::-1]
+        held.clear()
+        request.rediskit_claim = None
+        for lease in released:
+            rt.owners.pop(lease.owner, None)
+        task_id: str = request.id
+        since: float | None = getattr(request, "rediskit_held_since", None)
+
+        def done(replies: list[Any]) -> None:
+            forgotten = prepared.finish(replies)
+            if record is not None and (not forgotten or isinstance(forgotten[0], Exception)):
+                self._rk_forget(rt, task_id, record)
+            if lease_released.receivers:
+                for lease in released:
+                    observe.released(self, task_id, lease)
+            if released and self._rk_policy.parks:
+                parking.after_release(self, rt, released,
+                                      None if since is None else time.monotonic() - since)
+
+        request.rediskit_record = None  # deleted with the releases (or apart: done)
+        backend = None
+        if (prepared.calls and not request.is_eager and not self._rk_policy.parks
+                and not rt.settings.trace_commands  # every command through rt.client
+                and not getattr(request, "rediskit_inline", False)
+                and not _ignores_result(self, request)):
+            backend = with_result.backend_for(self, rt.client)
+        if backend is None:
+            done(run_scripts(rt.client, prepared.calls) if prepared.calls else [])
+            return
+        held_until = prepared.held()  # the store must find these released
+        if record is not None:
+            held_until.append((record[1], "m", record[2]))  # and the record deleted
+        with_result.defer(backend, task_id, prepared, rt.client, done, held_until)
+
+    def _rk_forget(self, rt: Runtime, task_id: str, record: tuple[Any, ...]) -> None:
+        try:
+            rt.claims.forget(record)
+        except Exception:  # Redis unreachable: the record expires with the leases
+            log.warning("rediskit: deleting the claims record of %s failed", task_id,
+                        exc_info=True)
+
     def _rk_finish(self, rt: Runtime, request: Any, *, keep_claim: bool) -> None:
         """End of a run: release everything, then send the retry ``retry()`` asked for
         (:meth:`_rk_hold_retry`); a queued claim stays for the re-sent message (whose
@@ -632,6 +709,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
         resend: tuple[Any, Any, str, dict[str, Any]] | None = getattr(
             request, "rediskit_resend", None)
         if not getattr(request, "rediskit_leases", None) and claim is None and resend is None:
+            return
+        if resend is None:
+            self._rk_release_all(rt, request, claim, keep_claim)
             return
         self._rk_release_leases(rt, request)
         failed: Exception | None = None
@@ -658,11 +738,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if record is None:
             return
         request.rediskit_record = None
-        try:
-            rt.claims.forget(record)
-        except Exception:  # Redis unreachable: the record expires with the leases
-            log.warning("rediskit: deleting the claims record of %s failed", request.id,
-                        exc_info=True)
+        self._rk_forget(rt, request.id, record)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, with the retry sent once this run has released its leases.

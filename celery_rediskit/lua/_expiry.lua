@@ -3,7 +3,8 @@
 --
 -- Every key the library writes expires (see _redis/keys.py for what lives how long). Setting
 -- an expiry costs about as much as the rest of a fast path, so keys touched on every grant
--- renew theirs at most once per half of it (keep_for here; fence_next in _fence.lua).
+-- renew theirs at most once per half of it (keep_for here). (A fence key gets its expiry in the
+-- SET that writes each token: see _fence.lua.)
 
 -- Keep `key` alive at least `ms` more: when less than `ms + spare / 2` is left (or it has no
 -- expiry), make it `ms + spare`. Never shortens a later expiry. Returns true when renewed.

@@ -11,23 +11,19 @@
 -- written with %.0f, since Lua's tostring would print 1.8e15 as "1.8e+15".
 
 -- Grant the next token of `fence` for a lease of `lease_ms`. Returns the token (a number).
--- The key lives lease_ms + idle_ms from the first grant in each half of that time (the halves
--- counted on the clock, in the token's microseconds): a lock granted at least that often keeps
--- its key, and an unused key expires idle_ms / 2 to idle_ms after the last grant's lease. This
--- costs no call on most grants (setting an expiry costs about as much as the rest of one).
+-- The key lives lease_ms + idle_ms from each grant: its expiry is set by the same SET that
+-- writes the token (PX costs nothing there, where a PEXPIRE of its own would be one more call),
+-- so an unused key expires idle_ms after the last grant's lease.
 local function fence_next(fence, lease_ms, idle_ms)
   local token = now_us()
   local life = lease_ms + idle_ms
-  local last = tonumber(redis.call('SET', fence, string.format('%.0f', token), 'KEEPTTL',
+  local last = tonumber(redis.call('SET', fence, string.format('%.0f', token), 'PX', life,
                                     'GET'))
   if last and last >= token then
     -- The clock is not past the last token (it went back; two grants in one microsecond):
-    -- count on from the last token, and keep it the whole time, since now it alone keeps
-    -- tokens rising.
+    -- count on from the last token.
     token = last + 1
     redis.call('SET', fence, string.format('%.0f', token), 'PX', life)
-  elseif not last or math.floor(token / (life * 500)) ~= math.floor(last / (life * 500)) then
-    redis.call('PEXPIRE', fence, life)  -- new key (or an older version's), or a new half
   end
   return token
 end

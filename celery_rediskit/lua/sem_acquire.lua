@@ -34,7 +34,10 @@ if not cap then
 elseif keep_for(total, 0, idle) then
   redis.call('PEXPIRE', initial, idle)
 end
-redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give their permits back
+-- Expired holders give their permits back: swept when all permits look taken, and before the
+-- queue is served. A count under the total needs no sweep (an expired holder still counted
+-- only makes the count higher), which spares the uncontended acquire a command.
+local swept = false
 
 if KEYS[6] then  -- declared permits (see KEYS[6] above)
   local declared, pin = tonumber(ARGV[6]), KEYS[6]
@@ -59,7 +62,12 @@ end
 
 -- Fast path: nobody queues and a permit is free.
 if redis.call('LLEN', queue) == 0 then
-  if redis.call('ZCARD', holders) < cap then
+  local count = redis.call('ZCARD', holders)
+  if count >= cap then
+    count = count - redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+    swept = true
+  end
+  if count < cap then
     redis.call('ZADD', holders, now + lease, owner)
     keep_for(holders, lease, idle)
     return 1
@@ -72,6 +80,8 @@ if redis.call('LLEN', queue) == 0 then
 end
 
 -- libraries here
+
+if not swept then redis.call('ZREMRANGEBYSCORE', holders, '-inf', now) end
 
 if redis.call('ZSCORE', holders, owner) then  -- granted earlier: the full lease from now
   redis.call('ZADD', holders, 'XX', now + lease, owner)

@@ -3,7 +3,7 @@
 Keys of lock ``K`` (all with hash tag ``{K}``): ``<prefix>:lock:{K}`` holds the owner id with
 the lease as PX expiry (the server's clock), ``...:fence`` the last fencing token (each grant
 takes ``max(last + 1, server clock in µs)``, so tokens keep rising when the key is lost; it
-expires ``idle_ttl / 2`` to ``idle_ttl`` after the last grant's lease), ``...:queue`` /
+expires ``idle_ttl`` after the last grant's lease), ``...:queue`` /
 ``...:waitq`` the FIFO of waiters (expiring with the last waiter's deadline). Release hands
 the lock straight to the first live waiter, so nobody can jump the queue.
 ``...:released:<process id>/<thread>`` records a thread's latest release for a few seconds, so
@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._redis.batch import ScriptCall
 from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.slots import is_cluster, key_slot
-from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
-from .._redis.wakeup import hand_over_local
+from .._redis.waiting import WAITER_GRACE_MS, acquire_queued, wakeup
 from .._validate import positive_seconds, resource_key, to_ms
 from ..durations import Duration
 from ..lease import Grant, Lease, process_id
@@ -98,16 +98,21 @@ class RedisMutexStorage(MutexStorage):
         return [*keys, record_key(keys[0])]
 
     def try_acquire(
-        self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None
+        self, key: str, owner: str, lease: float, *, before: tuple[Any, ...] | None = None,
+        wrap: Callable[[ScriptCall], ScriptCall] | None = None,
     ) -> int:
         """One attempt, without queueing: the fencing token (a :class:`Grant`, >= 1) if
         ``owner`` now holds ``key`` for ``lease`` seconds, else <= -1. ``before`` (an
         idempotent command, e.g. a record of the claim) is sent first in the same round
-        trip."""
+        trip. ``wrap`` turns the acquire script's call into another script's with the same
+        reply (one that continues into it, e.g. writing a record first), sent instead."""
         keys = self._key_list(key)
         argv = self.acquire_argv(owner, lease, key)
-        sent = time.monotonic()
-        if before is None:
+        sent = time.monotonic()  # the lease counts from here (lease.Grant)
+        if wrap is not None:
+            script, keys, argv = wrap((self._acquire, keys, argv))
+            token = int(script.run(self.client, keys, argv))
+        elif before is None:
             token = int(self._acquire.run(self.client, keys, argv))
         else:
             token = int(self._acquire.run_after(self.client, before, keys, argv))
@@ -122,14 +127,24 @@ class RedisMutexStorage(MutexStorage):
             return 0
         return int(self._cancel.run(self.client, self._key_list(key), [owner]))
 
-    def _run_release(self, key: str, owner: str, force: bool) -> bool:
-        result = self._release.run(
-            self.client, self.release_keys(key), self.release_argv(owner, key, force=force)
-        )
+    def release_call(self, key: str, owner: str, *, force: bool = False) -> ScriptCall:
+        """The release script of ``owner``'s lock ``key``, with its KEYS and ARGV (a new
+        release id), to send along with others (``batch.release_together``); its reply goes
+        to :meth:`release_reply`."""
+        return self._release, self.release_keys(key), self.release_argv(owner, key, force=force)
+
+    @staticmethod
+    def release_reply(result: Any) -> bool:
+        """What a reply of the release script means: True when the caller held the lock (a
+        waiter of this process it was handed to is woken)."""
         if isinstance(result, (bytes, str)):
-            hand_over_local(result)  # the next owner waits in this process
+            wakeup().hand_over_local(result)  # the next owner waits in this process
             return True
         return bool(result)
+
+    def _run_release(self, key: str, owner: str, force: bool) -> bool:
+        script, keys, args = self.release_call(key, owner, force=force)
+        return self.release_reply(script.run(self.client, keys, args))
 
     def release(self, key: str, owner: str) -> bool:
         return self._run_release(key, owner, force=False)

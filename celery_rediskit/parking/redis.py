@@ -39,7 +39,6 @@ from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import as_text, call, call_many, load_script
 from .._redis.slots import is_cluster, key_slot
-from .._redis.wakeup import drop_slot, hub_for, register_slot
 from .._validate import resource_key, to_ms
 from ..durations import Duration
 from ..lease import Grant, process_id
@@ -207,6 +206,8 @@ class RedisParkingStore(ParkingStore):
         args = [kind, id, dispatch_id, to_ms(lease), "wait" if wait > 0 else "leave", waiter,
                 _AHEAD_GONE_MS]
         if wait > 0:
+            from .._redis.wakeup import hub_for  # here: a run that never waits loads no hub
+
             # subscribed before the wait is known in Redis: a wake-up cannot come unheard
             hub = hub_for(self.client)
             hub.ensure(self.wake_prefix(keys))
@@ -224,6 +225,8 @@ class RedisParkingStore(ParkingStore):
         """Sent ahead: wait (woken on the wake channel, checking in every
         :data:`AHEAD_CHECK_IN` seconds) until the turn comes with a permit, at most ``wait``
         seconds; then, or on any error, give the wait up (the entry stays parked)."""
+        from .._redis.wakeup import drop_slot, register_slot
+
         end = time.monotonic() + wait
         slot = register_slot(waiter)
         try:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._redis.batch import ScriptCall
 from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.release import RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.slots import is_cluster, key_slot
-from .._redis.waiting import WAITER_GRACE_MS, acquire_queued
-from .._redis.wakeup import hand_over_local
+from .._redis.waiting import WAITER_GRACE_MS, acquire_queued, wakeup
 from .._validate import positive_int, resource_key, to_ms
 from ..durations import Duration
 from ..errors import LockTimeout
@@ -115,15 +115,21 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         *,
         before: tuple[Any, ...] | None = None,
         declared: bool = False,
+        wrap: Callable[[ScriptCall], ScriptCall] | None = None,
     ) -> int:
         """One attempt, without queueing: 1 (a :class:`Grant`) if ``owner`` now holds a
         permit of ``key`` (initialised with ``permits``) for ``lease`` seconds, else <= -1.
         ``before`` (an idempotent command) is sent first in the same round trip.
-        ``declared``: ``permits`` is the total the caller's code declares (see ``base.py``)."""
+        ``declared``: ``permits`` is the total the caller's code declares (see ``base.py``).
+        ``wrap`` turns the acquire script's call into another script's with the same reply
+        (one that continues into it, e.g. writing a record first), sent instead."""
         keys = self._pin_list(key) if declared else self._key_list(key)
         argv = self._acquire_argv(owner, permits, lease, key)
-        sent = time.monotonic()
-        if before is None:
+        sent = time.monotonic()  # the lease counts from here (lease.Grant)
+        if wrap is not None:
+            script, wkeys, wargv = wrap((self._acquire, keys, argv))
+            reply = script.run(self.client, wkeys, wargv)
+        elif before is None:
             reply = self._acquire.run(self.client, keys, argv)
         else:
             reply = self._acquire.run_after(self.client, before, keys, argv)
@@ -140,19 +146,35 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         held = self._run_release(key, owner, keep=keep)
         return 1 if keep and held == 2 else 0
 
-    def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
+    def release_call(self, key: str, owner: str, *, keep: bool = False) -> ScriptCall:
+        """The release script of ``owner``'s permit of ``key``, with its KEYS and ARGV, to send
+        along with others (``batch.release_together``); its reply goes to
+        :meth:`release_reply`."""
         # A new release id per call: a re-send of this call after a lost reply finds it
         # recorded and answers as the first send did (see _redis/release.py).
         args = [owner, self.wake_prefix(key), process_id(), "keep" if keep else "drop",
                 release_id(), RECORD_MS]
         keys = self._key_list(key)
         record = record_key(keys[0].removesuffix(":holders"))
-        result = self._release.run(self.client, [*keys, record], args)
+        return self._release, [*keys, record], args
+
+    @staticmethod
+    def _release_result(result: Any) -> int:
         if isinstance(result, list):
             for message in result[1:]:
-                hand_over_local(message)  # a waiter of this process just got a permit
+                wakeup().hand_over_local(message)  # a waiter of this process just got a permit
             return int(result[0])
         return int(result)
+
+    @classmethod
+    def release_reply(cls, result: Any) -> bool:
+        """What a reply of the release script means: True when the caller held a permit (a
+        waiter of this process it went to is woken)."""
+        return cls._release_result(result) == 1
+
+    def _run_release(self, key: str, owner: str, *, keep: bool = False) -> int:
+        script, keys, args = self.release_call(key, owner, keep=keep)
+        return self._release_result(script.run(self.client, keys, args))
 
     def release(self, key: str, owner: str) -> bool:
         return self._run_release(key, owner) == 1

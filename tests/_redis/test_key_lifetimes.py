@@ -249,3 +249,21 @@ def test_idle_ttl_must_be_a_duration(client: redis.Redis, bad: Any) -> None:
         RedisMutexStorage(client, idle_ttl=bad)
     with pytest.raises(ValueError, match="idle_ttl"):
         RedisSemaphoreStorage(client, idle_ttl=bad)
+
+
+def test_a_grant_sets_the_fence_expiry_in_the_tokens_own_set(private_server: Any) -> None:
+    """Counted by the server (INFO commandstats, on a server of the test's own): granting a
+    new lock, the hot path of a singleton task, runs no PEXPIRE of its own; its fence key
+    still lives idle_ttl after the grant's lease."""
+    client = redis.Redis.from_url(private_server.url)
+    storage = RedisMutexStorage(client, "p", idle_ttl=60)
+    mutex = create_mutex(timeout=5, lease=10, storage=storage)
+    mutex.acquire("warm-up", auto_renew=False).release()  # the scripts loaded
+    client.config_resetstat()
+    for i in range(20):
+        mutex.acquire(f"new-{i}", auto_renew=False).release()
+    stats = client.info("commandstats")
+    assert "cmdstat_pexpire" not in stats, stats.get("cmdstat_pexpire")
+    assert stats["cmdstat_set"]["calls"] >= 40  # each grant's lock and fence
+    assert 60_000 < client.pttl(storage.keys.lock("new-0").fence) <= 70_000
+    client.close()

@@ -33,10 +33,12 @@ def test_task_scripts_go_through_the_client(redis_url: str, prefix: str,
     if not traced:
         assert seen == set()
         return
-    # the lock is tried together with the task's claims record: one pipeline
-    assert ("pipeline", "mutex_acquire") in seen
-    assert {("execute_command", "sem_acquire"), ("execute_command", "sem_release"),
-            ("execute_command", "mutex_release")} <= seen
+    # the lock is tried with the task's claims record inside its script (fused.py), the
+    # permit apart; at the end both are released in one pipeline, the last release deleting
+    # the record
+    assert {("execute_command", "claims_mutex_acquire"),
+            ("execute_command", "sem_acquire")} <= seen
+    assert {("pipeline", "sem_release"), ("pipeline", "claims_mutex_release")} <= seen
 
 
 def test_trace_commands_setting_is_a_flag(redis_url: str, prefix: str) -> None:

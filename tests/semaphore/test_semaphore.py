@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -427,6 +428,13 @@ def test_raising_declared_permits_serves_the_waiters(
     thread.join(10)
     raised.release()
     holder.release()
+
+
+def _pttls(client: Any, pinned: str, total: str) -> tuple[int, int]:
+    """The mark's and the total's remaining ms, the total read first: equal expiries then
+    read as pinned <= total even when a millisecond passes between the two reads."""
+    left = int(client.pttl(total))
+    return int(client.pttl(pinned)), left
 
 
 def test_the_operators_mark_lives_as_long_as_the_total(

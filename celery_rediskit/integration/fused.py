@@ -1,0 +1,55 @@
+"""A task's claims record written and deleted inside its first acquire and last release.
+
+On one Redis server (not a cluster) the record of what a run holds (``claims.py``) costs no
+command of its own: the first acquire script writes it (``claims_mutex_acquire.lua``,
+``claims_sem_acquire.lua``) and the last release script deletes it
+(``claims_mutex_release.lua``, ``claims_sem_release.lua``). Each of these scripts is the
+primitive's own script with the record's step in front (``-- then:``), with the same reply.
+On a Redis Cluster the record lives in another slot than the lock or semaphore, so it is sent
+as a command of its own beside the script, in the same round trip (``call_many``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .._redis.batch import ScriptCall
+from .._redis.scripts import load_script
+
+__all__ = ["with_forget", "with_record"]
+
+_ACQUIRE = {"mutex_acquire": "claims_mutex_acquire", "sem_acquire": "claims_sem_acquire"}
+_RELEASE = {"mutex_release": "claims_mutex_release", "sem_release": "claims_sem_release"}
+
+Wrap = Callable[[ScriptCall], ScriptCall]
+
+
+def with_record(record: tuple[Any, ...], *, only_if_free: bool = False) -> Wrap:
+    """A wrapper turning an acquire script call into one that first writes ``record`` (a
+    ``ClaimStore.record_command``: ``SET key text EX seconds``). ``only_if_free`` (locks
+    only): write it only while the lock is free or the caller's."""
+    _set, key, text, _ex, seconds = record
+
+    def wrap(call: ScriptCall) -> ScriptCall:
+        script, keys, args = call
+        if script.name == "sem_acquire":
+            if len(keys) != 6 or only_if_free:
+                raise ValueError("a record goes with a permit's declared-permits try only")
+            return load_script(_ACQUIRE[script.name]), [*keys, key], [*args, text, seconds]
+        mode = "free" if only_if_free else "always"
+        return load_script(_ACQUIRE[script.name]), [*keys, key], [*args, text, seconds, mode]
+
+    return wrap
+
+
+def with_forget(record: tuple[Any, ...]) -> Wrap:
+    """A wrapper turning a release script call into one that first deletes ``record`` (as
+    ``ClaimStore.forget``: only if it still holds the text this run wrote)."""
+    _set, key, text = record[:3]
+
+    def wrap(call: ScriptCall) -> ScriptCall:
+        script, keys, args = call
+        return load_script(_RELEASE[script.name]), [*keys, key], [*args, text]
+
+    return wrap

@@ -1,0 +1,177 @@
+"""A run's releases sent in the round trip that stores its result.
+
+A worker already ends every run with a round trip: Celery's Redis result backend stores the
+result with ``SET`` and ``PUBLISH`` in one ``MULTI``/``EXEC``. When that backend talks to the
+same server and database as the library's client, the run's releases (its lock, its permits
+and the deletion of its claims record, which ``task.py`` would send in a round trip of their
+own) are added to that transaction instead: one round trip less per run in the worker, and
+the result and the releases become visible together.
+
+The releases are handed over (:func:`defer`) when the body is done; a store of this run's
+result takes them (:func:`_install` wraps the backend's ``_set``). Whatever keeps Celery from
+storing it (``ignore_result``, ``Ignore``/``Reject``, a result stored already, a store that
+failed) leaves them to the backend's ``process_cleanup``, which Celery's tracer calls after
+every run in a worker: they are sent there, on the library's client, as before.
+
+A caller that has the result finds the run's leases released and its claims record gone,
+always. Inside the transaction the result is stored by a script (``lua/result_store.lua``,
+the SET and PUBLISH of Celery's own store) that writes nothing while a lease of the run is
+still held or its record still there. That happens when a release script is missing on the
+server (NOSCRIPT, which fails that command only, not the transaction: the first runs of a
+process after a restart, a failover or ``SCRIPT FLUSH``); the releases are then sent again
+on their own (each is idempotent: a release id, an owner-checked record deletion), loading
+the scripts, and only then is the result stored, as Celery stores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from .._redis.batch import PreparedRelease, run_scripts
+from .._redis.scripts import load_script
+
+__all__ = ["backend_for", "defer", "flush"]
+
+log = logging.getLogger(__name__)
+
+_local = threading.local()  # .deferred: the releases this thread's run handed over
+
+# Connection settings that name a server and database: equal on both clients, or no fusing.
+_WHERE = ("host", "port", "path", "db", "username")
+
+
+class _Deferred:
+    __slots__ = ("client", "done", "held", "key", "prepared")
+
+    def __init__(self, key: bytes, prepared: PreparedRelease, client: Any,
+                 done: Callable[[list[Any]], None],
+                 held: Sequence[tuple[str, str, str]]) -> None:
+        self.key, self.prepared, self.client, self.done = key, prepared, client, done
+        self.held = held
+
+
+def backend_for(task: Any, client: Any) -> Any | None:
+    """``task``'s result backend if a run's releases can ride in its result store (a plain
+    Redis backend on the server and database of ``client``), else None. Decided once per
+    backend instance (Celery keeps one per thread)."""
+    backend = task.backend
+    fusable = backend.__dict__.get("_rediskit_with_result")
+    if fusable is None:
+        fusable = _same_server(backend, client)
+        if fusable:
+            _install(backend)
+        backend.__dict__["_rediskit_with_result"] = fusable
+    return backend if fusable else None
+
+
+def _same_server(backend: Any, client: Any) -> bool:
+    kind = type(backend)
+    if (kind.__module__, kind.__qualname__) != ("celery.backends.redis", "RedisBackend"):
+        return False  # another backend, or a subclass (Sentinel's, say): their own _set
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(client, "connection", None) is not None:
+        return False  # a cluster client, or a single-connection client
+    try:
+        theirs = backend.client.connection_pool.connection_kwargs
+    except Exception:  # noqa: BLE001 - a backend we cannot inspect is not fused
+        return False
+    ours = pool.connection_kwargs
+    return all(theirs.get(k) == ours.get(k) for k in _WHERE)
+
+
+def _install(backend: Any) -> None:
+    """Wrap ``backend``'s ``_set`` (the store of one key: SET/SETEX and PUBLISH in a
+    transaction) and ``process_cleanup`` on this instance."""
+    original_set = backend._set
+    original_cleanup = backend.process_cleanup
+
+    def _set(key: Any, value: Any, *rest: Any) -> Any:
+        deferred: _Deferred | None = getattr(_local, "deferred", None)
+        if deferred is None or _as_bytes(key) != deferred.key:
+            return original_set(key, value, *rest)
+        expires = rest[0] if rest and rest[0] is not None else backend.expires
+        ms = round(float(expires) * 1000) if expires else 0
+        store = load_script("result_store")
+        keys = [key, *(k for k, _kind, _value in deferred.held)]
+        args: list[Any] = [value, ms]
+        for _k, kind, held_value in deferred.held:
+            args += [kind, held_value]
+        with backend.client.pipeline() as pipe:
+            for script, skeys, sargs in deferred.prepared.calls:
+                pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
+            pipe.execute_command("EVALSHA", store.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
+        _local.deferred = None
+        ours, stored = list(replies[:-1]), replies[-1]
+        if stored == 1:
+            if any(isinstance(reply, NoScriptError) for reply in ours):
+                _send(deferred)  # a missing release of a lease no longer held: idempotent
+            else:
+                _finish(deferred, ours)
+            return None
+        # Nothing stored: a release did not run (its script missing), or the store's
+        # script is missing, or the store failed. Releases first, then Celery's own store
+        # (which raises as it would if the server refuses it).
+        _send(deferred)  # loads the missing release scripts; those that ran answer as before
+        result = original_set(key, value, *rest)
+        if isinstance(stored, NoScriptError):
+            try:
+                store.load(backend.client)  # for the next run's store
+            except Exception:  # noqa: BLE001 - the next store falls back the same way
+                log.debug("rediskit: loading the result store script failed", exc_info=True)
+        return result
+
+    def process_cleanup() -> None:
+        try:
+            flush()
+        finally:
+            original_cleanup()
+
+    backend._set = _set
+    backend.process_cleanup = process_cleanup
+
+
+def _as_bytes(key: Any) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
+def defer(backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
+          done: Callable[[list[Any]], None],
+          held: Sequence[tuple[str, str, str]] = ()) -> None:
+    """Hand ``prepared`` over to the store of ``task_id``'s result by ``backend`` (from
+    :func:`backend_for`); ``done`` gets the replies of its calls once sent (on ``client``,
+    the library's, when the store does not take them). ``held``: what the releases end,
+    (key, kind, value) as ``lua/result_store.lua`` checks it (``PreparedRelease.held``,
+    and the claims record with kind ``"m"`` and its text): the result is stored only once
+    none of it is held any more."""
+    flush()  # one left by a run whose store and cleanup never came (should not happen)
+    _local.deferred = _Deferred(_as_bytes(backend.get_key_for_task(task_id)), prepared,
+                                client, done, held)
+
+
+def flush() -> None:
+    """Send the releases this thread handed over and no store took, now."""
+    deferred: _Deferred | None = getattr(_local, "deferred", None)
+    if deferred is not None:
+        _local.deferred = None
+        _send(deferred)
+
+
+def _send(deferred: _Deferred) -> None:
+    try:
+        replies = run_scripts(deferred.client, deferred.prepared.calls)
+    except Exception as exc:  # noqa: BLE001 - Redis unreachable: they end with their leases
+        replies = [exc] * len(deferred.prepared.calls)
+    _finish(deferred, replies)
+
+
+def _finish(deferred: _Deferred, replies: list[Any]) -> None:
+    try:
+        deferred.done(replies)
+    except Exception:  # a bug in the bookkeeping must not fail Celery's store
+        log.exception("rediskit: finishing the releases of a run failed")

@@ -1,0 +1,11 @@
+-- Delete a task's claims record if still the one its run wrote, then release a lock: one
+-- script (Celery layer, one server), the last release of the run's end.
+-- then: mutex_release
+-- This file is a prefix: the loader appends mutex_release.lua (same keys, arguments and
+-- result). The script is atomic, so the record goes with the release as if after it.
+-- KEYS[1..5] the lock's keys and release record (see mutex_release.lua)
+-- KEYS[6]    the claims record (see claims_forget.lua)
+-- ARGV[1..7] as mutex_release.lua
+-- ARGV[8]    the text the run wrote in the record
+-- Returns: what mutex_release.lua returns.
+if redis.call('GET', KEYS[6]) == ARGV[8] then redis.call('DEL', KEYS[6]) end

@@ -1,0 +1,12 @@
+-- Write a task's claims record, then try a permit with declared permits: one script (Celery
+-- layer, one server).
+-- then: sem_acquire
+-- This file is a prefix: the loader appends sem_acquire.lua, so the permit part is the
+-- semaphore's own code (same keys, arguments and result). On a Redis Cluster the record lives
+-- in another slot: there the record's SET is sent beside the plain script instead.
+-- KEYS[1..6] the semaphore's keys with "pinned" (see sem_acquire.lua: declared permits)
+-- KEYS[7]    the claims record, <prefix>:claims:<task id>
+-- ARGV[1..7] as sem_acquire.lua
+-- ARGV[8]    the record's text; ARGV[9] its lifetime, s
+-- Returns: what sem_acquire.lua returns.
+redis.call('SET', KEYS[7], ARGV[8], 'EX', ARGV[9])

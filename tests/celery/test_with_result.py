@@ -1,0 +1,222 @@
+"""A worker's run sends its releases in the transaction that stores its result, when the
+result backend is on the library's server and database (``integration/with_result.py``); else,
+or when no result is stored, on their own as before. The library's client records its round
+trips (``tests/roundtrips.py``); Celery's backend has a client of its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.exceptions import Ignore
+
+from celery_rediskit._redis.scripts import load_script
+from celery_rediskit.testing import PrivateServer
+from tests.interrupts import wait_until
+from tests.roundtrips import round_trip_client
+
+from .conftest import in_process_worker, make_app
+
+WAIT = 20
+
+
+def _locked(client: redis.Redis, prefix: str) -> list[Any]:
+    """Lock owner keys and semaphore holders left (a lock's fence and release records stay)."""
+    return [k for k in client.scan_iter(match=f"{prefix}:*")
+            if k.endswith(b"}") or k.endswith(b":holders") or b":claims:" in k]
+
+
+def _scripts(trips: list[list[str]]) -> list[list[str]]:
+    return [t for t in trips if "EVALSHA" in t]
+
+
+def _app(redis_url: str, prefix: str, backend: str | None = None,
+         ) -> tuple[Celery, redis.Redis, list[list[str]]]:
+    c, trips = round_trip_client(redis_url)
+    app = make_app(redis_url, prefix, client=c)
+    if backend is not None:
+        app.conf.result_backend = backend
+    return app, c, trips
+
+
+def _run(app: Celery, trips: list[list[str]], call: Callable[[], Any]) -> list[list[str]]:
+    with in_process_worker(app, concurrency=1):
+        call()  # warm-up: scripts loaded, backend checked
+        trips.clear()
+        call()
+        return _scripts(list(trips))
+
+
+def test_a_run_releases_in_the_round_trip_storing_its_result(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    """A singleton + limited task: the library's client sends only the two acquires; the
+    releases and the claims record's deletion are done when the result can be read."""
+    app, c, trips = _app(redis_url, prefix)
+
+    @app.task(shared=False, singleton=True, concurrency_limit="db:2")
+    def job(x: int) -> int:
+        return x
+
+    def call() -> None:
+        assert job.delay(3).get(timeout=WAIT) == 3
+        assert _locked(client, prefix) == []  # visible together with the result
+
+    try:
+        sent = _run(app, trips, call)
+    finally:
+        app.close()
+        c.close()
+    assert sent == [["EVALSHA"], ["EVALSHA"]], "the two acquires only"
+
+
+def test_a_failed_run_releases_with_its_stored_failure(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    app, c, trips = _app(redis_url, prefix)
+
+    @app.task(shared=False, singleton=True)
+    def boom(x: int) -> int:
+        raise ValueError(x)
+
+    def call() -> None:
+        with pytest.raises(ValueError):
+            boom.delay(1).get(timeout=WAIT)
+        assert _locked(client, prefix) == []
+
+    try:
+        sent = _run(app, trips, call)
+    finally:
+        app.close()
+        c.close()
+    assert sent == [["EVALSHA"]]
+
+
+@pytest.mark.parametrize("how", ["ignore_result", "Ignore"])
+def test_without_a_stored_result_the_releases_go_on_their_own(
+    redis_url: str, prefix: str, client: redis.Redis, how: str
+) -> None:
+    """No store to ride in (the task ignores its result, or raises Ignore): the releases
+    are sent by the library's client, right after the body (ignore_result) or in the
+    backend's cleanup after the run (Ignore)."""
+    app, c, trips = _app(redis_url, prefix)
+    ran: list[int] = []
+
+    @app.task(shared=False, singleton=True, ignore_result=how == "ignore_result")
+    def job(x: int) -> None:
+        ran.append(x)
+        if how == "Ignore":
+            raise Ignore()
+
+    def call() -> None:
+        count = len(ran) + 1
+        job.delay(count)
+        wait_until(lambda: len(ran) == count and _locked(client, prefix) == [])
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            call()  # warm-up
+            trips.clear()
+            call()
+            # the release's trip is recorded just after it was sent, so a moment after the
+            # lock is seen free: wait for it (a release in a store would never show here)
+            wait_until(lambda: _scripts(trips) == [["EVALSHA"], ["EVALSHA"]], timeout=5)
+    finally:
+        app.close()
+        c.close()
+
+
+def test_a_backend_on_another_database_is_left_alone(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    other_db = redis_url.rsplit("/", 1)[0] + "/" + ("2" if redis_url.endswith("/1") else "1")
+    app, c, trips = _app(redis_url, prefix, backend=other_db)
+
+    @app.task(shared=False, singleton=True)
+    def job(x: int) -> int:
+        return x
+
+    def call() -> None:
+        assert job.delay(3).get(timeout=WAIT) == 3
+        assert _locked(client, prefix) == []
+
+    try:
+        sent = _run(app, trips, call)
+    finally:
+        app.close()
+        c.close()
+    assert sent == [["EVALSHA"], ["EVALSHA"]], "acquire, then release on their own"
+
+
+def _keyspace_events(client: redis.Redis, act: Callable[[], Any], until: bytes,
+                     timeout: float = WAIT) -> list[tuple[bytes, bytes]]:
+    """The (key, event) pairs the server publishes while ``act()`` runs, in the order it ran
+    them, up to the first ``until`` event of a result key (``celery-task-meta-*``)."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.psubscribe("__keyspace@*__:*")
+        pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+        act()
+        events: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            key = message["channel"].split(b":", 1)[1]
+            events.append((key, message["data"]))
+            if key.startswith(b"celery-task-meta-") and message["data"] == until:
+                return events
+        raise AssertionError(f"no {until!r} of a result key in {events}")
+    finally:
+        pubsub.close()
+
+
+@pytest.mark.parametrize("loaded", ["none", "store only"])
+@pytest.mark.parametrize("task", ["single", "limited", "both"])
+def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
+    private_server: PrivateServer, prefix: str, task: str, loaded: str
+) -> None:
+    """After the server lost its scripts (a restart, a failover, SCRIPT FLUSH) a run's
+    releases and the deletion of its claims record still come before its result is stored,
+    in the server's own order (keyspace events): a caller that has the result finds them
+    done. Before, the store went through and the releases followed it in a round trip of
+    their own (test_long_tasks saw the record outlive its task)."""
+    url = private_server.url
+    client = redis.Redis.from_url(url)
+    client.config_set("notify-keyspace-events", "Kg$z")
+    app, c, _trips = _app(url, prefix)
+    options: dict[str, Any] = {
+        "single": {"singleton": True},
+        "limited": {"concurrency_limit": "db:2"},
+        "both": {"singleton": True, "concurrency_limit": "db:2"},
+    }[task]
+
+    @app.task(shared=False, **options)
+    def job(x: int) -> int:
+        return x
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up: scripts loaded, backend
+            client.script_flush()
+            if loaded == "store only":  # reloaded meanwhile by another run's store
+                client.script_load(load_script("result_store").source)
+            result: list[Any] = []
+            events = _keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
+            assert result[0].get(timeout=WAIT) == 2
+            assert _locked(client, prefix) == []
+    finally:
+        app.close()
+        c.close()
+        client.close()
+    mine = [(k, e) for k, e in events if k.startswith(prefix.encode())]
+    record = [e for k, e in mine if b":claims:" in k]
+    released = [e for k, e in mine if k.endswith(b"}") or k.endswith(b":holders")]
+    # the record written by the acquire, then deleted; each lease taken, then given back
+    assert record[-1] == b"del", events
+    assert released and released[-1] in (b"del", b"zrem"), events
