@@ -6,6 +6,8 @@ machine losing power would. Without the variable (always, outside those tests) a
 a dictionary lookup and does nothing.
 
 Points: ``park:after-park`` (a task parked, its message not yet acknowledged),
+``park:received-after-park`` (a message parked on receipt by the worker's main process, not
+yet acknowledged),
 ``release:after-take`` (parked entries taken for re-sending, not yet published),
 ``release:after-publish`` (published, not yet marked sent).
 """

@@ -38,19 +38,25 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from celery import bootsteps
+from celery.app.task import Context
 from celery.exceptions import Ignore
 from celery.worker.control import Panel
 from kombu.utils.json import dumps as _dumps
 from kombu.utils.json import loads as _loads
 
+from .._validate import resource_key
 from ..lease import Lease, LeaseKind
 from ..parking import (
     AHEAD_LEFT,
     DUPLICATE,
+    FREE,
     GRANTED,
     Dispatch,
     RedisParkingStore,
     reservation_owner,
+)
+from ..parking import (
+    PARKED as PARKED_ENTRY,
 )
 from . import observe
 from .crashpoints import crash_point
@@ -269,6 +275,113 @@ def park(task: Any, rt: Runtime, request: Any, kind: LeaseKind, name: str, owner
     if task_parked.receivers:
         observe.parked(task, request.id, name, kind, turn)
     _end_parked(task, rt, request)
+
+
+# -- parking on receipt, in the worker's main process -----------------------------------------
+
+def first_resource(task: Any, args: Any, kwargs: Any) -> tuple[LeaseKind, str, int] | None:
+    """The first resource a fresh message of ``task`` with ``args``/``kwargs`` would take,
+    as (kind, name, permits), when the worker's main process may park the message on receipt
+    (:func:`park_received`); None when only the run may decide (the task takes a rate slot or
+    reads its cache first, holds a queued-scope claim, or does not park on that resource)."""
+    policy = task._rk_policy
+    if (not policy.parks or policy.rate_limits or policy.cache_ttl is not None
+            or (policy.singleton and policy.scope == "queued")):
+        return None
+    arguments = policy.bind(args, kwargs)
+    if policy.singleton:
+        if policy.on_locked != "park":
+            return None
+        return (LeaseKind.MUTEX,
+                policy.singleton_name(task.name, arguments, args or (), kwargs or {}), 0)
+    if not policy.limits or policy.on_limited != "park":
+        return None
+    name, permits = policy.limit_names(arguments)[0]
+    return (LeaseKind.SEMAPHORE, name, permits)
+
+
+def park_received(task: Any, req: Any) -> bool:
+    """Park a message the worker's main process just received, before it goes to the pool,
+    when its first resource (:func:`first_resource`) is full: True when the message is
+    parked (or dropped as a copy) and acknowledged, and must not run; False to run it as
+    usual (the run takes the resource, or parks, as for any message).
+
+    The same park as a run's (:func:`park`), in the same order: ``PARKED`` stored first
+    (asked first whether it would park, so a task that runs at once never shows it), then
+    the atomic park-if-full, then the ``task-parked`` event, the acknowledgement last. It
+    costs the worker's main process a few round trips and no pool process: under a backlog
+    of blocked messages the pool's processes stay with the tasks that run. Not for a message
+    re-sent from a parked queue (header :data:`HEADER`) nor one the broker delivered again:
+    those go to the pool, which adopts the reservation or recognises the copy."""
+    if HEADER in req.request_dict or req.delivery_info.get("redelivered"):
+        return False
+    first = first_resource(task, req.args, req.kwargs)
+    if first is None:
+        return False
+    kit: Kit | None = getattr(task.app, APP_ATTRIBUTE, None)
+    if kit is None:
+        return False
+    kind, name, permits = first
+    name = resource_key(name)
+    rt = kit.runtime()
+    store = store_of(rt)
+    ctx = context_of(req)
+    lease = rt.settings.lease
+    mid = message_id(ctx)
+    if not req.ignore_result:
+        asked = store.acquire_or_park(str(kind), name, req.id, "", lease,
+                                      permits=max(1, permits), only_if_full=True)
+        if asked.status == FREE:
+            return False
+        if asked.status == DUPLICATE:
+            return _drop_received(task, req, name)
+        task.backend.store_result(req.id, {"resource": name, "kind": kind.resource},
+                                  PARKED, request=ctx)
+    out = store.acquire_or_park(str(kind), name, req.id, "", lease, permits=max(1, permits),
+                                payload=encode(task, ctx), message_id=mid, only_if_full=True)
+    if out.status == FREE:
+        return False  # it freed meanwhile: the run takes it (PARKED is overwritten)
+    if out.status == DUPLICATE:
+        return _drop_received(task, req, name)
+    if out.status != PARKED_ENTRY:  # pragma: no cover - the script answers nothing else
+        return False
+    crash_point("park:received-after-park")
+    log.info("rediskit: %s[%s] parked on receipt: %s %r is %s", task.name, req.id, kind.grant,
+             name, "held" if kind == LeaseKind.MUTEX else "full")
+    send_received_event(task, req, PARKED_EVENT, resource=name, kind=kind.resource)
+    if task_parked.receivers:
+        observe.parked(task, req.id, name, kind, None)
+    req.acknowledge()
+    return True
+
+
+def _drop_received(task: Any, req: Any, name: str) -> bool:
+    log.warning("rediskit: %s[%s] dropped: its task id is parked at %r already", task.name,
+                req.id, name)
+    req.acknowledge()
+    return True
+
+
+def context_of(req: Any) -> Context:
+    """The task context a run of the worker request ``req`` would see (what Celery's tracer
+    builds in the pool process), for encoding its message and storing its state."""
+    _, _, embed = req._payload
+    data = {**req.request_dict, **(embed or {}), "is_eager": False}
+    return Context(data, args=req.args, kwargs=req.kwargs, called_directly=False)
+
+
+def send_received_event(task: Any, req: Any, event_type: str, **fields: Any) -> bool:
+    """:func:`.events.send_task_event` for a message the worker's main process handles."""
+    if not task.send_events:
+        return False
+    try:
+        with task.app.events.default_dispatcher(hostname=req.hostname) as d:
+            d.send(event_type, uuid=req.id, retry=False, **fields)
+    except Exception:
+        log.warning("rediskit: sending the %s event of %s failed", event_type, req.id,
+                    exc_info=True)
+        return False
+    return True
 
 
 def _end_parked(task: Any, rt: Runtime, request: Any) -> NoReturn:

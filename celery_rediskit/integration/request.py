@@ -1,17 +1,29 @@
-"""The worker-side request class of the integration's tasks (``RedisKitTask.Request``).
+"""The worker side of the integration's tasks, in the worker's main process: the request
+class (``RedisKitTask.Request``) and the message strategy (``RedisKitTask.Strategy``).
 
-It runs in the worker's main process and only tells the app's :class:`.children.ChildWatch`
-which pool child started which task, so that a terminated or timed-out task's leases are
-released once that child has stopped or moved on. Imported by the worker only (by name).
+:class:`TrackedRequest` tells the app's :class:`.children.ChildWatch` which pool child
+started which task, so that a terminated or timed-out task's leases are released once that
+child has stopped or moved on. :func:`strategy` is Celery's default strategy with one step
+added before a message goes to the pool: a task that parks (``"park"``) whose first lock or
+limit is full is parked there and then (:func:`.parking.park_received`), without taking a
+pool process. Imported by the worker only (by name).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery.worker.request import Request
+from celery.worker.state import task_ready
+from celery.worker.strategy import default
 
 from .children import child_watch_of
+from .parking import park_received
 
-__all__ = ["TrackedRequest"]
+__all__ = ["TrackedRequest", "strategy"]
+
+log = logging.getLogger("celery_rediskit")
 
 
 class TrackedRequest(Request):  # type: ignore[misc]
@@ -24,3 +36,44 @@ class TrackedRequest(Request):  # type: ignore[misc]
         if watch is not None and pid:
             watch.accepted(pid, self.id)
         super().on_accepted(pid, time_accepted)
+
+
+class _Consumer:
+    """The worker's consumer as Celery's default strategy reads it, with the hand-off of a
+    message to the pool (``on_task_request``) replaced."""
+
+    def __init__(self, consumer: Any, on_task_request: Any) -> None:
+        self._consumer = consumer
+        self.on_task_request = on_task_request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy; for a task that parks, a message whose first lock or
+    limit is full is parked on receipt (``park_received``) instead of going to the pool.
+
+    The default strategy reserves the request (``task_reserved``), then hands it to
+    ``consumer.on_task_request``: the hand-off here tries the park first and, when the
+    message parked, ends the request (``task_ready``) as the pool would. A message delayed
+    by an ETA or a rate limit reaches the pool through the consumer directly, as before:
+    its run parks if it must."""
+    policy = getattr(task, "_rk_policy", None)
+    if policy is None or not policy.parks:
+        return default(task, app, consumer, **kwargs)
+    hand_off = consumer.on_task_request
+
+    def on_task_request(req: Any) -> None:
+        try:
+            parked = park_received(task, req)
+        except Exception:
+            log.warning("rediskit: parking %s[%s] on receipt failed: its run decides",
+                        task.name, req.id, exc_info=True)
+            parked = False
+        if parked:
+            task_ready(req)
+            return
+        hand_off(req)
+
+    return default(task, app, _Consumer(consumer, on_task_request), **kwargs)

@@ -210,6 +210,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     #: tells the worker's main process which child runs which task (``children.py``)
     Request = "celery_rediskit.integration.request:TrackedRequest"
+    #: parks a blocked message on receipt, in the worker's main process (``request.py``)
+    Strategy = "celery_rediskit.integration.request:strategy"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

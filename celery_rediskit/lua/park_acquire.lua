@@ -17,11 +17,14 @@
 -- ARGV[13] how long a published entry waits for its message, ms
 -- ARGV[14] wake channel prefix of the waiters of entries sent ahead (see _park.lua)
 -- ARGV[15] ms a waiting entry sent ahead has to adopt the permit reserved for it here
+-- ARGV[16] "1": park only if full: when a permit is free, change nothing and return 2 (the
+--          caller then takes it the ordinary way); else "" (take it, or park)
 -- Free permits go to parked entries older than the caller first (reserved for them: the
 -- caller publishes them). Returns {status, token, id1, payload1, dispatch id1, turn1, ...}:
 -- status 1 granted (token: the fencing token, or 1 for a permit), 0 parked, -1 the id is
 -- parked or sent already (a copy, or a re-send of this call after a lost reply: nothing
--- changed), -2 would park but no payload was given. A re-send of a call that granted returns
+-- changed), -2 would park but no payload was given, 2 a permit is free (ARGV[16] only:
+-- nothing changed but a semaphore's expired holders dropped). A re-send of a call that granted returns
 -- the grant again.
 local kind, id = ARGV[1], ARGV[2]
 -- A re-send of a call that granted already (its reply was lost): the grant stands.
@@ -41,6 +44,7 @@ local lease, idle = tonumber(ARGV[4]), tonumber(ARGV[5])
 local turn = tonumber(ARGV[8]) or now_u
 local out = {}
 local free = pk_free(kind, now, tonumber(ARGV[6]))
+if ARGV[16] == '1' and free > 0 then return {2, 0} end
 free = pk_take(kind, free, now, lease, idle, ARGV[9], tonumber(ARGV[10]), out, turn,
                tonumber(ARGV[13]), ARGV[14], tonumber(ARGV[15]))
 local status, token = 0, 0

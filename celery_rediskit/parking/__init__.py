@@ -8,6 +8,7 @@ for the keys. Nothing here knows Celery: the Celery layer parks task messages wi
 from .base import (
     AHEAD_LEFT,
     DUPLICATE,
+    FREE,
     GRANTED,
     NEED_PAYLOAD,
     PARKED,
@@ -22,6 +23,7 @@ from .redis import PUBLISH_DEADLINE, RedisParkingStore
 __all__ = [
     "AHEAD_LEFT",
     "DUPLICATE",
+    "FREE",
     "GRANTED",
     "NEED_PAYLOAD",
     "PARKED",

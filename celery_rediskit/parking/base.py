@@ -39,6 +39,7 @@ __all__ = [
     "AHEAD_WAITING",
     "DUPLICATE",
     "EXPIRED",
+    "FREE",
     "GRANTED",
     "NEED_PAYLOAD",
     "PARKED",
@@ -54,6 +55,7 @@ PARKED = "parked"
 DUPLICATE = "duplicate"
 NEED_PAYLOAD = "need_payload"
 EXPIRED = "expired"
+FREE = "free"
 
 AHEAD_WAITING = -2
 """What the adoption script answers a caller sent ahead whose turn has not come (internal:
@@ -91,7 +93,8 @@ class ParkOutcome:
     """What :meth:`ParkingStore.acquire_or_park` did. ``status``: :data:`GRANTED` (the
     caller holds the lock, ``token`` its fencing token, or a permit, ``token`` 1),
     :data:`PARKED`, :data:`DUPLICATE` (the id is parked or sent already; nothing changed) or
-    :data:`NEED_PAYLOAD` (it would park, but no payload was given). ``dispatched``: older
+    :data:`NEED_PAYLOAD` (it would park, but no payload was given) or, asked with
+    ``only_if_full``, :data:`FREE` (a permit is free: nothing changed). ``dispatched``: older
     entries taken meanwhile, for the caller to publish."""
 
     status: str
@@ -119,11 +122,16 @@ class ParkingStore(ABC):
     @abstractmethod
     def acquire_or_park(self, kind: str, name: str, id: str, owner: str, lease: float, *,
                         permits: int = 1, payload: bytes | None = None,
-                        turn: int | None = None, message_id: str | None = None) -> ParkOutcome:
+                        turn: int | None = None, message_id: str | None = None,
+                        only_if_full: bool = False) -> ParkOutcome:
         """In one atomic step: take the lock or a permit of ``name`` for ``owner`` (``lease``
         seconds) if one is free and no older entry waits for it, else park ``payload`` under
         ``id`` with ``turn`` (default: now). ``permits``: a semaphore's total when none is
-        stored. ``message_id`` is remembered as parked here (see :meth:`seen`)."""
+        stored. ``message_id`` is remembered as parked here (see :meth:`seen`).
+
+        With ``only_if_full``: park only when no permit is free (the lock is held, every
+        permit taken); when one is, change nothing and return :data:`FREE` (the caller takes
+        it the ordinary way, first try before older entries, as any newcomer)."""
 
     @abstractmethod
     def dispatch(self, kind: str, name: str, lease: float, *, permits: int = 1,

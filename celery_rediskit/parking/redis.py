@@ -45,6 +45,7 @@ from ..lease import Grant, process_id
 from .base import (
     AHEAD_WAITING,
     DUPLICATE,
+    FREE,
     GRANTED,
     NEED_PAYLOAD,
     PARKED,
@@ -72,7 +73,7 @@ _AHEAD_GONE_MS = int(AHEAD_CHECK_IN * 3 * 1000)
 SEEN_TTL = 3600.0
 """Seconds a parked message id is remembered (a redelivered copy of it is recognised)."""
 
-_STATUS = {1: GRANTED, 0: PARKED, -1: DUPLICATE, -2: NEED_PAYLOAD}
+_STATUS = {1: GRANTED, 0: PARKED, -1: DUPLICATE, -2: NEED_PAYLOAD, 2: FREE}
 
 
 def _dispatches(kind: str, name: str, flat: Sequence[Any]) -> list[Dispatch]:
@@ -151,12 +152,13 @@ class RedisParkingStore(ParkingStore):
     # -- the steps ------------------------------------------------------------------------
     def acquire_or_park(self, kind: str, name: str, id: str, owner: str, lease: float, *,
                         permits: int = 1, payload: bytes | None = None,
-                        turn: int | None = None, message_id: str | None = None) -> ParkOutcome:
+                        turn: int | None = None, message_id: str | None = None,
+                        only_if_full: bool = False) -> ParkOutcome:
         keys = self.key_list(kind, name)
         args = [kind, id, owner, to_ms(lease), self._idle_ms, permits,
                 b"" if payload is None else payload, "" if turn is None else str(int(turn)),
                 self._did(), self._publish_ms, message_id or id, self._seen_ms, self._wait_ms,
-                self.wake_prefix(keys), _AHEAD_GONE_MS]
+                self.wake_prefix(keys), _AHEAD_GONE_MS, "1" if only_if_full else ""]
         command = ("EVALSHA", self._acquire.sha, len(keys), *keys, *args)
         if payload is None:
             reply = self._acquire.run(self.client, keys, args, raw=True)

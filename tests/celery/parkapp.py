@@ -63,6 +63,15 @@ def build(url: str, prefix: str, broker: str | None = None) -> Celery:
     def early(self: Any, run: str, hold: bool = False) -> str:
         return body(self, run, hold)
 
+    # Two limits, the first ("pa-", sorting first) free: the worker's main process does not
+    # park it on receipt (it parks only at a first full limit), so its run meets "pk-" full
+    # and parks there, in the pool process.
+    @app.task(shared=False, name="waiter2", bind=True,
+              concurrency_limit=["pa-{run}:1", "pk-{run}:1"], on_limited="park",
+              acks_late=True)
+    def waiter2(self: Any, run: str, hold: bool = False) -> str:
+        return body(self, run, hold)
+
     return app
 
 

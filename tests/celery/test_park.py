@@ -445,3 +445,43 @@ def test_short_runs_send_the_next_parked_task_ahead(app, worker, client, prefix)
     assert [t for t in ran if t in order] == order  # the parked ones ran in their turn
     assert parked_count(app, "s", "x") == 0
     assert RedisKit.of(app).runtime().semaphore_storage.get_semaphore_info("x").acquired == 0
+
+
+def test_a_blocked_message_parks_on_receipt_without_a_pool_process(app, worker, client,
+                                                                   prefix) -> None:
+    """The worker's main process parks a fresh message whose limit is full as it receives
+    it: with the only pool process busy (running the holder of the only permit), the
+    waiters park at once, PARKED, with the task_parked signal; then each runs once, in the
+    order they parked."""
+    key = prefix + ":runs"
+
+    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
+    def job(self: Any, hold: bool) -> str:
+        client.rpush(key, self.request.id)
+        if hold:
+            hold_until(client, prefix + ":go")
+        return self.request.id
+
+    seen: list[str] = []
+
+    def on_parked(task_id: str = "", **_: Any) -> None:
+        seen.append(task_id)
+
+    task_parked.connect(on_parked, weak=False)
+    try:
+        with worker(app, concurrency=1):
+            first = job.delay(True)
+            wait_for(lambda: client.llen(key) == 1)
+            waiting = [job.delay(False) for _ in range(3)]
+            # the pool's one process runs the holder: only the main process can park them
+            wait_for(lambda: parked_count(app, "s", "x") == 3, timeout=10)
+            assert [AsyncResult(r.id, app=app).state for r in waiting] == [PARKED] * 3
+            assert sorted(seen) == sorted(r.id for r in waiting)
+            order = [t["task_id"] for t in sorted(parked_tasks(app), key=lambda t: t["turn"])]
+            client.rpush(prefix + ":go", 1)
+            assert first.get(timeout=WAIT) == first.id
+            assert [r.get(timeout=WAIT) for r in waiting] == [r.id for r in waiting]
+    finally:
+        task_parked.disconnect(on_parked)
+    assert [x.decode() for x in client.lrange(key, 0, -1)] == [first.id, *order]
+    assert parked_count(app, "s", "x") == 0

@@ -126,17 +126,24 @@ def cluster(redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
     c.close()
 
 
-def test_killed_after_parking_before_the_ack(cluster: Cluster) -> None:
-    """acks_late: the worker dies after the park, before the acknowledgement. The broker
-    delivers the message again; that copy is recognised and dropped, and the parked message
-    runs once when the permit frees. (With early acknowledgement, Celery acknowledges at
-    receipt: a crash before the park loses the message, as for any task.)"""
+@pytest.mark.parametrize(("point", "task"), [
+    ("park:received-after-park", "waiter"),  # parked on receipt by the main process
+    ("park:received-after-park", "early"),   # the same, with early acknowledgement
+    ("park:after-park", "waiter2"),          # its first limit free: parked by its run
+])
+def test_killed_after_parking_before_the_ack(cluster: Cluster, point: str, task: str) -> None:
+    """The worker dies after the park, before the acknowledgement. The broker delivers the
+    message again; that copy is recognised and dropped, and the parked message runs once
+    when the permit frees. A message parked on receipt (by the worker's main process) is
+    acknowledged after the park even with early acknowledgement; one parked by its run is
+    so with ``acks_late`` (with early acknowledgement Celery acknowledges when the pool
+    process takes it: a crash before the park loses it, as for any task)."""
     c = cluster
     c.start("b")
     holder = c.send("holder", "b", hold=True)
     c.wait_for(lambda: len(c.runs()) == 1)
-    a = c.start("a", crash_at="park:after-park")
-    waiter = c.send("waiter", "a")
+    a = c.start("a", crash_at=point)
+    waiter = c.send(task, "a")
     assert a.wait(WAIT) == -signal.SIGKILL
     assert c.parked() == 1
     # the message was not acknowledged: the broker delivers it again to the next worker
