@@ -20,11 +20,13 @@ The re-sent message carries the header :data:`HEADER`
 second copy of it (the sweeper re-sent a message whose publisher died after publishing) finds
 the entry gone and is dropped.
 
-Sent ahead: a run that held its resource at most :data:`AHEAD_HOLD` seconds also sends, at
+Sent ahead: a run that held its resource at most ``rediskit_park_ahead_hold`` seconds
+(:data:`AHEAD_HOLD` by default) also sends, at
 its release, the next parked messages ahead of their turn (up to one per permit), so that
 each waits in a worker for the next release instead of travelling after it: a hand-off then
 costs a pub/sub wake-up and the adoption, not the publish, the delivery and the start of a
-task. Such a message waits at most :data:`AHEAD_WAIT` seconds, holding its worker slot (and
+task. Such a message waits at most ``rediskit_park_ahead_wait`` seconds (:data:`AHEAD_WAIT`
+by default), holding its worker slot (and
 counting against its time limits), then ends, its entry parked at its turn as before.
 """
 
@@ -63,6 +65,7 @@ from .crashpoints import crash_point
 from .events import send_task_event
 from .queue_front import to_front
 from .runtime import APP_ATTRIBUTE, Kit, Runtime
+from .settings import PARK_AHEAD_HOLD, PARK_AHEAD_WAIT
 from .signals import task_parked
 
 __all__ = [
@@ -90,14 +93,16 @@ PARKED_EVENT = "task-parked"
 HEADER = "rediskit_parked"
 """Message header of a re-sent parked task: ``"<kind>|<dispatch id>|<turn>|<resource>"``."""
 
-AHEAD_HOLD = 1.0
-"""Seconds: a release sends the next parked messages ahead when the run that released held
-its lock or permit at most this long (longer runs gain little: a hand-off costs milliseconds,
-and the message sent ahead would hold a worker slot as long)."""
+AHEAD_HOLD = PARK_AHEAD_HOLD
+"""Seconds, the default of the setting ``rediskit_park_ahead_hold``: a release sends the next
+parked messages ahead when the run that released held its lock or permit at most this long
+(longer runs gain little: a hand-off costs milliseconds, and the message sent ahead would
+hold a worker slot as long)."""
 
-AHEAD_WAIT = 5.0
-"""Seconds a message sent ahead waits in its worker for its turn before it gives up (its
-entry stays parked, and is re-sent the usual way when its turn comes)."""
+AHEAD_WAIT = PARK_AHEAD_WAIT
+"""Seconds, the default of the setting ``rediskit_park_ahead_wait``: how long a message sent
+ahead waits in its worker for its turn before it gives up (its entry stays parked, and is
+re-sent the usual way when its turn comes)."""
 
 SWEEP_TICK = 1.0
 """Seconds between two sweeps (one process sweeps per tick, whichever takes the token)."""
@@ -234,10 +239,12 @@ def adopt(task: Any, rt: Runtime, request: Any, resent: Resent,
     """Take over the reservation ``resent`` names: its token (>= 1), 0 when it ended (the
     task asks again with its turn); a copy is dropped (raises ``Ignore``)."""
     got = store_of(rt).adopt(resent.kind, resent.name, request.id, resent.dispatch_id,
-                             rt.settings.lease, before=before, wait=AHEAD_WAIT)
+                             rt.settings.lease, before=before,
+                             wait=rt.settings.park_ahead_wait)
     if got == AHEAD_LEFT:
         log.info("rediskit: %s[%s] was sent ahead and waited %.0f s for %r: parked again "
-                 "with its turn", task.name, request.id, AHEAD_WAIT, resent.name)
+                 "with its turn", task.name, request.id, rt.settings.park_ahead_wait,
+                 resent.name)
         _end_parked(task, rt, request)
     if got < 0:
         drop_copy(task, rt, request, f"a copy of the message re-sent for {resent.name!r} "
@@ -402,11 +409,12 @@ def _end_parked(task: Any, rt: Runtime, request: Any) -> NoReturn:
 def after_release(task: Any, rt: Runtime, leases: Iterable[Lease],
                   held_for: float | None = None) -> None:
     """Re-send what is parked on the resources the run just gave back (and send the next
-    ones ahead when it held them ``held_for`` <= :data:`AHEAD_HOLD` seconds)."""
+    ones ahead when it held them ``held_for`` <= ``rediskit_park_ahead_hold`` seconds)."""
     policy = task._rk_policy
+    hold = rt.settings.park_ahead_hold
     dispatch(task.app, rt, [(str(lease.kind), lease.key) for lease in leases
                             if parks(policy, lease.kind)],
-             ahead=held_for is not None and held_for <= AHEAD_HOLD)
+             ahead=held_for is not None and hold > 0 and held_for <= hold)
 
 
 def dispatch(app: Any, rt: Runtime, resources: Iterable[tuple[str, str]], *,

@@ -17,6 +17,8 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "DURATIONS",
+    "PARK_AHEAD_HOLD",
+    "PARK_AHEAD_WAIT",
     "REDIS_SCHEMES",
     "SENTINEL_SCHEME",
     "SentinelAddress",
@@ -25,8 +27,14 @@ __all__ = [
 ]
 
 DURATIONS = ("lease", "queued_ttl", "retry_delay", "retry_delay_max", "limit_timeout",
-             "socket_timeout", "claims_ttl", "idle_ttl")
+             "socket_timeout", "claims_ttl", "idle_ttl", "park_ahead_wait")
 """The settings that are durations (seconds)."""
+
+PARK_AHEAD_HOLD = 1.0
+"""Default of ``rediskit_park_ahead_hold``, seconds."""
+
+PARK_AHEAD_WAIT = 5.0
+"""Default of ``rediskit_park_ahead_wait``, seconds."""
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", "valkey://", "valkeys://")
 """URL schemes of one Redis server (or, with ``rediskit_cluster``, of a cluster's seed node)."""
@@ -97,6 +105,12 @@ class Settings:
       celery-rediskit[metrics]``) on this TCP port, aggregated over its pool processes
       (``integration/worker_metrics.py``); 0 picks a free port (logged). Default None: off.
     - ``metrics_address``: the address that server listens on (default ``"0.0.0.0"``).
+    - ``park_ahead_hold``: parked tasks (``"park"``): a run that held its lock or permit at
+      most this long also sends, at its release, the next parked messages *ahead* of their
+      turn, to wait in a worker for it (see the README's "Parked tasks"); ``0`` sends nothing
+      ahead. Default 1 s.
+    - ``park_ahead_wait``: how long a message sent ahead waits in its worker slot for its
+      turn before it ends, its entry still parked at its turn. Default 5 s.
     - ``trace_commands``: True sends the library's commands through redis-py's
       ``execute_command`` and pipelines, where OpenTelemetry's redis instrumentation sees
       them (:func:`celery_rediskit.trace_commands`); it costs some speed (``make bench``).
@@ -118,6 +132,8 @@ class Settings:
     idle_ttl: float = IDLE_TTL
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
+    park_ahead_hold: float = PARK_AHEAD_HOLD
+    park_ahead_wait: float = PARK_AHEAD_WAIT
     trace_commands: bool = False
 
     def __post_init__(self) -> None:
@@ -180,6 +196,8 @@ class Settings:
             object.__setattr__(
                 self, name, parse_duration(getattr(self, name), f"rediskit_{name}")
             )
+        object.__setattr__(self, "park_ahead_hold", _off_or_duration(
+            self.park_ahead_hold, "rediskit_park_ahead_hold", "nothing is sent ahead"))
 
     @property
     def is_sentinel(self) -> bool:
@@ -247,6 +265,17 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
     raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+
+
+def _off_or_duration(value: Any, name: str, off: str) -> float:
+    # A duration, or 0 (what ``off`` says); text from environment variables and Django.
+    if not isinstance(value, bool) and (value == 0 or (isinstance(value, str)
+                                                        and value.strip() == "0")):
+        return 0.0
+    try:
+        return parse_duration(value, name)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc} (or 0: {off})") from None
 
 
 def _port(value: Any) -> int | None:

@@ -31,7 +31,10 @@ def build(url: str, prefix: str, broker: str | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": VISIBILITY,
                                   "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
     )
-    RedisKit(app, url=url, prefix=prefix, lease=LEASE)
+    # a test makes every release send the next task ahead (RK_AHEAD_HOLD, RK_AHEAD_WAIT)
+    RedisKit(app, url=url, prefix=prefix, lease=LEASE,
+             park_ahead_hold=os.environ.get("RK_AHEAD_HOLD"),
+             park_ahead_wait=os.environ.get("RK_AHEAD_WAIT"))
     client = redis.Redis.from_url(url)
 
     def body(task: Any, run: str, hold: bool) -> str:
@@ -74,12 +77,6 @@ def build(url: str, prefix: str, broker: str | None = None) -> Celery:
 
     return app
 
-
-if os.environ.get("RK_AHEAD_HOLD"):  # a test makes every release send the next task ahead
-    from celery_rediskit.integration import parking
-
-    parking.AHEAD_HOLD = float(os.environ["RK_AHEAD_HOLD"])
-    parking.AHEAD_WAIT = float(os.environ.get("RK_AHEAD_WAIT", parking.AHEAD_WAIT))
 
 if os.environ.get("RK_URL"):
     app = build(os.environ["RK_URL"], os.environ["RK_PREFIX"], os.environ.get("RK_BROKER"))

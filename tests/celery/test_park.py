@@ -485,3 +485,60 @@ def test_a_blocked_message_parks_on_receipt_without_a_pool_process(app, worker, 
         task_parked.disconnect(on_parked)
     assert [x.decode() for x in client.lrange(key, 0, -1)] == [first.id, *order]
     assert parked_count(app, "s", "x") == 0
+
+
+def test_ahead_settings_are_validated_naming_the_setting(redis_url: str, prefix: str) -> None:
+    app = make_app(redis_url, prefix, park_ahead_hold="2s", park_ahead_wait="1m")
+    settings = RedisKit.of(app).settings
+    assert (settings.park_ahead_hold, settings.park_ahead_wait) == (2.0, 60.0)
+    app.close()
+    off = make_app(redis_url, prefix, park_ahead_hold="0")  # as an environment variable
+    assert RedisKit.of(off).settings.park_ahead_hold == 0.0
+    off.close()
+    with pytest.raises(ConfigurationError,
+                       match=r"^rediskit_park_ahead_hold must be .*got 'soon' \(or 0: nothing"):
+        make_app(redis_url, prefix, park_ahead_hold="soon")
+    with pytest.raises(ConfigurationError, match=r"^rediskit_park_ahead_wait must be .*got 0"):
+        make_app(redis_url, prefix, park_ahead_wait=0)
+
+
+@pytest.mark.parametrize(("hold", "wait", "held"), [(600, 0.5, 1.3), (0, 5, 0.05)])
+def test_ahead_settings_reach_the_workers(redis_url, worker, client, prefix, hold, wait,
+                                          held) -> None:
+    """``rediskit_park_ahead_hold``: a run held 0.3 s longer than the default 1 s sends ahead
+    with the setting at 600 s; ``rediskit_park_ahead_wait``: the message sent ahead then
+    gives its wait up after 0.5 s (the default is 5 s), its entry parked at its turn again;
+    every task still runs once, in turn. With ``park_ahead_hold=0`` nothing is sent ahead,
+    even after a run of 0.05 s."""
+    app = make_app(redis_url, prefix, park_ahead_hold=hold, park_ahead_wait=wait)
+    key = f"{prefix}:runs"
+
+    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
+    def job(self: Any, tag: str, hold_for: float) -> str:
+        client.rpush(key, tag)
+        if hold_for < 0:
+            hold_until(client, f"{prefix}:go:{tag}")
+        time.sleep(max(0.0, hold_for))
+        return tag
+
+    states: list[str] = []
+    with worker(app, concurrency=4):
+        first = job.delay("a", held)
+        wait_for(lambda: client.llen(key) == 1)
+        second = job.delay("b", -1)
+        third = job.delay("c", 0)
+        wait_for(lambda: parked_count(app, "s", "x") == 2)
+        if hold:
+            # a's release re-sends b and sends c ahead, which waits, then gives up
+            wait_for(lambda: any(t["state"] == "ahead" for t in parked_tasks(app)))
+            wait_for(lambda: [t["state"] for t in parked_tasks(app)] == ["parked"], timeout=3)
+        else:
+            first.get(timeout=WAIT)
+            wait_for(lambda: client.llen(key) == 2)
+            states = [t["state"] for t in parked_tasks(app)]
+        client.rpush(f"{prefix}:go:b", 1)
+        assert [r.get(timeout=WAIT) for r in (first, second, third)] == ["a", "b", "c"]
+    if not hold:
+        assert states == ["parked"]  # c: nothing sent ahead at a's release
+    assert [x.decode() for x in client.lrange(key, 0, -1)] == ["a", "b", "c"]
+    app.close()
