@@ -74,6 +74,7 @@ __all__ = [
     "HEADER",
     "PARKED",
     "PARKED_EVENT",
+    "ParkUnknown",
     "Resent",
     "Sweeper",
     "parked_tasks",
@@ -344,8 +345,13 @@ def park_received(task: Any, req: Any) -> bool:
             return _drop_received(task, req, name)
         task.backend.store_result(req.id, {"resource": name, "kind": kind.resource},
                                   PARKED, request=ctx)
-    out = store.acquire_or_park(str(kind), name, req.id, "", lease, permits=max(1, permits),
-                                payload=encode(task, ctx), message_id=mid, only_if_full=True)
+    payload = encode(task, ctx)
+    try:
+        out = store.acquire_or_park(str(kind), name, req.id, "", lease,
+                                    permits=max(1, permits), payload=payload, message_id=mid,
+                                    only_if_full=True)
+    except Exception as exc:
+        raise ParkUnknown(f"parking {req.id} at {name!r} failed: it may have parked") from exc
     if out.status == FREE:
         return False  # it freed meanwhile: the run takes it (PARKED is overwritten)
     if out.status == DUPLICATE:
@@ -360,6 +366,15 @@ def park_received(task: Any, req: Any) -> bool:
         observe.parked(task, req.id, name, kind, None)
     req.acknowledge()
     return True
+
+
+class ParkUnknown(Exception):
+    """:func:`park_received` failed after sending the park: the message may be parked.
+
+    The worker's main process then neither runs it nor acknowledges it: it gives it back to
+    the broker (``reject(requeue=True)``), whose next delivery of it, marked redelivered,
+    goes to the pool, where a run recognises it as a copy if it did park
+    (:func:`redelivered_copy`) and runs it otherwise."""
 
 
 def _drop_received(task: Any, req: Any, name: str) -> bool:

@@ -12,6 +12,7 @@ pool process. Imported by the worker only (by name).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.worker.request import Request
@@ -19,11 +20,16 @@ from celery.worker.state import task_ready
 from celery.worker.strategy import default
 
 from .children import child_watch_of
-from .parking import park_received
+from .parking import ParkUnknown, park_received
 
-__all__ = ["TrackedRequest", "strategy"]
+__all__ = ["PAUSE", "TrackedRequest", "strategy"]
 
 log = logging.getLogger("celery_rediskit")
+
+PAUSE = 5.0
+"""Seconds the main process of a worker leaves parking to the runs after parking on receipt
+failed (Redis unreachable, say): its event loop, which serves every message and control
+command, waits on a failing Redis at most once per pause, not once per message."""
 
 
 class TrackedRequest(Request):  # type: ignore[misc]
@@ -58,19 +64,34 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     ``consumer.on_task_request``: the hand-off here tries the park first and, when the
     message parked, ends the request (``task_ready``) as the pool would. A message delayed
     by an ETA or a rate limit reaches the pool through the consumer directly, as before:
-    its run parks if it must."""
+    its run parks if it must. When parking on receipt fails before the park is sent, the
+    message goes to the pool (its run decides); after, it goes back to the broker
+    (:class:`.parking.ParkUnknown`); either way parking on receipt pauses for
+    :data:`PAUSE` seconds."""
     policy = getattr(task, "_rk_policy", None)
     if policy is None or not policy.parks:
         return default(task, app, consumer, **kwargs)
     hand_off = consumer.on_task_request
+    paused_until = 0.0
 
     def on_task_request(req: Any) -> None:
-        try:
-            parked = park_received(task, req)
-        except Exception:
-            log.warning("rediskit: parking %s[%s] on receipt failed: its run decides",
-                        task.name, req.id, exc_info=True)
-            parked = False
+        nonlocal paused_until
+        parked = False
+        if time.monotonic() >= paused_until:
+            try:
+                parked = park_received(task, req)
+            except ParkUnknown:
+                log.warning("rediskit: parking %s[%s] on receipt failed after the park was "
+                            "sent: the message goes back to the broker", task.name, req.id,
+                            exc_info=True)
+                paused_until = time.monotonic() + PAUSE
+                req.reject(requeue=True)
+                task_ready(req)
+                return
+            except Exception:
+                log.warning("rediskit: parking %s[%s] on receipt failed: its run decides",
+                            task.name, req.id, exc_info=True)
+                paused_until = time.monotonic() + PAUSE
         if parked:
             task_ready(req)
             return
