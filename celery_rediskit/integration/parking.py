@@ -32,6 +32,7 @@ counting against its time limits), then ends, its entry parked at its turn as be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -64,7 +65,7 @@ from . import observe
 from .crashpoints import crash_point
 from .events import send_task_event
 from .queue_front import to_front
-from .runtime import APP_ATTRIBUTE, Kit, Runtime
+from .runtime import APP_ATTRIBUTE, Kit, Runtime, kit_of
 from .settings import PARK_AHEAD_HOLD, PARK_AHEAD_WAIT
 from .signals import task_parked
 
@@ -393,17 +394,32 @@ def context_of(req: Any) -> Context:
 
 
 def send_received_event(task: Any, req: Any, event_type: str, **fields: Any) -> bool:
-    """:func:`.events.send_task_event` for a message the worker's main process handles."""
+    """:func:`.events.send_task_event` for a message the worker's main process handles, on
+    a dispatcher (and broker connection) of this process, kept for the next event; one that
+    fails is dropped, and the event sent once more on a new one."""
     if not task.send_events:
         return False
-    try:
-        with task.app.events.default_dispatcher(hostname=req.hostname) as d:
-            d.send(event_type, uuid=req.id, retry=False, **fields)
-    except Exception:
-        log.warning("rediskit: sending the %s event of %s failed", event_type, req.id,
-                    exc_info=True)
-        return False
-    return True
+    rt = kit_of(task.app).runtime()
+    for attempt in (1, 2):
+        held: tuple[str, Any] | None = getattr(rt, "_rk_events", None)
+        try:
+            if held is None or held[0] != req.hostname:
+                held = (req.hostname, task.app.events.Dispatcher(
+                    task.app.connection_for_write(), hostname=req.hostname, enabled=True,
+                    buffer_while_offline=False))
+                rt._rk_events = held  # type: ignore[attr-defined]
+            held[1].send(event_type, uuid=req.id, retry=False, **fields)
+            return True
+        except Exception:
+            rt._rk_events = None  # type: ignore[attr-defined]
+            if held is not None:
+                with contextlib.suppress(Exception):
+                    held[1].close()
+                    held[1].connection.release()
+            if attempt == 2:
+                log.warning("rediskit: sending the %s event of %s failed", event_type,
+                            req.id, exc_info=True)
+    return False
 
 
 def _end_parked(task: Any, rt: Runtime, request: Any) -> NoReturn:

@@ -43,6 +43,11 @@ def build(url: str, prefix: str, **settings: Any) -> Celery:
     def limited(tenant: str, i: int) -> int:
         return i
 
+    @app.task(shared=False, name="parking", concurrency_limit="pslot:{key}:1",
+              on_limited="park")
+    def parking(key: str) -> int:
+        return os.getpid()
+
     @app.task(shared=False, name="cached", cache_ttl=600)
     def cached(x: int) -> int:
         return x * x

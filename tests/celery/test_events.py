@@ -146,3 +146,28 @@ def test_skip_sends_task_skipped_from_a_pool_process(worker_app: Celery,
         assert result.get(timeout=WAIT) is None
     (got,) = capture.wait_for("task-skipped", result.id)
     assert (got["reason"], got["lock"], got["holder"]) == ("locked", name, hold.owner)
+
+
+def test_a_park_on_receipt_sends_task_parked(worker_app: Celery, capture: Capture) -> None:
+    """A message parked by the worker's main process sends ``task-parked`` (one per park,
+    from the worker's node), which ``celery.events.State`` shows as ``PARKED`` until the
+    re-sent run succeeds."""
+    app = worker_app
+    key = uuid.uuid4().hex[:8]
+    sem = RedisKit.of(app).runtime().semaphore(1)
+    with sem.acquire(f"pslot:{key}", blocking=False):
+        results = [app.tasks["parking"].delay(key) for _ in range(3)]
+        parked = [capture.wait_for("task-parked", r.id)[0] for r in results]
+    for got in parked:
+        assert (got["resource"], got["kind"]) == (f"pslot:{key}", "semaphore")
+        assert got["hostname"].startswith("w1-")
+    state = app.events.State()
+    state.event(parked[0])
+    assert state.tasks[results[0].id].state == "PARKED"
+    for r in results:  # the sweeper re-sends them: the permit was freed by a plain release
+        assert r.get(timeout=WAIT) > 0
+        capture.wait_for("task-succeeded", r.id)
+        assert len(capture.of("task-parked", r.id)) == 1
+    for event in capture.of_task(results[0].id):
+        state.event(event)
+    assert state.tasks[results[0].id].state == states.SUCCESS
