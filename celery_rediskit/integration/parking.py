@@ -20,14 +20,18 @@ The re-sent message carries the header :data:`HEADER`
 second copy of it (the sweeper re-sent a message whose publisher died after publishing) finds
 the entry gone and is dropped.
 
+Parked on receipt: a fresh message whose first resource is full is parked by the worker's
+main process as it arrives (:func:`park_received`, called from the task's strategy in
+``request.py``), the same way and in the same order, without a pool process.
+
 Sent ahead: a run that held its resource at most ``rediskit_park_ahead_hold`` seconds
-(:data:`AHEAD_HOLD` by default) also sends, at
-its release, the next parked messages ahead of their turn (up to one per permit), so that
-each waits in a worker for the next release instead of travelling after it: a hand-off then
-costs a pub/sub wake-up and the adoption, not the publish, the delivery and the start of a
-task. Such a message waits at most ``rediskit_park_ahead_wait`` seconds (:data:`AHEAD_WAIT`
-by default), holding its worker slot (and
-counting against its time limits), then ends, its entry parked at its turn as before.
+(:data:`AHEAD_HOLD` by default) also sends, at its release, the next parked messages ahead
+of their turn (up to one per permit), so that each waits in a worker for the next release
+instead of travelling after it: a hand-off then costs a pub/sub wake-up and the adoption,
+not the publish, the delivery and the start of a task. Such a message waits at most
+``rediskit_park_ahead_wait`` seconds (:data:`AHEAD_WAIT` by default), holding its worker
+slot (and counting against its time limits), then ends, its entry parked at its turn as
+before.
 """
 
 from __future__ import annotations
