@@ -328,7 +328,10 @@ def park_received(task: Any, req: Any) -> bool:
     those go to the pool, which adopts the reservation or recognises the copy."""
     if HEADER in req.request_dict or req.delivery_info.get("redelivered"):
         return False
-    first = first_resource(task, req.args, req.kwargs)
+    try:
+        first = first_resource(task, req.args, req.kwargs)
+    except Exception:  # arguments that do not fit, a key function that fails: the run says
+        return False
     if first is None:
         return False
     kit: Kit | None = getattr(task.app, APP_ATTRIBUTE, None)

@@ -542,3 +542,31 @@ def test_ahead_settings_reach_the_workers(redis_url, worker, client, prefix, hol
         assert states == ["parked"]  # c: nothing sent ahead at a's release
     assert [x.decode() for x in client.lrange(key, 0, -1)] == ["a", "b", "c"]
     app.close()
+
+
+def test_a_message_with_bad_arguments_goes_to_its_run(app, worker, client, prefix) -> None:
+    """Arguments that do not fit the task are the run's to report (it fails, as before);
+    parking on receipt goes on for the next messages (it is not a Redis failure, which would
+    pause it)."""
+    key = prefix + ":runs"
+
+    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
+    def job(self: Any, hold: bool) -> str:
+        client.rpush(key, self.request.id)
+        if hold:
+            hold_until(client, prefix + ":go")
+        return self.request.id
+
+    app.conf.worker_prefetch_multiplier = 4  # the bad one waits for the pool, not in front
+    with worker(app, concurrency=1):
+        first = job.delay(True)
+        wait_for(lambda: client.llen(key) == 1)
+        bad = app.send_task(job.name, args=(1, 2, 3))
+        good = job.delay(False)
+        wait_for(lambda: parked_count(app, "s", "x") == 1, timeout=10)  # parked on receipt
+        assert parked_tasks(app)[0]["task_id"] == good.id
+        client.rpush(prefix + ":go", 1)
+        assert first.get(timeout=WAIT) == first.id
+        with pytest.raises(TypeError):
+            bad.get(timeout=WAIT)
+        assert good.get(timeout=WAIT) == good.id
