@@ -161,8 +161,8 @@ class Env:
 
 @contextmanager
 def _env(redis_url: str, prefix: str, kind: str, *, store_timeout: float = STORE_TIMEOUT,
-         always_retry: bool = False) -> Iterator[Env]:
-    with FaultServer(persistent=False) as server, FaultProxy(server.port) as proxy:
+         always_retry: bool = False, persistent: bool = False) -> Iterator[Env]:
+    with FaultServer(persistent=persistent) as server, FaultProxy(server.port) as proxy:
         app = make_app(redis_url, prefix, lease=LEASE, url=proxy.url, socket_timeout=1.0)
         app.conf.result_backend = proxy.url  # same server and database: fused
         app.conf.redis_socket_timeout = store_timeout
@@ -305,25 +305,34 @@ def test_a_store_whose_reply_is_lost_is_sent_again_without_harm(
 
 
 @pytest.mark.parametrize("always_retry", [False, True], ids=["celery-default", "always-retry"])
+@pytest.mark.parametrize("data", ["lost", "kept"])
 @pytest.mark.parametrize("kind", ["single", "limited"])
-def test_a_restart_without_persistence_between_the_body_and_the_store(
-    redis_url: str, prefix: str, kind: str, always_retry: bool
+def test_a_restart_between_the_body_and_the_store(
+    redis_url: str, prefix: str, kind: str, data: str, always_retry: bool
 ) -> None:
-    """The server restarts empty while the store is on its way (held in a partition, which
-    then heals): the store's connection is closed. Celery's default reports the run failed
-    with that ConnectionError (stored on a new connection). With
-    ``result_backend_always_retry`` the store goes again, finds the scripts gone, sends the
-    releases on their own and then stores the result."""
-    with _env(redis_url, prefix, kind, store_timeout=OUTLASTS,
-              always_retry=always_retry) as env:
+    """The server restarts while the store is on its way (held in a partition): the store's
+    connection is closed. Without persistence ("lost") the partition heals once the lease
+    is seen free (it went with the data); with persistence ("kept": the lease, the record and
+    the claims are still there, the scripts are not) it heals at once, so the store meets
+    the lease still held. Celery's default reports the run failed with that ConnectionError
+    (the releases sent in the backend's cleanup first, then the failure stored on a new
+    connection). With ``result_backend_always_retry`` the store goes again: its transaction
+    meets NOSCRIPT, the releases are sent on their own, then the result is stored."""
+    with _env(redis_url, prefix, kind, store_timeout=OUTLASTS, always_retry=always_retry,
+              persistent=data == "kept") as env:
         result = env.start("hold")
         env.proxy.blackhole()
         ended = _end_run(env)
-        env.server.restart(keep_data=False)
+        env.server.restart(keep_data=data == "kept")
+        heal = env.proxy.heal
+        if data == "kept":
+            assert not env.free(), "the restart lost the lease"
+            env.proxy.heal()
+            heal = lambda: None  # noqa: E731
         if always_retry:
-            env.check(result, ended, env.proxy.heal, "stored")
+            env.check(result, ended, heal, "stored")
         else:
-            env.check(result, ended, env.proxy.heal, "failed", redis.ConnectionError)
+            env.check(result, ended, heal, "failed", redis.ConnectionError)
 
 
 @pytest.mark.parametrize("kind", ["single", "limited"])
