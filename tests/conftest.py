@@ -32,6 +32,7 @@ SERIAL = (
     "tests/cluster/",
     "tests/celery/test_park_crash.py",
     "tests/celery/test_rate_prefork.py",
+    "tests/celery/test_with_result_faults.py",
     "tests/ratelimit/test_accuracy.py",
     "tests/cache/test_cache_fork.py",
 )
