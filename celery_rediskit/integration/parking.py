@@ -403,7 +403,8 @@ def context_of(req: Any) -> Context:
 def send_received_event(task: Any, req: Any, event_type: str, **fields: Any) -> bool:
     """:func:`.events.send_task_event` for a message the worker's main process handles, on
     a dispatcher (and broker connection) of this process, kept for the next event; one that
-    fails is dropped, and the event sent once more on a new one."""
+    fails is dropped, and the event sent once more on a new one (so an event whose send
+    reached the broker but whose reply was lost arrives twice)."""
     if not task.send_events:
         return False
     rt = kit_of(task.app).runtime()

@@ -1,7 +1,8 @@
 """Parking on receipt (the worker's main process parks a blocked message before the pool
 sees it) when Redis fails under it: a park whose reply is lost, a park whose outcome is
-unknown. An in-process worker whose rediskit client goes through the fault proxy (broker
-and result backend direct); every task must run exactly once."""
+unknown, the broker connection its ``task-parked`` events go through broken. An in-process
+worker whose rediskit client (or whose broker writes) go through the fault proxy, the rest
+direct; every task must run exactly once."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from celery import Celery
 from celery.worker import state
 
 from celery_rediskit.integration import RedisKit
-from celery_rediskit.integration.parking import store_of
+from celery_rediskit.integration.parking import PARKED_EVENT, store_of
 from tests.celery.conftest import in_process_worker
-from tests.faults.proxy import FaultProxy
+from tests.celery.test_events import Capture
+from tests.faults.proxy import FaultProxy, local_port
 from tests.faults.servers import FaultServer
 
 WAIT = 30
@@ -33,7 +35,12 @@ def wait_for(what: Any, timeout: float = WAIT) -> None:
 
 
 class Setup:
-    def __init__(self, server: FaultServer, proxy: FaultProxy) -> None:
+    """The app and its tasks; through the proxy go the rediskit client, or with
+    ``broker_writes`` the connections that write to the broker instead (the producers and
+    event dispatchers; the worker's consumer reads direct)."""
+
+    def __init__(self, server: FaultServer, proxy: FaultProxy, *,
+                 broker_writes: bool = False) -> None:
         self.prefix = f"rkpr-{uuid.uuid4().hex[:8]}"
         self.client = server.client()
         self.app = Celery(f"pr-{self.prefix}", broker=server.url, backend=server.url,
@@ -41,8 +48,10 @@ class Setup:
         self.app.conf.update(task_default_queue=f"q-{self.prefix}",
                              worker_hijack_root_logger=False, worker_prefetch_multiplier=1,
                              result_expires=600)
-        RedisKit(self.app, url=proxy.url, prefix=self.prefix, socket_timeout=0.5,
-                 park_ahead_hold=0)
+        if broker_writes:
+            self.app.conf.update(broker_read_url=server.url, broker_write_url=proxy.url)
+        RedisKit(self.app, url=server.url if broker_writes else proxy.url,
+                 prefix=self.prefix, socket_timeout=0.5, park_ahead_hold=0)
         runs, go = f"{self.prefix}:runs", f"{self.prefix}:go"
         client = self.client
 
@@ -130,3 +139,61 @@ def test_a_park_on_receipt_of_unknown_outcome_goes_back_to_the_broker(
         # message in the queue, no entry parked or being re-sent
         wait_for(lambda: s.idle())
     assert s.runs() == Counter({first.id: 1, second.id: 1})
+
+
+def dispatcher_ports(dispatcher: Any) -> list[int]:
+    """The local ports of the broker connections an event dispatcher holds (what
+    ``FaultProxy.drop`` chooses a connection by)."""
+    channel = dispatcher.producer.channel
+    ports = []
+    for pool in (channel._pool, channel._async_pool):
+        if pool is not None:
+            for conn in [*pool._available_connections, *pool._in_use_connections]:
+                if conn._sock is not None:
+                    ports.append(local_port(conn._sock))
+    return ports
+
+
+def test_a_park_on_receipt_after_its_event_connection_broke_still_sends_task_parked(
+        fault_server: FaultServer, fault_proxy: FaultProxy, caplog: Any) -> None:
+    """The worker's main process keeps the dispatcher (and broker connection) the
+    ``task-parked`` events of its parks on receipt go through. That connection goes silent
+    between two parks on receipt (a NAT forgetting it: no error, no reconnect by redis-py's
+    pool, the send times out): the second park's event still arrives, once, through a new
+    dispatcher, and each task runs once."""
+    s = Setup(fault_server, fault_proxy, broker_writes=True)
+    # a send on the silent connection fails after 2 s instead of never
+    s.app.conf.broker_transport_options = {"socket_timeout": 2.0}
+    caplog.set_level(logging.WARNING, logger="celery_rediskit")
+    capture = Capture(s.app)
+    try:
+        with in_process_worker(s.app, concurrency=1):  # the holder keeps the only thread
+            first = s.app.tasks["holder"].delay("-")
+            wait_for(lambda: len(s.runs()) == 1)
+            second = s.app.tasks["waiter"].delay("-")
+            capture.wait_for(PARKED_EVENT, second.id)
+            # its send over (the event can arrive before the reply does): the request ends
+            # after the event and the acknowledgement
+            wait_for(lambda: second.id not in {r.id for r in state.reserved_requests})
+            rt = RedisKit.of(s.app).runtime()
+            kept = rt._rk_events  # type: ignore[attr-defined]
+            ports = dispatcher_ports(kept[1])
+            assert ports
+            for port in ports:
+                fault_proxy.drop(port)
+            third = s.app.tasks["waiter"].delay("-")
+            (got,) = capture.wait_for(PARKED_EVENT, third.id)
+            assert (got["resource"], got["kind"]) == ("r", "semaphore")
+            assert rt._rk_events[1] is not kept[1]  # type: ignore[attr-defined]
+            s.go()
+            first.get(timeout=WAIT)
+            wait_for(lambda: {second.id, third.id} <= set(s.runs()))
+            wait_for(lambda: s.idle())
+        assert s.runs() == Counter({first.id: 1, second.id: 1, third.id: 1})
+        assert len(capture.of(PARKED_EVENT, second.id)) == 1
+        assert len(capture.of(PARKED_EVENT, third.id)) == 1
+        assert "sending the task-parked event" not in caplog.text  # the second try worked
+    finally:
+        capture.close()
+        s.app.close()
+        s.client.close()
