@@ -57,6 +57,37 @@ def parked_count(app: Any, kind: str, name: str) -> int:
     return sum(store_of(RedisKit.of(app).runtime()).counts([(kind, name)])[0])
 
 
+def holding_job(app: Any, client: Any, prefix: str, **options: Any) -> Any:
+    """A task ``job(hold)`` with ``options`` (how it parks): it records its id in
+    ``<prefix>:runs``, holds what it took until ``<prefix>:go`` is pushed to when ``hold``,
+    and returns its id."""
+    key = prefix + ":runs"
+
+    @app.task(shared=False, bind=True, **options)
+    def job(self: Any, hold: bool) -> str:
+        client.rpush(key, self.request.id)
+        if hold:
+            hold_until(client, prefix + ":go")
+        return self.request.id
+
+    return job
+
+
+def probed_job(app: Any, client: Any, probe: Probe, key: str, limit: str) -> Any:
+    """A task ``job(i)`` limited to ``limit`` that parks: it runs 0.05 s inside ``probe``,
+    records its id in ``key`` and returns ``i``."""
+
+    @app.task(shared=False, bind=True, concurrency_limit=limit, on_limited="park")
+    def job(self: Any, i: int) -> int:
+        probe.enter()
+        client.rpush(key, self.request.id)
+        time.sleep(0.05)
+        probe.exit()
+        return i
+
+    return job
+
+
 def test_park_is_validated_at_decoration(app: Any) -> None:
     @app.task(shared=False, singleton=True, on_locked="park")
     def a() -> None: ...
@@ -76,14 +107,7 @@ def test_park_is_validated_at_decoration(app: Any) -> None:
 def test_limited_tasks_park_and_all_run_once(app, worker, client, prefix) -> None:
     probe = Probe(client, prefix + ":p")
     key = prefix + ":runs"
-
-    @app.task(shared=False, bind=True, concurrency_limit="x:2", on_limited="park")
-    def job(self: Any, i: int) -> int:
-        probe.enter()
-        client.rpush(key, self.request.id)
-        time.sleep(0.05)
-        probe.exit()
-        return i
+    job = probed_job(app, client, probe, key, "x:2")
 
     seen: list[dict[str, Any]] = []
 
@@ -109,13 +133,8 @@ def test_limited_tasks_park_and_all_run_once(app, worker, client, prefix) -> Non
 def test_singleton_parks_then_runs_when_the_holder_releases(app, worker, client,
                                                              prefix) -> None:
     key = prefix + ":runs"
-
-    @app.task(shared=False, bind=True, singleton=True, singleton_key=(), on_locked="park")
-    def job(self: Any, hold: bool) -> str:
-        client.rpush(key, self.request.id)
-        if hold:
-            hold_until(client, prefix + ":go")
-        return self.request.id
+    job = holding_job(app, client, prefix, singleton=True, singleton_key=(),
+                      on_locked="park")
 
     with worker(app, concurrency=4):
         first = job.delay(True)
@@ -415,14 +434,7 @@ def test_short_runs_send_the_next_parked_task_ahead(app, worker, client, prefix)
     it. Every task still runs once, one at a time, in the order they parked."""
     probe = Probe(client, prefix + ":p")
     key = prefix + ":runs"
-
-    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
-    def job(self: Any, i: int) -> int:
-        probe.enter()
-        client.rpush(key, self.request.id)
-        time.sleep(0.05)
-        probe.exit()
-        return i
+    job = probed_job(app, client, probe, key, "x:1")
 
     states: set[str] = set()
     order: list[str] = []
@@ -454,13 +466,7 @@ def test_a_blocked_message_parks_on_receipt_without_a_pool_process(app, worker, 
     waiters park at once, PARKED, with the task_parked signal; then each runs once, in the
     order they parked."""
     key = prefix + ":runs"
-
-    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
-    def job(self: Any, hold: bool) -> str:
-        client.rpush(key, self.request.id)
-        if hold:
-            hold_until(client, prefix + ":go")
-        return self.request.id
+    job = holding_job(app, client, prefix, concurrency_limit="x:1", on_limited="park")
 
     seen: list[str] = []
 
@@ -549,13 +555,7 @@ def test_a_message_with_bad_arguments_goes_to_its_run(app, worker, client, prefi
     parking on receipt goes on for the next messages (it is not a Redis failure, which would
     pause it)."""
     key = prefix + ":runs"
-
-    @app.task(shared=False, bind=True, concurrency_limit="x:1", on_limited="park")
-    def job(self: Any, hold: bool) -> str:
-        client.rpush(key, self.request.id)
-        if hold:
-            hold_until(client, prefix + ":go")
-        return self.request.id
+    job = holding_job(app, client, prefix, concurrency_limit="x:1", on_limited="park")
 
     app.conf.worker_prefetch_multiplier = 4  # the bad one waits for the pool, not in front
     with worker(app, concurrency=1):

@@ -245,6 +245,26 @@ def ahead_waiter(store: RedisParkingStore, kind: str, name: str, id: str) -> str
     return raw.decode().split("|")[4] if raw else ""
 
 
+def send_ahead(store: RedisParkingStore, parked: str) -> list[Dispatch]:
+    """``a`` holds the lock ``r``, each of ``parked`` (one id a letter) parks behind it in
+    turn, and the first of them is sent ahead (taken, marked sent): its dispatch."""
+    assert park(store, "m", "r", "a").status == GRANTED
+    for i in parked:
+        assert park(store, "m", "r", i).status == PARKED
+    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
+    assert [d.id for d in taken] == [parked[0]]
+    store.mark_sent(taken)
+    return taken
+
+
+def start_waiting(store: RedisParkingStore, d: Dispatch) -> Waiting:
+    """``d``'s message, sent ahead, waiting in a worker (its mark set when this returns)."""
+    waiting = Waiting(store, "m", "r", d)
+    waiting.start()
+    wait_until(lambda: ahead_waiter(store, "m", "r", d.id) != "")
+    return waiting
+
+
 def test_sent_ahead_waits_and_is_woken_by_the_release(store: RedisParkingStore,
                                                       mutexes: RedisMutexStorage) -> None:
     assert park(store, "m", "r", "a").status == GRANTED
@@ -258,9 +278,7 @@ def test_sent_ahead_waits_and_is_woken_by_the_release(store: RedisParkingStore,
     assert [(e.id, e.state) for e in store.entries("m", "r")] == [
         ("b", "ahead"), ("c", "parked"), ("d", "parked")]
     store.mark_sent(taken)
-    waiting = Waiting(store, "m", "r", taken[0])
-    waiting.start()
-    wait_until(lambda: ahead_waiter(store, "m", "r", "b") != "")
+    waiting = start_waiting(store, taken[0])
     assert waiting.result is None
     # the release: the lock goes to b's dispatch id, b is woken (nothing published for b),
     # and c goes ahead in its place
@@ -307,11 +325,7 @@ def test_sent_ahead_one_per_permit_and_turns_kept(store: RedisParkingStore,
 
 def test_sent_ahead_gives_up_and_keeps_its_turn(store: RedisParkingStore,
                                                 mutexes: RedisMutexStorage) -> None:
-    assert park(store, "m", "r", "a").status == GRANTED
-    for i in "bc":
-        assert park(store, "m", "r", i).status == PARKED
-    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
-    store.mark_sent(taken)
+    taken = send_ahead(store, "bc")
     assert store.adopt("m", "r", "b", taken[0].dispatch_id, LEASE, wait=0.2) == AHEAD_LEFT
     assert [(e.id, e.state) for e in store.entries("m", "r")] == [
         ("b", "parked"), ("c", "parked")]
@@ -327,11 +341,7 @@ def test_sweep_drops_the_mark_of_a_dead_waiter(store: RedisParkingStore,
                                                mutexes: RedisMutexStorage) -> None:
     """A waiter that stops checking in (its process died) loses its mark; one that died after
     the release reserved the lock for it has its message re-sent by a sweep."""
-    assert park(store, "m", "r", "a").status == GRANTED
-    for i in "bc":
-        assert park(store, "m", "r", i).status == PARKED
-    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
-    store.mark_sent(taken)
+    taken = send_ahead(store, "bc")
     keys = store.key_list("m", "r")
     did = taken[0].dispatch_id
 
@@ -358,13 +368,7 @@ def test_sweep_drops_the_mark_of_a_dead_waiter(store: RedisParkingStore,
 
 
 def test_remove_ends_a_wait_ahead(store: RedisParkingStore) -> None:
-    assert park(store, "m", "r", "a").status == GRANTED
-    assert park(store, "m", "r", "b").status == PARKED
-    _, taken = store.dispatch("m", "r", LEASE, ahead=True)
-    store.mark_sent(taken)
-    waiting = Waiting(store, "m", "r", taken[0])
-    waiting.start()
-    wait_until(lambda: ahead_waiter(store, "m", "r", "b") != "")
+    waiting = start_waiting(store, send_ahead(store, "b")[0])
     assert store.remove("m", "r", ["b"]) == ["b"]
     waiting.join(5)
     assert waiting.result == -1 and store.entries("m", "r") == []
