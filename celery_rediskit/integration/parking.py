@@ -263,7 +263,8 @@ def adopt(task: Any, rt: Runtime, request: Any, resent: Resent,
 
 def park(task: Any, rt: Runtime, request: Any, kind: LeaseKind, name: str, owner: str,
          permits: int, turn: int | None) -> int:
-    """Acquire-or-park ``name`` for the running task: the token when granted; else the task
+    """Acquire-or-park ``name`` for the running task: the token when granted (a
+    :class:`~celery_rediskit.lease.Grant` dated from the park's request); else the task
     parks (or is found a copy) and the run ends with ``Ignore``."""
     store = store_of(rt)
     ignore = getattr(request, "ignore_result", None)

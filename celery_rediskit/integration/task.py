@@ -405,11 +405,11 @@ class RedisKitTask(Task):  # type: ignore[misc]
                         and not request.is_eager):
                     token = parking.park(self, rt, request, kind, name, owner, 0, turn)
                 if token >= 1:
-                    # Counted from before the try (or the park that granted): never longer
-                    # than the server's lease, however late the reply came.
+                    # A Grant, dated from the request of the try (or the park) that granted:
+                    # never longer than the server's lease, however late the reply came.
                     lease = MutexLease(rt.mutex_storage, name, owner, seconds,
                                        fencing_token=token, on_lost=rt.mutex.on_lost,
-                                       companion_keys=companions, granted_at=started)
+                                       companion_keys=companions)
                     lease.start_renewal()
                 elif inline and policy.on_locked in ("retry", "park"):
                     with observe.waiting(self, task_id, kind, name):
@@ -424,10 +424,10 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if (got < 1 and policy.on_limited == "park" and not inline
                         and not request.is_eager):
                     got = parking.park(self, rt, request, kind, name, owner, permits, turn)
-                if got >= 1:
+                if got >= 1:  # 1, a Grant dated as above
                     lease = Permit(rt.semaphore_storage, name, owner, seconds,
-                                   fencing_token=1, on_lost=rt.mutex.on_lost,
-                                   companion_keys=companions, granted_at=started)
+                                   fencing_token=got, on_lost=rt.mutex.on_lost,
+                                   companion_keys=companions)
                     lease.start_renewal()
                 elif not wait:
                     self._rk_release_leases(rt, request)

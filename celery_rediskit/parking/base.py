@@ -91,7 +91,8 @@ class Dispatch:
 @dataclass(frozen=True)
 class ParkOutcome:
     """What :meth:`ParkingStore.acquire_or_park` did. ``status``: :data:`GRANTED` (the
-    caller holds the lock, ``token`` its fencing token, or a permit, ``token`` 1),
+    caller holds the lock, ``token`` its fencing token, or a permit, ``token`` 1; either a
+    :class:`~celery_rediskit.lease.Grant` dated from when the request was sent),
     :data:`PARKED`, :data:`DUPLICATE` (the id is parked or sent already; nothing changed) or
     :data:`NEED_PAYLOAD` (it would park, but no payload was given) or, asked with
     ``only_if_full``, :data:`FREE` (a permit is free: nothing changed). ``dispatched``: older

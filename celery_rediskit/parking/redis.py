@@ -160,13 +160,16 @@ class RedisParkingStore(ParkingStore):
                 self._did(), self._publish_ms, message_id or id, self._seen_ms, self._wait_ms,
                 self.wake_prefix(keys), _AHEAD_GONE_MS, "1" if only_if_full else ""]
         command = ("EVALSHA", self._acquire.sha, len(keys), *keys, *args)
+        sent = time.monotonic()  # a grant's lease counts from here (lease.Grant)
         if payload is None:
             reply = self._acquire.run(self.client, keys, args, raw=True)
         else:
             # index in the same round trip, after the script (see the module doc)
             reply = self._run_then_index(command, keys, args, kind, name)
         status = _STATUS[int(reply[0])]
-        return ParkOutcome(status, int(reply[1]), tuple(_dispatches(kind, name, reply[2:])))
+        token = int(reply[1])
+        return ParkOutcome(status, Grant(token, sent) if status == GRANTED and token >= 1
+                           else token, tuple(_dispatches(kind, name, reply[2:])))
 
     def _run_then_index(self, command: tuple[Any, ...], keys: list[str], args: list[Any],
                         kind: str, name: str) -> Any:

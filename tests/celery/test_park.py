@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import redis
 from celery import chord, group
 from celery.result import AsyncResult
 from click.testing import CliRunner
@@ -570,3 +571,48 @@ def test_a_message_with_bad_arguments_goes_to_its_run(app, worker, client, prefi
         with pytest.raises(TypeError):
             bad.get(timeout=WAIT)
         assert good.get(timeout=WAIT) == good.id
+
+
+class _LateConnection(redis.Connection):
+    """A real connection that hands every integer reply (an acquire script's) to the caller
+    ``late`` seconds after it arrived."""
+
+    late: ClassVar[float] = 0.0
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        reply = super().read_response(*args, **kwargs)
+        if self.late and isinstance(reply, int):
+            time.sleep(self.late)
+        return reply
+
+
+@pytest.mark.parametrize("options", [
+    {"singleton": True, "singleton_key": (), "on_locked": "park"},
+    {"concurrency_limit": "x:1", "on_limited": "park"},
+], ids=["lock", "permit"])
+def test_a_runs_lease_counts_from_the_request_that_granted_it(redis_url, prefix,
+                                                              options) -> None:
+    """The lock or permit a run takes counts its lease from when the try's request was
+    sent (the storage's ``Grant``), not from when its late reply arrived: the body sees a
+    lease renewed last before the reply came."""
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_LateConnection)
+    late = redis.Redis(connection_pool=pool)
+    app = make_app(redis_url, prefix, client=late)
+
+    @app.task(shared=False, bind=True, **options)
+    def job(self: Any) -> tuple[float, float]:
+        lease = self.lease
+        assert lease is not None
+        return lease.last_renewed, time.monotonic()
+
+    try:
+        job.apply().get()  # scripts loaded, connection made
+        _LateConnection.late = 0.3
+        sent = time.monotonic()
+        renewed, ran = job.apply().get()
+    finally:
+        _LateConnection.late = 0.0
+        app.close()
+        late.close()
+    assert ran - sent >= 0.3  # the reply came late
+    assert sent <= renewed <= sent + 0.1, "counted from the request, not the reply"

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import pytest
 import redis
 
 from celery_rediskit import RedisMutexStorage, RedisSemaphoreStorage
 from celery_rediskit._redis.slots import key_slot
+from celery_rediskit.lease import Grant
+from celery_rediskit.mutex import MutexLease
 from celery_rediskit.parking import (
     AHEAD_LEFT,
     DUPLICATE,
@@ -22,6 +25,7 @@ from celery_rediskit.parking import (
     RedisParkingStore,
     reservation_owner,
 )
+from celery_rediskit.semaphore import Permit
 
 LEASE = 5.0
 
@@ -75,6 +79,52 @@ def test_ask_without_payload_parks_nothing(store: RedisParkingStore) -> None:
     assert park(store, "m", "r", "a").status == GRANTED
     out = store.acquire_or_park("m", "r", "b", "own-b", LEASE)
     assert out.status == NEED_PAYLOAD and store.entries("m", "r") == []
+
+
+class _LateConnection(redis.Connection):
+    """A real connection that hands every reply to the caller ``late`` seconds after it
+    arrived (a link whose replies come late, or a caller paused as they arrive)."""
+
+    late: ClassVar[float] = 0.0
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        reply = super().read_response(*args, **kwargs)
+        if self.late:
+            time.sleep(self.late)
+        return reply
+
+
+@pytest.fixture
+def late_store(redis_server: Any, redis_url: str, prefix: str) -> Iterator[RedisParkingStore]:
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_LateConnection)
+    client = redis.Redis(connection_pool=pool)
+    yield RedisParkingStore(client, prefix)
+    _LateConnection.late = 0.0
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["m", "s"])
+@pytest.mark.parametrize("payload", [None, b"payload"])
+def test_a_grant_counts_from_its_request(late_store: RedisParkingStore, kind: str,
+                                         payload: bytes | None) -> None:
+    """What acquire-or-park grants is a ``Grant`` dated from when its request was sent, not
+    from its reply (the lease a run takes from a park counts from there): with or without a
+    payload (one round trip, or the script and the index in one)."""
+    late_store.acquire_or_park(kind, "warm", "w", "own-w", LEASE, payload=payload)
+    _LateConnection.late = 0.3
+    sent = time.monotonic()
+    out = late_store.acquire_or_park(kind, "r", "a", "own-a", LEASE, payload=payload)
+    returned = time.monotonic()
+    _LateConnection.late = 0.0
+    assert out.status == GRANTED and isinstance(out.token, Grant)
+    assert out.token == 1 or kind == "m"
+    assert returned - sent >= 0.3
+    assert sent <= out.token.since <= sent + 0.05, "since is when the request was sent"
+    lease = (MutexLease if kind == "m" else Permit)(
+        RedisMutexStorage(late_store.client) if kind == "m"
+        else RedisSemaphoreStorage(late_store.client), "r", "own-a", LEASE,
+        fencing_token=out.token)
+    assert lease.last_renewed == out.token.since  # what a run's lease counts from
 
 
 def test_same_id_parks_once(store: RedisParkingStore) -> None:
