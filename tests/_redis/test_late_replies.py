@@ -19,6 +19,7 @@ from celery_rediskit import (
     create_mutex,
     create_semaphore,
 )
+from tests.late_replies import LateReplies, late_replies_client
 
 LEASE = 1.0
 LATE = 0.6  # seconds the first acquire reply is held back: most of the lease
@@ -69,24 +70,10 @@ def test_a_grant_that_reaches_the_caller_late_is_renewed_before_acquire_returns(
         held.release()
 
 
-class _AlwaysLateConnection(redis.Connection):
-    """A real connection that hands every integer reply to the caller ``late`` seconds after it
-    arrived, as on a link whose replies keep coming late."""
-
-    late: ClassVar[float] = 0.0
-
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        reply = super().read_response(*args, **kwargs)
-        if self.late and isinstance(reply, int):
-            time.sleep(self.late)
-        return reply
-
-
 @pytest.fixture
 def always_late_client(redis_server: Any, redis_url: str) -> Iterator[redis.Redis]:
-    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_AlwaysLateConnection)
-    yield redis.Redis(connection_pool=pool)
-    _AlwaysLateConnection.late = 0.0
+    yield late_replies_client(redis_url)
+    LateReplies.late = 0.0
 
 
 def _warmed(kind: str, client: redis.Redis, prefix: str) -> Any:
@@ -108,9 +95,9 @@ def test_a_holder_never_counts_on_more_lease_than_the_server_gives_when_replies_
     kind: str, always_late_client: redis.Redis, client: redis.Redis, prefix: str
 ) -> None:
     granter = _warmed(kind, always_late_client, prefix)
-    _AlwaysLateConnection.late = 0.2  # every reply: well past "fresh", within half the lease
+    LateReplies.late = 0.2  # every reply: well past "fresh", within half the lease
     held = granter.acquire("res", auto_renew=False)
-    _AlwaysLateConnection.late = 0.0
+    LateReplies.late = 0.0
     try:
         server_left = _granter(kind, client, prefix).storage.holder_ttl("res", held.owner)
         assert _client_left(held) <= server_left + 0.01, (
@@ -127,10 +114,10 @@ def test_a_grant_whose_replies_come_later_than_half_its_lease_is_not_returned(
     from celery_rediskit import LockTimeout
 
     granter = _warmed(kind, always_late_client, prefix)
-    _AlwaysLateConnection.late = LEASE * 0.6
+    LateReplies.late = LEASE * 0.6
     with pytest.raises(LockTimeout):
         granter.acquire("res", timeout=2, auto_renew=False)
-    _AlwaysLateConnection.late = 0.0
+    LateReplies.late = 0.0
     # Nothing stays held for a caller that gave up.
     other = _granter(kind, client, prefix).acquire("res", timeout=0.5, auto_renew=False)
     other.release()
@@ -143,10 +130,10 @@ def test_a_try_acquire_grant_counts_from_its_request(
 
     storage = RedisMutexStorage(always_late_client, prefix)
     storage.try_acquire("warm", "o:0", LEASE)
-    _AlwaysLateConnection.late = 0.3
+    LateReplies.late = 0.3
     sent = time.monotonic()
     token = storage.try_acquire("res", "o:1", LEASE)
-    _AlwaysLateConnection.late = 0.0
+    LateReplies.late = 0.0
     assert isinstance(token, Grant) and token >= 1
     assert sent <= token.since <= sent + 0.05, "since is when the request was sent"
     storage.release("res", "o:1")

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-import redis
 from celery import chord, group
 from celery.result import AsyncResult
 from click.testing import CliRunner
@@ -28,6 +27,7 @@ from celery_rediskit.integration.parking import (
 )
 from celery_rediskit.integration.signals import task_parked
 from celery_rediskit.parking import Dispatch
+from tests.late_replies import LateReplies, late_replies_client
 
 from .conftest import make_app
 from .probe import Probe
@@ -573,19 +573,6 @@ def test_a_message_with_bad_arguments_goes_to_its_run(app, worker, client, prefi
         assert good.get(timeout=WAIT) == good.id
 
 
-class _LateConnection(redis.Connection):
-    """A real connection that hands every integer reply (an acquire script's) to the caller
-    ``late`` seconds after it arrived."""
-
-    late: ClassVar[float] = 0.0
-
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        reply = super().read_response(*args, **kwargs)
-        if self.late and isinstance(reply, int):
-            time.sleep(self.late)
-        return reply
-
-
 @pytest.mark.parametrize("options", [
     {"singleton": True, "singleton_key": (), "on_locked": "park"},
     {"concurrency_limit": "x:1", "on_limited": "park"},
@@ -595,8 +582,7 @@ def test_a_runs_lease_counts_from_the_request_that_granted_it(redis_url, prefix,
     """The lock or permit a run takes counts its lease from when the try's request was
     sent (the storage's ``Grant``), not from when its late reply arrived: the body sees a
     lease renewed last before the reply came."""
-    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_LateConnection)
-    late = redis.Redis(connection_pool=pool)
+    late = late_replies_client(redis_url)
     app = make_app(redis_url, prefix, client=late)
 
     @app.task(shared=False, bind=True, **options)
@@ -607,11 +593,11 @@ def test_a_runs_lease_counts_from_the_request_that_granted_it(redis_url, prefix,
 
     try:
         job.apply().get()  # scripts loaded, connection made
-        _LateConnection.late = 0.3
+        LateReplies.late = 0.3
         sent = time.monotonic()
         renewed, ran = job.apply().get()
     finally:
-        _LateConnection.late = 0.0
+        LateReplies.late = 0.0
         app.close()
         late.close()
     assert ran - sent >= 0.3  # the reply came late

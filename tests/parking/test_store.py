@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import redis
@@ -26,6 +26,7 @@ from celery_rediskit.parking import (
     reservation_owner,
 )
 from celery_rediskit.semaphore import Permit
+from tests.late_replies import AnyLateReply, LateReplies, late_replies_client
 
 LEASE = 5.0
 
@@ -81,25 +82,11 @@ def test_ask_without_payload_parks_nothing(store: RedisParkingStore) -> None:
     assert out.status == NEED_PAYLOAD and store.entries("m", "r") == []
 
 
-class _LateConnection(redis.Connection):
-    """A real connection that hands every reply to the caller ``late`` seconds after it
-    arrived (a link whose replies come late, or a caller paused as they arrive)."""
-
-    late: ClassVar[float] = 0.0
-
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        reply = super().read_response(*args, **kwargs)
-        if self.late:
-            time.sleep(self.late)
-        return reply
-
-
 @pytest.fixture
 def late_store(redis_server: Any, redis_url: str, prefix: str) -> Iterator[RedisParkingStore]:
-    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_LateConnection)
-    client = redis.Redis(connection_pool=pool)
+    client = late_replies_client(redis_url, AnyLateReply)  # acquire_or_park's reply is a list
     yield RedisParkingStore(client, prefix)
-    _LateConnection.late = 0.0
+    LateReplies.late = 0.0
     client.close()
 
 
@@ -111,11 +98,11 @@ def test_a_grant_counts_from_its_request(late_store: RedisParkingStore, kind: st
     from its reply (the lease a run takes from a park counts from there): with or without a
     payload (one round trip, or the script and the index in one)."""
     late_store.acquire_or_park(kind, "warm", "w", "own-w", LEASE, payload=payload)
-    _LateConnection.late = 0.3
+    LateReplies.late = 0.3
     sent = time.monotonic()
     out = late_store.acquire_or_park(kind, "r", "a", "own-a", LEASE, payload=payload)
     returned = time.monotonic()
-    _LateConnection.late = 0.0
+    LateReplies.late = 0.0
     assert out.status == GRANTED and isinstance(out.token, Grant)
     assert out.token == 1 or kind == "m"
     assert returned - sent >= 0.3
