@@ -327,9 +327,11 @@ class WakeupHub:
 
     def _hand_over(self, me: WaitSlot | None) -> None:
         # Released the reader role: wake one other waiter so someone keeps reading. A waiter
-        # joins _waiting before it tries the role, so none can be missed.
+        # joins _waiting before it tries the role, so none can be missed. Not one already
+        # granted (by a message just read, or a local hand-over): it is on its way out and
+        # would not read, leaving the grants of the others unread until their re-check.
         for other in list(self._waiting):
-            if other is not me:
+            if other is not me and other.token is None:
                 other.poke()
                 return
 

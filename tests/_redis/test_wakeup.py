@@ -18,9 +18,11 @@ from celery_rediskit import (
     create_semaphore,
 )
 from celery_rediskit._redis import wakeup
+from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit._redis.release import RECORD_MS, record_key, release_id
 from celery_rediskit._redis.scripts import load_script
 from celery_rediskit._redis.waiting import WAITER_GRACE_MS
+from celery_rediskit.lease import process_id
 from tests.interrupts import Background, wait_until
 
 
@@ -73,6 +75,52 @@ def test_lost_wakeup_costs_at_most_one_bounded_wait(
     holder.command("release")
     assert got.wait(2.0 + 2.5)
     thread.join()
+
+
+def test_the_reader_hands_over_to_a_waiter_still_waiting(client: redis.Redis,
+                                                         prefix: str) -> None:
+    """The thread reading the wake-up connection, once its own grant is read, hands the
+    reading to a waiter that still waits: not to one already granted (by the same read, or a
+    local hand-over) that is on its way out and would not read. Otherwise the grant of a
+    waiter still asleep lies unread until its re-check interval."""
+    hub = wakeup.hub_for(client)
+    channel_prefix = KeySpace(prefix).wake_channel_prefix
+    hub.ensure(channel_prefix)
+    channel = channel_prefix + process_id()
+    reader_id, waiter_id = f"{process_id()}:handover-1", f"{process_id()}:handover-2"
+    reader_slot, waiter_slot = wakeup.register_slot(reader_id), wakeup.register_slot(waiter_id)
+    generation = hub.generation
+    reader = Background(lambda: hub.wait(reader_slot, 5.0, None, generation))
+    reader.start()
+    wait_until(lambda: reader_slot.reading is hub)
+    waiter = Background(lambda: hub.wait(waiter_slot, 5.0, None, generation))
+    waiter.start()
+    wait_until(lambda: waiter_slot in hub._waiting)  # it sleeps: the reading is taken
+    # Waiters granted and not yet out of hub.wait, at least one met before the sleeping one
+    # by the hand-over (a set's order, fixed once they are all in).
+    leaving: list[wakeup.WaitSlot] = []
+    try:
+        while not leaving or min(map(list(hub._waiting).index, leaving)) > list(
+                hub._waiting).index(waiter_slot):
+            assert len(leaving) < 100
+            slot = wakeup.WaitSlot()
+            slot.token = 1
+            leaving.append(slot)
+            hub._waiting.add(slot)
+        client.publish(channel, f"{reader_id} 1")
+        reader.join(5)
+        assert reader_slot.token == 1
+        published_at = time.monotonic()
+        client.publish(channel, f"{waiter_id} 1")
+        waiter.join(10)
+        assert waiter_slot.token == 1, "the grant was not read within the wait"
+        took = waiter.finished_at - published_at
+        assert took < 0.5, f"the grant was read after {took:.2f} s: nobody took over reading"
+    finally:
+        for slot in leaving:
+            hub._waiting.discard(slot)
+        wakeup.drop_slot(reader_id)
+        wakeup.drop_slot(waiter_id)
 
 
 def test_a_discarded_client_leaves_no_wakeup_connection_or_pipe(redis_url: str,

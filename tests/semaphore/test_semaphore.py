@@ -122,7 +122,18 @@ def test_increase_wakes_as_many_waiters_as_permits_at_once(storage: SemaphoreSto
     for t in threads:
         t.start()
     queued.wait()
-    time.sleep(0.1)  # let all three enter their wait: the wake-up is what is tested
+    # All three wait in the queue (the wake-up is what is tested, not a free permit taken).
+    if isinstance(storage, RedisSemaphoreStorage):
+        waiters = storage.keys.semaphore("db").waiters
+        wait_until(lambda: storage.client.hlen(waiters) == 3)
+    else:
+        assert isinstance(storage, MemorySemaphoreStorage)
+
+        def queue_length() -> int:
+            with storage._cond:
+                return len(storage._state("db").queue)
+
+        wait_until(lambda: queue_length() == 3)
     started = time.monotonic()
     storage.increase_permits("db", 3)
     for _ in range(3):
