@@ -120,14 +120,16 @@ class WaitSlot:
     A pre-acquired lock is the wake-up signal: far cheaper to create than an ``Event``, and
     created on every contended acquisition. ``after`` is how long after the waiter's check-in
     number ``checkin`` the grant was made (seconds, on the server's clock; both None when the
-    message did not say); ``reading`` is the hub whose connection the waiter reads now.
+    message did not say); ``reading`` is the hub whose connection the waiter reads now, in its
+    thread ``thread``.
     """
 
-    __slots__ = ("_signal", "after", "checkin", "reading", "token")
+    __slots__ = ("_signal", "after", "checkin", "reading", "thread", "token")
 
     def __init__(self) -> None:
         self._signal = _thread.allocate_lock()
         self._signal.acquire()
+        self.thread = 0  # get_ident() of the thread reading for this slot (while ``reading``)
         self.token: int | None = None
         self.after: float | None = None
         self.checkin: int | None = None
@@ -180,8 +182,10 @@ def wake_local(message: str | bytes) -> None:
         else:
             slot.grant(int(token), None, None)
         reading = slot.reading
-        if reading is not None:
-            reading.interrupt()  # it sleeps in select() on its socket: nudge it
+        if reading is not None and slot.thread != _thread.get_ident():
+            # It sleeps in poll() on its socket: nudge it. Not when this is its own thread,
+            # reading its own grant (a single waiter's hand-over): it looks at its slot next.
+            reading.interrupt()
 
 
 class _Unanswered(Exception):
@@ -311,6 +315,7 @@ class WakeupHub:
                 if abort is not None:
                     step = ABORT_CHECK if step is None else min(step, ABORT_CHECK)
                 if self._reader.acquire(blocking=False):
+                    slot.thread = _thread.get_ident()
                     slot.reading = self
                     try:
                         if slot.token is None:  # a local grant may have come just now

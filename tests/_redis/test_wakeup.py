@@ -4,6 +4,7 @@ message never loses the grant."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from typing import Any
@@ -53,6 +54,28 @@ def test_release_wakes_a_waiter_at_once_not_at_lease_end(redis_storage: RedisMut
     assert holder.command("release").startswith("RELEASED True")
     thread.join(5)
     assert got["at"] - released_at < 0.5, "the waiter was not woken by the release"
+
+
+def test_a_waiter_reading_its_own_grant_does_not_nudge_itself(spawn_holder: type,
+                                                             redis_url: str,
+                                                             prefix: str) -> None:
+    """A single waiter (a prefork child's case) reads the grant of a release in another process
+    off the socket itself: it is not also nudged through the hub's pipe (a write on the hand-over
+    path, and a spurious wake-up of its next wait)."""
+    client = redis.Redis.from_url(redis_url)  # its own hub: the pipe starts empty
+    holder = spawn_holder("mutex", redis_url, prefix, "res", "30", "1")
+    storage = RedisMutexStorage(client, prefix=prefix)
+    mutex = create_mutex(timeout=10, storage=storage)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(mutex.acquire("res")))
+    thread.start()
+    wait_until(lambda: client.llen(storage.keys.lock("res").queue) == 1)
+    assert holder.command("release").startswith("RELEASED True")
+    thread.join(5)
+    assert got, "the waiter was not granted"
+    got[0].release()
+    with pytest.raises(BlockingIOError):
+        os.read(wakeup.hub_for(client)._nudge_r, 1)
 
 
 def test_lost_wakeup_costs_at_most_one_bounded_wait(
