@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 
 # The suite in two runs: most tests on XDIST processes side by side, then the `serial` ones
 # (fault and timing tests, SERIAL in tests/conftest.py) alone. Both run; either failing fails.
-XDIST ?= 2
+XDIST ?= 3
 test: $(STAMP)
 	status=0; $(PY) -m pytest -q -n $(XDIST) -m "not serial" || status=$$?; \
 	$(PY) -m pytest -q -m serial || status=$$?; exit $$status

@@ -1,4 +1,4 @@
-"""The chaos run inside ``make test``: about 35 s of every fault kind against the mutex and the
+"""The chaos run inside ``make test``: about 25 s of every fault kind against the mutex and the
 semaphore, judged by the history checker (invariants (a)-(f), see ``history.py``).
 
 A failure prints the report: the seed, the faults injected, and each violated invariant with
@@ -23,7 +23,7 @@ from tests.faults.chaos import ALL_FAULTS, ChaosConfig, run_chaos
 def test_locks_and_permits_keep_their_promises_under_chaos(tmp_path: Path) -> None:
     faults = os.environ.get("CHAOS_FAULTS")
     cfg = ChaosConfig(
-        seconds=float(os.environ.get("CHAOS_SECONDS", "35")),
+        seconds=float(os.environ.get("CHAOS_SECONDS", "25")),
         processes=3,
         threads=3,
         lease=1.5,  # short, so that partitions, stalls and pauses outlast leases
