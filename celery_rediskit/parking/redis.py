@@ -39,6 +39,7 @@ from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
 from .._redis.scripts import as_text, call, call_many, load_script
 from .._redis.slots import is_cluster, key_slot
+from .._redis.waiting import wakeup
 from .._validate import resource_key, to_ms
 from ..durations import Duration
 from ..lease import Grant, process_id
@@ -211,10 +212,8 @@ class RedisParkingStore(ParkingStore):
         args = [kind, id, dispatch_id, to_ms(lease), "wait" if wait > 0 else "leave", waiter,
                 _AHEAD_GONE_MS]
         if wait > 0:
-            from .._redis.wakeup import hub_for  # here: a run that never waits loads no hub
-
             # subscribed before the wait is known in Redis: a wake-up cannot come unheard
-            hub = hub_for(self.client)
+            hub = wakeup().hub_for(self.client)  # loaded here: a run that never waits loads no hub
             hub.ensure(self.wake_prefix(keys))
         sent = time.monotonic()  # a reservation adopted counts its lease from here
         if before is not None:
@@ -230,10 +229,9 @@ class RedisParkingStore(ParkingStore):
         """Sent ahead: wait (woken on the wake channel, checking in every
         :data:`AHEAD_CHECK_IN` seconds) until the turn comes with a permit, at most ``wait``
         seconds; then, or on any error, give the wait up (the entry stays parked)."""
-        from .._redis.wakeup import drop_slot, register_slot
-
+        w = wakeup()
         end = time.monotonic() + wait
-        slot = register_slot(waiter)
+        slot = w.register_slot(waiter)
         try:
             got = AHEAD_WAITING
             while got == AHEAD_WAITING:
@@ -255,7 +253,7 @@ class RedisParkingStore(ParkingStore):
                 log.warning("rediskit: giving up a wait ahead failed", exc_info=True)
             raise
         finally:
-            drop_slot(waiter)
+            w.drop_slot(waiter)
 
     def remove(self, kind: str, name: str, ids: Iterable[str]) -> list[str]:
         ids = list(ids)
