@@ -1,9 +1,11 @@
 """Counting round trips on a real connection: every command a client sends is recorded
 (:func:`counting_client`), or every write to the server with the commands it carried
-(:func:`round_trip_client`)."""
+(:func:`round_trip_client`; :func:`record_round_trips` for a client made elsewhere, with the
+thread that sent each)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import redis
@@ -54,3 +56,21 @@ def round_trip_client(url: str) -> tuple[redis.Redis, list[list[str]]]:
     connection_class = type("Trips", (RoundTripConnection,), {"trips": trips})
     pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
     return redis.Redis(connection_pool=pool), trips
+
+
+def record_round_trips(client: redis.Redis, trips: list[tuple[str, list[str]]]) -> None:
+    """From now on, append each round trip of ``client`` (a plain client: its pool) to
+    ``trips`` as (the sending thread's name, the command names it carried): its pooled
+    connections are closed and its new ones record. For a client made by another library
+    (a Celery result backend's), when no connection of its pool is in use."""
+
+    class Recording(RoundTripConnection):
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            names, self._names = getattr(self, "_names", []), []
+            redis.Connection.send_packed_command(self, command, check_health)
+            trips.append((threading.current_thread().name, names))
+
+    pool = client.connection_pool
+    pool.disconnect()
+    pool.reset()
+    pool.connection_class = Recording

@@ -4,19 +4,25 @@
 -- the server could not run there (NOSCRIPT: its scripts were lost to a restart, a failover or
 -- SCRIPT FLUSH) leaves its key as it was, and the result is then not stored: no caller sees
 -- the result before the releases. The worker sends them again on their own, then stores.
+-- Likewise for a write sent before the store (a cache entry of the run's result): the result
+-- is stored only once its key is there.
 -- KEYS[1]    the result key (celery-task-meta-<task id>)
--- KEYS[2..]  one key per check: a lease's key (a lock, or a semaphore's holders zset) or the
---            run's claims record
+-- KEYS[2..]  one key per check: a lease's key (a lock, or a semaphore's holders zset), the
+--            run's claims record, or a key written before the store (a cache entry)
 -- ARGV[1]    the result, as Celery encoded it
 -- ARGV[2]    its lifetime, ms ("0": none)
 -- ARGV[3..]  per check, two values: its kind ("m": the key holds the value, as a lock holds
 --            its owner and a record the text its run wrote; "s": the zset has the value as a
---            member, as a semaphore's holders have a permit's owner), and the value
--- Returns 1 when stored, 0 when a check found the run still holding (nothing written).
+--            member, as a semaphore's holders have a permit's owner; "e": the key must exist,
+--            the value unused), and the value
+-- Returns 1 when stored, 0 when a check found the run still holding or a write missing
+-- (nothing written).
 for i = 2, #KEYS do
   local kind, value = ARGV[2 * i - 1], ARGV[2 * i]
   if kind == 'm' then
     if redis.call('GET', KEYS[i]) == value then return 0 end
+  elseif kind == 'e' then
+    if redis.call('EXISTS', KEYS[i]) == 0 then return 0 end
   elseif redis.call('ZSCORE', KEYS[i], value) then
     return 0
   end
