@@ -21,6 +21,12 @@ server (NOSCRIPT, which fails that command only, not the transaction: the first 
 process after a restart, a failover or ``SCRIPT FLUSH``); the releases are then sent again
 on their own (each is idempotent: a release id, an owner-checked record deletion), loading
 the scripts, and only then is the result stored, as Celery stores it.
+
+Before each store Celery reads the key in a round trip of its own, so as never to overwrite
+a result stored as SUCCESS (a redelivered copy of a task that ran, say). For the store that
+carries a run's releases that read is skipped and the store's script makes the same check
+in the same step: one more round trip less per run. A result there that the script cannot
+read (another serializer than JSON, or compressed) is read and checked as Celery would.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from celery import states
 from redis.exceptions import NoScriptError
 
 from .._redis.batch import PreparedRelease, run_scripts
@@ -46,13 +53,14 @@ _WHERE = ("host", "port", "path", "db", "username")
 
 
 class _Deferred:
-    __slots__ = ("client", "done", "held", "key", "prepared")
+    __slots__ = ("client", "done", "held", "key", "prepared", "storing")
 
     def __init__(self, key: bytes, prepared: PreparedRelease, client: Any,
                  done: Callable[[list[Any]], None],
                  held: Sequence[tuple[str, str, str]]) -> None:
         self.key, self.prepared, self.client, self.done = key, prepared, client, done
         self.held = held
+        self.storing = False  # inside Celery's _store_result of this run's result
 
 
 def backend_for(task: Any, client: Any) -> Any | None:
@@ -86,9 +94,38 @@ def _same_server(backend: Any, client: Any) -> bool:
 
 def _install(backend: Any) -> None:
     """Wrap ``backend``'s ``_set`` (the store of one key: SET/SETEX and PUBLISH in a
-    transaction) and ``process_cleanup`` on this instance."""
+    transaction), ``process_cleanup``, and the reads of Celery's check before a store
+    (``_store_result``, ``_get_task_meta_for``) on this instance."""
     original_set = backend._set
     original_cleanup = backend.process_cleanup
+    original_store_result = backend._store_result
+    original_meta_for = backend._get_task_meta_for
+
+    def _store_result(task_id: Any, *args: Any, **kwargs: Any) -> Any:
+        deferred: _Deferred | None = getattr(_local, "deferred", None)
+        if deferred is None or _as_bytes(backend.get_key_for_task(task_id)) != deferred.key:
+            return original_store_result(task_id, *args, **kwargs)
+        deferred.storing = True
+        try:
+            return original_store_result(task_id, *args, **kwargs)
+        finally:
+            deferred.storing = False
+
+    def _get_task_meta_for(task_id: Any) -> Any:
+        # Celery's check before a store: a result stored as SUCCESS is never overwritten.
+        # For the store carrying a run's releases, the store's script checks that itself.
+        deferred: _Deferred | None = getattr(_local, "deferred", None)
+        if (deferred is not None and deferred.storing
+                and _as_bytes(backend.get_key_for_task(task_id)) == deferred.key):
+            return {"status": states.PENDING, "result": None}
+        return original_meta_for(task_id)
+
+    def _store_unless_succeeded(key: Any, value: Any, *rest: Any) -> Any:
+        """Celery's own store, after Celery's own check (skipped before this store)."""
+        current = backend.get(key)
+        if current and backend.decode_result(current)["status"] == states.SUCCESS:
+            return None
+        return original_set(key, value, *rest)
 
     def _set(key: Any, value: Any, *rest: Any) -> Any:
         deferred: _Deferred | None = getattr(_local, "deferred", None)
@@ -108,17 +145,19 @@ def _install(backend: Any) -> None:
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
         _local.deferred = None
         ours, stored = list(replies[:-1]), replies[-1]
-        if stored == 1:
+        if stored in (1, 2, 3):  # the releases ran (all but those missing their script)
             if any(isinstance(reply, NoScriptError) for reply in ours):
                 _send(deferred)  # a missing release of a lease no longer held: idempotent
             else:
                 _finish(deferred, ours)
-            return None
+            if stored == 3:  # a result there the script cannot read: Celery reads it
+                return _store_unless_succeeded(key, value, *rest)
+            return None  # stored, or a SUCCESS found there kept
         # Nothing stored: a release did not run (its script missing), or the store's
         # script is missing, or the store failed. Releases first, then Celery's own store
         # (which raises as it would if the server refuses it).
         _send(deferred)  # loads the missing release scripts; those that ran answer as before
-        result = original_set(key, value, *rest)
+        result = _store_unless_succeeded(key, value, *rest)
         if isinstance(stored, NoScriptError):
             try:
                 store.load(backend.client)  # for the next run's store
@@ -134,6 +173,8 @@ def _install(backend: Any) -> None:
 
     backend._set = _set
     backend.process_cleanup = process_cleanup
+    backend._store_result = _store_result
+    backend._get_task_meta_for = _get_task_meta_for
 
 
 def _as_bytes(key: Any) -> bytes:
