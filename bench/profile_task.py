@@ -143,7 +143,7 @@ def stages(app: Any, kind: str, n: int) -> list[tuple[str, float]]:
     wrap(task, "_try_acquire", "    acquire round trip (record in the script)")
     wrap(task.RedisKitTask, "_rk_finish", "  _rk_finish (every release)")
     wrap(batch, "run_scripts", "    release round trip (leases + record)")
-    wrap(backend_base.Backend, "mark_as_done", "Celery: store the result (2 round trips)")
+    wrap(backend_base.Backend, "mark_as_done", "Celery: store the result (the releases ride in it)")
     try:
         one = _tracer(app, kind)
         for i in range(100):

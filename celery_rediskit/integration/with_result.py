@@ -24,6 +24,12 @@ process after a restart, a failover or ``SCRIPT FLUSH``); the releases are then 
 on their own (each is idempotent: a release id, an owner-checked record deletion), loading
 the scripts, and only then is the result stored, as Celery stores it. A write of ``first``
 has a check of its own (its key must exist) and is sent again the same way.
+
+Before each store Celery reads the key in a round trip of its own, so as never to overwrite
+a result stored as SUCCESS (a redelivered copy of a task that ran, say). For the store that
+carries a run's releases that read is skipped and the store's script makes the same check
+in the same step: one more round trip less per run. A result there that the script cannot
+read (another serializer than JSON, or compressed) is read and checked as Celery would.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from celery import states
 from redis.exceptions import NoScriptError
 
 from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
@@ -53,13 +60,14 @@ First = tuple[ScriptCall, Callable[[Any], None]]
 
 
 class _Deferred:
-    __slots__ = ("client", "done", "first", "held", "key", "prepared")
+    __slots__ = ("client", "done", "first", "held", "key", "prepared", "storing")
 
     def __init__(self, key: bytes, prepared: PreparedRelease, client: Any,
                  done: Callable[[list[Any]], None],
                  held: Sequence[tuple[str, str, str]], first: Sequence[First]) -> None:
         self.key, self.prepared, self.client, self.done = key, prepared, client, done
         self.held, self.first = held, first
+        self.storing = False  # inside Celery's _store_result of this run's result
 
 
 def backend_for(task: Any, client: Any) -> Any | None:
@@ -93,9 +101,38 @@ def _same_server(backend: Any, client: Any) -> bool:
 
 def _install(backend: Any) -> None:
     """Wrap ``backend``'s ``_set`` (the store of one key: SET/SETEX and PUBLISH in a
-    transaction) and ``process_cleanup`` on this instance."""
+    transaction), ``process_cleanup``, and the reads of Celery's check before a store
+    (``_store_result``, ``_get_task_meta_for``) on this instance."""
     original_set = backend._set
     original_cleanup = backend.process_cleanup
+    original_store_result = backend._store_result
+    original_meta_for = backend._get_task_meta_for
+
+    def _store_result(task_id: Any, *args: Any, **kwargs: Any) -> Any:
+        deferred: _Deferred | None = getattr(_local, "deferred", None)
+        if deferred is None or _as_bytes(backend.get_key_for_task(task_id)) != deferred.key:
+            return original_store_result(task_id, *args, **kwargs)
+        deferred.storing = True
+        try:
+            return original_store_result(task_id, *args, **kwargs)
+        finally:
+            deferred.storing = False
+
+    def _get_task_meta_for(task_id: Any) -> Any:
+        # Celery's check before a store: a result stored as SUCCESS is never overwritten.
+        # For the store carrying a run's releases, the store's script checks that itself.
+        deferred: _Deferred | None = getattr(_local, "deferred", None)
+        if (deferred is not None and deferred.storing
+                and _as_bytes(backend.get_key_for_task(task_id)) == deferred.key):
+            return {"status": states.PENDING, "result": None}
+        return original_meta_for(task_id)
+
+    def _store_unless_succeeded(key: Any, value: Any, *rest: Any) -> Any:
+        """Celery's own store, after Celery's own check (skipped before this store)."""
+        current = backend.get(key)
+        if current and backend.decode_result(current)["status"] == states.SUCCESS:
+            return None
+        return original_set(key, value, *rest)
 
     def _set(key: Any, value: Any, *rest: Any) -> Any:
         deferred: _Deferred | None = getattr(_local, "deferred", None)
@@ -120,19 +157,21 @@ def _install(backend: Any) -> None:
         ours, stored = list(replies[firsts:-1]), replies[-1]
         if firsts:
             _send_first(deferred, replies[:firsts])  # a missing script's write: sent again
-        if stored == 1:
+        if stored in (1, 2, 3):  # the releases ran (all but those missing their script)
             if any(isinstance(reply, NoScriptError) for reply in ours):
                 # a missing release of a lease no longer held: idempotent
                 _send(deferred, first=False)
             else:
                 _finish(deferred, ours)
-            return None
+            if stored == 3:  # a result there the script cannot read: Celery reads it
+                return _store_unless_succeeded(key, value, *rest)
+            return None  # stored, or a SUCCESS found there kept
         # Nothing stored: a release or a write did not run (its script missing), or the
         # store's script is missing, or the store failed. Writes (sent again above) and
         # releases first, then Celery's own store (which raises as it would if the server
         # refuses it).
         _send(deferred, first=False)  # loads missing scripts; those that ran answer as before
-        result = original_set(key, value, *rest)
+        result = _store_unless_succeeded(key, value, *rest)
         if isinstance(stored, NoScriptError):
             try:
                 store.load(backend.client)  # for the next run's store
@@ -148,6 +187,8 @@ def _install(backend: Any) -> None:
 
     backend._set = _set
     backend.process_cleanup = process_cleanup
+    backend._store_result = _store_result
+    backend._get_task_meta_for = _get_task_meta_for
 
 
 def _as_bytes(key: Any) -> bytes:

@@ -5,14 +5,19 @@ trips (``tests/roundtrips.py``); Celery's backend has a client of its own."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 from celery.exceptions import Ignore
+from celery.signals import task_postrun
 
 from celery_rediskit._redis.scripts import load_script
 from celery_rediskit.testing import PrivateServer
@@ -220,3 +225,140 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
     # the record written by the acquire, then deleted; each lease taken, then given back
     assert record[-1] == b"del", events
     assert released and released[-1] in (b"del", b"zrem"), events
+
+
+@contextmanager
+def _result_reads(url: str, task_id: str) -> Iterator[list[str]]:
+    """Every GET of ``task_id``'s result key sent by a client (not from inside a script)
+    while the block runs, from a MONITOR of the server."""
+    key = f"celery-task-meta-{task_id}"
+    stop = f"rediskit-test-stop-{uuid.uuid4().hex}"
+    reads: list[str] = []
+    ready = threading.Event()
+    monitor_client = redis.Redis.from_url(url)
+
+    def listen() -> None:
+        with monitor_client.monitor() as m:
+            ready.set()
+            for command in m.listen():
+                text = command["command"]
+                if stop in text:
+                    return
+                if command.get("client_type") != "lua" and text == f"GET {key}":
+                    reads.append(text)
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(WAIT)
+    try:
+        yield reads
+    finally:
+        redis.Redis.from_url(url).echo(stop)
+        thread.join(WAIT)
+        monitor_client.close()
+
+
+def _meta(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
+    raw = client.get(f"celery-task-meta-{task_id}")
+    return None if raw is None else json.loads(raw)
+
+
+@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"}])
+def test_the_store_carrying_the_releases_skips_celerys_read_before_it(
+    private_server: PrivateServer, prefix: str, options: dict[str, Any]
+) -> None:
+    """Celery reads a task's result key before storing (never to overwrite a SUCCESS); with
+    the releases in the store, the store's script checks that itself: no GET of the key in a
+    round trip of its own (one on main), and the result still stored and published."""
+    url = private_server.url
+    client = redis.Redis.from_url(url)
+    app, c, _trips = _app(url, prefix)
+
+    @app.task(shared=False, **options)
+    def job(x: int) -> int:
+        return x
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
+            task_id = str(uuid.uuid4())
+            with _result_reads(url, task_id) as reads:
+                # no AsyncResult.get(): it would read the key itself
+                job.apply_async((2,), task_id=task_id)
+                wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
+                           and _locked(client, prefix) == [])
+            assert reads == []
+            meta = _meta(client, task_id)
+            assert meta is not None and (meta["status"], meta["result"]) == ("SUCCESS", 2)
+            assert job.AsyncResult(task_id).get(timeout=WAIT) == 2  # published as before
+    finally:
+        app.close()
+        c.close()
+        client.close()
+
+
+@pytest.mark.parametrize("readable", [True, False], ids=["json", "unreadable-by-lua"])
+def test_a_success_stored_already_is_kept_by_a_later_run_of_its_task_id(
+    private_server: PrivateServer, prefix: str, readable: bool
+) -> None:
+    """A run of a task id whose SUCCESS is stored already (a redelivered copy of a task that
+    ran) leaves that result as it is, as Celery's own check does, and still releases. A
+    stored value the script cannot decode (here JSON behind a leading space, as a value of
+    another serializer or compressed is) is read and checked by Celery's decoder instead."""
+    url = private_server.url
+    client = redis.Redis.from_url(url)
+    app, c, _trips = _app(url, prefix)
+
+    @app.task(shared=False, singleton=True)
+    def job(x: int) -> int:
+        return x
+
+    task_id = str(uuid.uuid4())
+    first = json.dumps({"status": "SUCCESS", "result": 1, "traceback": None, "children": [],
+                        "date_done": None, "task_id": task_id})
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(0).get(timeout=WAIT) == 0  # warm-up
+            client.set(f"celery-task-meta-{task_id}", first if readable else " " + first)
+            ended = threading.Event()  # task_postrun: sent after the result's store
+
+            def seen(task_id: str = "", **_: Any) -> None:
+                if task_id == run_id:
+                    ended.set()
+
+            run_id = task_id
+            task_postrun.connect(seen, weak=False)
+            try:
+                job.apply_async((2,), task_id=task_id)
+                assert ended.wait(WAIT)
+            finally:
+                task_postrun.disconnect(seen)
+            stored = client.get(f"celery-task-meta-{task_id}")
+            assert stored is not None and json.loads(stored)["result"] == 1  # kept
+            assert _locked(client, prefix) == []
+    finally:
+        app.close()
+        c.close()
+        client.close()
+
+
+def test_a_state_stored_before_the_run_is_overwritten_by_its_result(
+    private_server: PrivateServer, prefix: str
+) -> None:
+    """``task_track_started``: the STARTED state stored before the body is replaced by the
+    result (the script's check keeps only a SUCCESS)."""
+    url = private_server.url
+    app, c, _trips = _app(url, prefix)
+    app.conf.task_track_started = True
+
+    @app.task(shared=False, singleton=True)
+    def job(x: int) -> int:
+        return x
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(1).get(timeout=WAIT) == 1
+            assert job.delay(2).get(timeout=WAIT) == 2
+    finally:
+        app.close()
+        c.close()
