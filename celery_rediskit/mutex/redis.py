@@ -118,6 +118,12 @@ class RedisMutexStorage(MutexStorage):
             token = int(self._acquire.run_after(self.client, before, keys, argv))
         return Grant(token, sent) if token >= 1 else token
 
+    def try_call(self, key: str, owner: str, lease: float) -> ScriptCall:
+        """The acquire script of one try at ``key`` (as :meth:`try_acquire`), with its KEYS and
+        ARGV, to send along with others in one round trip (``batch.run_scripts``); its reply
+        is a token >= 1 when ``owner`` now holds ``key`` for ``lease`` seconds, else <= -1."""
+        return self._acquire, self._key_list(key), self.acquire_argv(owner, lease, key)
+
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         """A waiter gives up: with ``keep``, the token of a grant made meanwhile (else 0);
         without, it leaves the queue or hands such a grant on (the release script does both,
