@@ -877,12 +877,16 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         ttl = kit.settings.queued_ttl + _delay_of(options)
         storage = rt.mutex_storage
+        record = rt.claims.record_command(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
+        # On one server the claim's try writes the task's claims record in its script, while
+        # the claim is free or the task's (one round trip); on a cluster it is sent after.
+        wrap = with_record(record, only_if_free=True) if rt.one_server else None
         # Taking the claim and reading its holder are two round trips: between them the
         # holder may finish ("released meanwhile"), and others may take it again. Try again
         # until the claim is ours or a holder is seen; never publish without the claim.
         for _ in range(CLAIM_ATTEMPTS):
             try:
-                storage.acquire(qname, owner, ttl, 0)
+                storage.acquire(qname, owner, ttl, 0, wrap=wrap)
                 break
             except LockTimeout:
                 holder = storage.get_lock_info(qname).holder
@@ -913,7 +917,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             )
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
-        rt.claims.record(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
+        if wrap is None:
+            call(rt.client, *record)
         try:
             return super().apply_async(args, kwargs, task_id, **options)
         except BaseException:

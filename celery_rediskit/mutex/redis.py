@@ -64,11 +64,20 @@ class RedisMutexStorage(MutexStorage):
         lease: float,
         timeout: float | None,
         abort: threading.Event | None = None,
+        *,
+        wrap: Callable[[ScriptCall], ScriptCall] | None = None,
     ) -> int:
+        """As :meth:`MutexStorage.acquire`. ``wrap`` (for a try, ``timeout`` 0) turns the
+        acquire script's call into another script's with the same reply, sent instead (as in
+        :meth:`try_acquire`); a late grant's renewing try sends it again."""
         argv = self.acquire_argv(owner, lease, key)
+        script, keys = self._acquire, self._key_list(key)
+        channel = argv[4]
+        if wrap is not None:
+            script, keys, argv = wrap((script, keys, argv))
         return acquire_queued(
-            "lock", key, owner, self.client, self._acquire, self._key_list(key),
-            argv, self._cancel_wait, argv[4], timeout, abort, lease,
+            "lock", key, owner, self.client, script, keys,
+            argv, self._cancel_wait, channel, timeout, abort, lease,
         )
 
     def wake_prefix(self, key: str) -> str:
