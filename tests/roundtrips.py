@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import redis
@@ -52,5 +53,26 @@ def round_trip_client(url: str) -> tuple[redis.Redis, list[list[str]]]:
     and the live list of its round trips."""
     trips: list[list[str]] = []
     connection_class = type("Trips", (RoundTripConnection,), {"trips": trips})
+    pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
+    return redis.Redis(connection_pool=pool), trips
+
+
+class ThreadRoundTripConnection(RoundTripConnection):
+    """As :class:`RoundTripConnection`, each round trip noted with the thread that made it:
+    ``thread_trips`` holds (thread ident, command names)."""
+
+    thread_trips: list[tuple[int, list[str]]] = []  # replaced per client
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        names, self._names = getattr(self, "_names", []), []
+        redis.Connection.send_packed_command(self, command, check_health)
+        self.thread_trips.append((threading.get_ident(), names))
+
+
+def thread_round_trip_client(url: str) -> tuple[redis.Redis, list[tuple[int, list[str]]]]:
+    """A client on ``url`` and the live list of its round trips, each with its thread."""
+    trips: list[tuple[int, list[str]]] = []
+    connection_class = type("ThreadTrips", (ThreadRoundTripConnection,),
+                            {"thread_trips": trips})
     pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
     return redis.Redis(connection_pool=pool), trips
