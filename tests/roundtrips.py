@@ -1,7 +1,7 @@
 """Counting round trips on a real connection: every command a client sends is recorded
 (:func:`counting_client`), or every write to the server with the commands it carried
-(:func:`round_trip_client`; :func:`record_round_trips` for a client made elsewhere, with the
-thread that sent each)."""
+(:func:`round_trip_client`; with the thread that sent each, :func:`thread_round_trip_client`,
+or :func:`record_round_trips` for a client made elsewhere)."""
 
 from __future__ import annotations
 
@@ -58,19 +58,34 @@ def round_trip_client(url: str) -> tuple[redis.Redis, list[list[str]]]:
     return redis.Redis(connection_pool=pool), trips
 
 
-def record_round_trips(client: redis.Redis, trips: list[tuple[str, list[str]]]) -> None:
+class ThreadRoundTripConnection(RoundTripConnection):
+    """As :class:`RoundTripConnection`, each round trip noted with the thread that made it:
+    ``thread_trips`` holds (thread ident, command names)."""
+
+    thread_trips: list[tuple[int, list[str]]] = []  # replaced per client
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        names, self._names = getattr(self, "_names", []), []
+        redis.Connection.send_packed_command(self, command, check_health)
+        self.thread_trips.append((threading.get_ident(), names))
+
+
+def thread_round_trip_client(url: str) -> tuple[redis.Redis, list[tuple[int, list[str]]]]:
+    """A client on ``url`` and the live list of its round trips, each with its thread."""
+    trips: list[tuple[int, list[str]]] = []
+    connection_class = type("ThreadTrips", (ThreadRoundTripConnection,),
+                            {"thread_trips": trips})
+    pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
+    return redis.Redis(connection_pool=pool), trips
+
+
+def record_round_trips(client: redis.Redis, trips: list[tuple[int, list[str]]]) -> None:
     """From now on, append each round trip of ``client`` (a plain client: its pool) to
-    ``trips`` as (the sending thread's name, the command names it carried): its pooled
-    connections are closed and its new ones record. For a client made by another library
-    (a Celery result backend's), when no connection of its pool is in use."""
-
-    class Recording(RoundTripConnection):
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            names, self._names = getattr(self, "_names", []), []
-            redis.Connection.send_packed_command(self, command, check_health)
-            trips.append((threading.current_thread().name, names))
-
+    ``trips`` as (thread ident, command names), as :func:`thread_round_trip_client` does: its
+    pooled connections are closed and its new ones record. For a client made by another
+    library (a Celery result backend's), when no connection of its pool is in use."""
     pool = client.connection_pool
     pool.disconnect()
     pool.reset()
-    pool.connection_class = Recording
+    pool.connection_class = type("ThreadTrips", (ThreadRoundTripConnection,),
+                                 {"thread_trips": trips})

@@ -7,6 +7,10 @@ command of its own: the first acquire script writes it (``claims_mutex_acquire.l
 primitive's own script with the record's step in front (``-- then:``), with the same reply.
 On a Redis Cluster the record lives in another slot than the lock or semaphore, so it is sent
 as a command of its own beside the script, in the same round trip (``call_many``).
+
+A queued-scope run tries its claim and its lock in one round trip: its lock's script
+(``claims_queued_acquire.lua``, :func:`with_claim`) does anything only while the claim, tried
+just before it, is the run's.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 from .._redis.batch import ScriptCall
 from .._redis.scripts import load_script
 
-__all__ = ["with_forget", "with_record"]
+__all__ = ["with_claim", "with_forget", "with_record"]
 
 _ACQUIRE = {"mutex_acquire": "claims_mutex_acquire", "sem_acquire": "claims_sem_acquire"}
 _RELEASE = {"mutex_release": "claims_mutex_release", "sem_release": "claims_sem_release"}
@@ -39,6 +43,23 @@ def with_record(record: tuple[Any, ...], *, only_if_free: bool = False) -> Wrap:
             return load_script(_ACQUIRE[script.name]), [*keys, key], [*args, text, seconds]
         mode = "free" if only_if_free else "always"
         return load_script(_ACQUIRE[script.name]), [*keys, key], [*args, text, seconds, mode]
+
+    return wrap
+
+
+def with_claim(record: tuple[Any, ...], claim_key: str, claim_owner: str) -> Wrap:
+    """A wrapper turning a lock's try (``mutex_acquire``) into one that does nothing and
+    replies 0 unless ``claim_key`` (a queued-scope claim's lock key) holds ``claim_owner``;
+    else it goes on as :func:`with_record` with ``only_if_free``: one server only (the claim
+    is in another slot than the lock)."""
+    _set, key, text, _ex, seconds = record
+
+    def wrap(call: ScriptCall) -> ScriptCall:
+        script, keys, args = call
+        if script.name != "mutex_acquire":
+            raise ValueError("a claim goes with a lock's try only")
+        return (load_script("claims_queued_acquire"), [*keys, key, claim_key],
+                [*args, text, seconds, "free", claim_owner])
 
     return wrap
 

@@ -28,7 +28,7 @@ from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
 from .._redis.scripts import call
 from .._validate import resource_key
 from ..errors import ConfigurationError, LockError, LockTimeout, RateLimited
-from ..lease import Lease, LeaseKind, new_owner_id
+from ..lease import Grant, Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
 from ..ratelimit import RateDecision
 from ..renewal import renewer
@@ -37,7 +37,7 @@ from . import observe, parking, with_result
 from .backoff import requeue_countdown
 from .claims import holder_line
 from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
-from .fused import with_forget, with_record
+from .fused import with_claim, with_forget, with_record
 from .naming import declared_name
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
@@ -301,9 +301,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 if policy.rate_limits:
                     self._rk_take_rates(rt, policy, request, arguments)
                 plan: list[tuple[LeaseKind, str, int]] = []  # (kind, name, permits), in order
+                claim_name = None  # a queued claim taken with the lock's first try
                 if policy.singleton:
                     name = policy.singleton_name(self.name, arguments, args, kwargs)
-                    if policy.scope == "queued":
+                    if policy.scope == "queued" and rt.one_server and not policy.parks:
+                        claim_name = _queued_name(name)
+                    elif policy.scope == "queued":
                         claim = self._rk_take_claim(rt, name, task_id)
                         request.rediskit_claim = claim
                     plan.append((LeaseKind.MUTEX, name, 0))
@@ -311,7 +314,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                     plan.extend((LeaseKind.SEMAPHORE, sem_name, permits)
                                 for sem_name, permits in policy.limit_names(arguments))
                 if plan:
-                    self._rk_acquire(rt, policy, request, plan, claim, held)
+                    self._rk_acquire(rt, policy, request, plan, claim, held, claim_name)
             except BaseException:
                 self._rk_give_back_rates(rt, request)  # the body does not start now
                 raise
@@ -351,7 +354,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     def _rk_acquire(self, rt: Runtime, policy: TaskPolicy, request: Any,
                     plan: list[tuple[LeaseKind, str, int]], claim: MutexLease | None,
-                    held: list[Lease]) -> None:
+                    held: list[Lease], claim_name: str | None = None) -> None:
         """Take every lock and permit of ``plan`` (in its order) and record them by task id.
 
         The owner ids are chosen up front, so the claims record is sent together with the
@@ -361,6 +364,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
         which holds its lock when it meets it held: on one server its first attempt writes
         the record only while the lock is free or its own; on a cluster it writes the record
         after its acquisitions.
+
+        ``claim_name`` (queued scope, one server, ``claim`` None): the claim to take in the same
+        round trip as the lock's first try (:meth:`_rk_claim_and_try`).
 
         Every lease names the record as a companion key, so the renewals that keep the leases
         alive keep the record too (in the same round trip), however long the task runs.
@@ -382,11 +388,14 @@ class RedisKitTask(Task):  # type: ignore[misc]
                                                                          strict=True)]
         if claim is not None:
             records.append((LeaseKind.MUTEX, claim.key, claim.owner))
+        elif claim_name is not None:
+            records.append((LeaseKind.MUTEX, claim_name, "q:" + task_id))
+        queued = claim is not None or claim_name is not None
         record = rt.claims.record_command(task_id, records, 2 * seconds,
                                           holder_line(self.name, request.hostname))
         companions = (rt.claims.key(task_id),)
-        pending: tuple[Any, ...] | None = record if claim is None or rt.one_server else None
-        if claim is None:
+        pending: tuple[Any, ...] | None = record if not queued or rt.one_server else None
+        if not queued:
             request.rediskit_record = record
         if (resent is None and policy.parks and not inline
                 and parking.redelivered_copy(self, rt, request, plan)):
@@ -418,8 +427,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
             name = resource_key(name)
             started = time.monotonic()
             if kind is LeaseKind.MUTEX:
-                token = _try_acquire(rt, pending, kind, name, owner, 0, seconds,
-                                     if_free=claim is not None)
+                if claim_name is not None and pending is not None:
+                    claim, token = self._rk_claim_and_try(rt, request, claim_name, pending,
+                                                          name, owner, seconds)
+                else:
+                    token = _try_acquire(rt, pending, kind, name, owner, 0, seconds,
+                                         if_free=claim is not None)
                 if claim is not None and pending is not None and token >= 1:
                     request.rediskit_record = record  # written: the lock was free
                 pending = None
@@ -545,24 +558,67 @@ class RedisKitTask(Task):  # type: ignore[misc]
     def _rk_take_claim(self, rt: Runtime, name: str, task_id: str) -> MutexLease:
         """Hold the queued-scope claim of ``task_id`` while it runs (taking it if free)."""
         qname = _queued_name(name)
-        owner = "q:" + task_id
-        storage = rt.mutex_storage
-        lease = rt.settings.lease
-        token = storage.try_acquire(qname, owner, lease)  # one try: a lock never waits here
-        if token < 1:
-            holder = storage.get_lock_info(qname).holder or ""
-            other = holder[2:] if holder.startswith("q:") else holder
-            if task_duplicate.receivers:
-                observe.duplicate(self, task_id, other, qname, "run")
-            if self._rk_policy.on_locked == "raise":
-                raise TaskLocked(
-                    f"{self.name}[{task_id}] is a duplicate of task {other}", qname
-                ) from None
-            self._rk_skip(self.request, "duplicate", qname, other)
-        claim = MutexLease(storage, qname, owner, lease, fencing_token=token,
-                           on_lost=rt.mutex.on_lost, companion_keys=(rt.claims.key(task_id),))
+        token = rt.mutex_storage.try_acquire(qname, "q:" + task_id, rt.settings.lease)
+        if token < 1:  # one try: a claim never waits here
+            self._rk_duplicate(rt, qname, task_id)
+        return self._rk_hold_claim(rt, qname, task_id, token)
+
+    def _rk_hold_claim(self, rt: Runtime, qname: str, task_id: str, token: int) -> MutexLease:
+        """The claim ``qname`` just granted to ``task_id`` (``token``), renewed while held."""
+        claim = MutexLease(rt.mutex_storage, qname, "q:" + task_id, rt.settings.lease,
+                           fencing_token=token, on_lost=rt.mutex.on_lost,
+                           companion_keys=(rt.claims.key(task_id),))
         claim.start_renewal()
         return claim
+
+    def _rk_duplicate(self, rt: Runtime, qname: str, task_id: str) -> NoReturn:
+        """The claim ``qname`` is another task's: this run is a duplicate of it, skipped or
+        raised per ``on_locked``."""
+        holder = rt.mutex_storage.get_lock_info(qname).holder or ""
+        other = holder[2:] if holder.startswith("q:") else holder
+        if task_duplicate.receivers:
+            observe.duplicate(self, task_id, other, qname, "run")
+        if self._rk_policy.on_locked == "raise":
+            raise TaskLocked(
+                f"{self.name}[{task_id}] is a duplicate of task {other}", qname
+            ) from None
+        self._rk_skip(self.request, "duplicate", qname, other)
+
+    def _rk_claim_and_try(self, rt: Runtime, request: Any, qname: str, record: tuple[Any, ...],
+                          name: str, owner: str, seconds: float) -> tuple[MutexLease, int]:
+        """Queued scope on one server: take the claim ``qname`` and try the lock ``name`` in one
+        round trip; the claim held (``request.rediskit_claim``) and the lock's try (a token, as
+        :func:`_try_acquire` with ``if_free``). A duplicate (the claim another task's) is
+        skipped or raised as by :meth:`_rk_take_claim`, with the lock left alone: its script
+        does nothing unless the claim tried just before it is this run's (``with_claim``)."""
+        storage = rt.mutex_storage
+        task_id: str = request.id
+        claim_owner = "q:" + task_id
+        wrap = with_claim(record, storage.renewal_key(qname), claim_owner)
+        calls = [storage.try_call(qname, claim_owner, rt.settings.lease),
+                 wrap(storage.try_call(name, owner, seconds))]
+        sent = time.monotonic()  # both leases count from here (lease.Grant)
+        claimed, tried = run_scripts(rt.client, calls)
+        if isinstance(claimed, Exception) or int(claimed) < 1:
+            if not isinstance(tried, Exception) and int(tried) >= 1:
+                # The claim became this task id's (another delivery) between the two scripts:
+                # this run is not it, so gives back the lock and the record (owner-checked).
+                released, _ = run_scripts(rt.client, [storage.release_call(name, owner),
+                                                      rt.claims.forget_call(record)])
+                if not isinstance(released, Exception):
+                    storage.release_reply(released)
+            if isinstance(claimed, Exception):
+                raise claimed
+            self._rk_duplicate(rt, qname, task_id)
+        claim = self._rk_hold_claim(rt, qname, task_id, Grant(int(claimed), sent))
+        request.rediskit_claim = claim
+        if isinstance(tried, Exception):
+            raise tried
+        token = int(tried)
+        if token == 0:  # the claim changed hands between the two scripts: try as after a take
+            return claim, _try_acquire(rt, record, LeaseKind.MUTEX, name, owner, 0, seconds,
+                                       if_free=True)
+        return claim, Grant(token, sent) if token >= 1 else token
 
     def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
                    claim: MutexLease | None) -> NoReturn:
@@ -853,12 +909,16 @@ class RedisKitTask(Task):  # type: ignore[misc]
         owner = "q:" + task_id
         ttl = kit.settings.queued_ttl + _delay_of(options)
         storage = rt.mutex_storage
+        record = rt.claims.record_command(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
+        # On one server the claim's try writes the task's claims record in its script, while
+        # the claim is free or the task's (one round trip); on a cluster it is sent after.
+        wrap = with_record(record, only_if_free=True) if rt.one_server else None
         # Taking the claim and reading its holder are two round trips: between them the
         # holder may finish ("released meanwhile"), and others may take it again. Try again
         # until the claim is ours or a holder is seen; never publish without the claim.
         for _ in range(CLAIM_ATTEMPTS):
             try:
-                storage.acquire(qname, owner, ttl, 0)
+                storage.acquire(qname, owner, ttl, 0, wrap=wrap)
                 break
             except LockTimeout:
                 holder = storage.get_lock_info(qname).holder
@@ -889,7 +949,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
             )
         if given:
             storage.extend(qname, owner, ttl, add=False)  # a re-send (retry) of the holder
-        rt.claims.record(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
+        if wrap is None:
+            call(rt.client, *record)
         try:
             return super().apply_async(args, kwargs, task_id, **options)
         except BaseException:

@@ -64,11 +64,20 @@ class RedisMutexStorage(MutexStorage):
         lease: float,
         timeout: float | None,
         abort: threading.Event | None = None,
+        *,
+        wrap: Callable[[ScriptCall], ScriptCall] | None = None,
     ) -> int:
+        """As :meth:`MutexStorage.acquire`. ``wrap`` (for a try, ``timeout`` 0) turns the
+        acquire script's call into another script's with the same reply, sent instead (as in
+        :meth:`try_acquire`); a late grant's renewing try sends it again."""
         argv = self.acquire_argv(owner, lease, key)
+        script, keys = self._acquire, self._key_list(key)
+        channel = argv[4]
+        if wrap is not None:
+            script, keys, argv = wrap((script, keys, argv))
         return acquire_queued(
-            "lock", key, owner, self.client, self._acquire, self._key_list(key),
-            argv, self._cancel_wait, argv[4], timeout, abort, lease,
+            "lock", key, owner, self.client, script, keys,
+            argv, self._cancel_wait, channel, timeout, abort, lease,
         )
 
     def wake_prefix(self, key: str) -> str:
@@ -117,6 +126,12 @@ class RedisMutexStorage(MutexStorage):
         else:
             token = int(self._acquire.run_after(self.client, before, keys, argv))
         return Grant(token, sent) if token >= 1 else token
+
+    def try_call(self, key: str, owner: str, lease: float) -> ScriptCall:
+        """The acquire script of one try at ``key`` (as :meth:`try_acquire`), with its KEYS and
+        ARGV, to send along with others in one round trip (``batch.run_scripts``); its reply
+        is a token >= 1 when ``owner`` now holds ``key`` for ``lease`` seconds, else <= -1."""
+        return self._acquire, self._key_list(key), self.acquire_argv(owner, lease, key)
 
     def _cancel_wait(self, key: str, owner: str, keep: bool) -> int:
         """A waiter gives up: with ``keep``, the token of a grant made meanwhile (else 0);

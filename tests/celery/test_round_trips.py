@@ -1,23 +1,25 @@
 """What a run of a task with options sends to Redis: on one server, the claims record rides
 inside the first acquire and the last release script, and every release of the run's end goes
-in one round trip. Run with ``apply()`` in this thread, on a connection that records its round
-trips (``tests/roundtrips.py``)."""
+in one round trip. Run with ``apply()`` in this thread (or on an in-process worker, counting the
+round trips of the thread that runs the task), on a connection that records its round trips
+(``tests/roundtrips.py``)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
-from celery import Celery, states
+from celery import Celery, signals, states
 
 from celery_rediskit.integration import RedisKit
 from celery_rediskit.integration.claims import holder_line, parse_record
 from celery_rediskit.lease import LeaseKind
-from tests.roundtrips import round_trip_client
+from tests.roundtrips import round_trip_client, thread_round_trip_client
 
-from .conftest import make_app
+from .conftest import WorkerFactory, make_app
 
 
 @pytest.fixture
@@ -104,19 +106,63 @@ def test_every_release_of_a_run_goes_in_one_round_trip(
     assert not _records(client, prefix) and not _locked(client, prefix)
 
 
-def test_a_queued_scope_run_is_three_round_trips(
+def test_a_queued_scope_run_takes_its_claim_and_lock_in_one_round_trip(
     counted: tuple[Celery, list[list[str]]], client: redis.Redis, prefix: str
 ) -> None:
+    """Before the body: the claim's try and the lock's (with the record, the lock being free)
+    in one round trip (before: the claim, then the lock, two); at the end both released and
+    the record deleted in one."""
     app, trips = counted
     seen: dict[str, Any] = {}
+    before_body: dict[str, list[list[str]]] = {}
+    record_seen = _record_seen(client, prefix, seen)
+
+    def body(self: Any, x: str) -> str:
+        before_body[x] = list(trips)
+        return str(record_seen(self, x))
+
     app.task(shared=False, bind=True, name="queued", singleton=True,
-             singleton_scope="queued")(_record_seen(client, prefix, seen))
+             singleton_scope="queued")(body)
     result, sent = _run(app, trips, "queued", "a")
     assert result.get() == "a"
-    # the claim; the record (the lock being free) + the lock; both released + record deleted
-    assert sent == [["EVALSHA"], ["EVALSHA"], ["EVALSHA", "EVALSHA"]]
+    assert before_body["a"] == [["EVALSHA", "EVALSHA"]], "the claim + the record and the lock"
+    assert sent == [["EVALSHA", "EVALSHA"], ["EVALSHA", "EVALSHA"]]
     assert sorted(key.split(":")[0] for _k, key, _o in seen["a"]) == ["queued", "singleton"]
     assert not _records(client, prefix) and not _locked(client, prefix)
+
+
+def test_a_queued_scope_run_on_a_worker_makes_one_round_trip_before_its_body(
+    redis_url: str, prefix: str, worker: WorkerFactory
+) -> None:
+    """On a real (in-process) worker: from the moment the task is handed to its thread
+    (``task_prerun``) until its body starts, that thread makes one round trip, the claim's try
+    and the lock's together (before: two)."""
+    c, trips = thread_round_trip_client(redis_url)
+    app = make_app(redis_url, prefix, client=c)
+    marks: dict[str, int] = {}
+    before_body: dict[int, list[list[str]]] = {}
+
+    @app.task(shared=False, bind=True, singleton=True, singleton_scope="queued")
+    def job(self: Any, x: int) -> int:
+        me = threading.get_ident()
+        before_body[x] = [names for thread, names in trips[marks[self.request.id]:]
+                          if thread == me]
+        return x
+
+    def mark(task_id: str | None = None, **_: Any) -> None:  # in the task's thread
+        if task_id is not None:
+            marks[task_id] = len(trips)
+
+    signals.task_prerun.connect(mark, weak=False)
+    try:
+        with worker(app, pool="threads", concurrency=1):
+            assert job.delay(0).get(timeout=20) == 0  # warm up: scripts loaded
+            assert job.delay(1).get(timeout=20) == 1
+    finally:
+        signals.task_prerun.disconnect(mark)
+        app.close()
+        c.close()
+    assert before_body[1] == [["EVALSHA", "EVALSHA"]], "the claim and the lock, together"
 
 
 def test_a_queued_run_meeting_its_lock_held_keeps_the_other_runs_record(

@@ -13,9 +13,10 @@ import redis
 from celery import Celery, states
 
 from celery_rediskit.errors import LockTimeout
-from celery_rediskit.integration import RedisKit, TaskLocked
+from celery_rediskit.integration import RedisKit, TaskDuplicated, TaskLocked
 from celery_rediskit.integration import task as task_module
 from celery_rediskit.mutex.redis import RedisMutexStorage
+from tests.roundtrips import round_trip_client
 
 from .conftest import make_app
 from .probe import Probe
@@ -160,3 +161,37 @@ def test_queued_claim_that_keeps_changing_hands_is_an_error(
     assert error is not None, "apply_async never gave up on a claim that changed hands"
     assert error.key == qname and "was not sent" in str(error)
     assert client.llen(queue) == published
+
+
+def test_a_queued_scope_send_claims_and_records_in_one_round_trip(
+        redis_url: str, prefix: str, client: redis.Redis) -> None:
+    """On one server ``delay()`` takes the claim and writes the task's claims record in one
+    round trip (before: the claim, then the record); a duplicate writes no record, and one
+    whose id the caller chose leaves that id's record as it was."""
+    counted, trips = round_trip_client(redis_url)
+    app = make_app(redis_url, prefix, client=counted)
+
+    @app.task(shared=False, singleton=True, singleton_scope="queued")
+    def job(x: int) -> int:
+        return x
+
+    rt = RedisKit.of(app).runtime()
+    qname = "queued:" + job._rk_policy.singleton_name(job.name, {"x": 1}, (1,), {})
+    try:
+        job.delay(0)  # warm up: the scripts loaded
+        trips.clear()
+        first = job.delay(1)
+        assert trips == [["EVALSHA"]], "the claim with the record"
+        assert rt.claims.held(first.id) == [("m", qname, "q:" + first.id)]
+        records = sorted(client.scan_iter(match=f"{prefix}:claims:*"))
+        trips.clear()
+        again = job.delay(1)
+        assert again.id == first.id and trips == [["EVALSHA"], ["EVALSHA"]]  # try, holder
+        assert sorted(client.scan_iter(match=f"{prefix}:claims:*")) == records
+        client.set(rt.claims.key("chosen"), "another run's record")
+        with pytest.raises(TaskDuplicated):
+            job.apply_async((1,), task_id="chosen")
+        assert client.get(rt.claims.key("chosen")) == b"another run's record"
+    finally:
+        app.close()
+        counted.close()

@@ -13,6 +13,7 @@ import pytest
 from celery import chain, group, signals
 from celery.result import AsyncResult
 
+from celery_rediskit._redis.keys import KeySpace
 from celery_rediskit.integration import RedisKit, TaskDuplicated, TaskLocked
 
 from .probe import Probe
@@ -211,6 +212,44 @@ def test_send_task_duplicate_does_not_break_the_holder(app, worker, client, pref
         release.set()
         assert first.get(timeout=WAIT) == 1
     assert probe.peak == 1 and probe.runs == 1
+
+
+@pytest.mark.parametrize("on_locked", ["skip", "raise"])
+def test_a_duplicate_at_run_time_never_takes_the_free_lock(app, worker, client, prefix,
+                                                          on_locked: str) -> None:
+    """The claim is held by another task, still queued (its lock free); a duplicate sent past
+    the claim (send_task, beat's path) tries its claim and its lock in one round trip: it is
+    skipped (or raises) as before, and neither holds the lock, not even for a moment (the
+    lock's fencing token never rose), nor leaves a claims record."""
+    probe = Probe(client, prefix + ":p")
+
+    @app.task(shared=False, singleton=True, singleton_scope="queued", on_locked=on_locked)
+    def job(x: int) -> int:
+        probe.enter()
+        probe.exit()
+        return x
+
+    rt = RedisKit.of(app).runtime()
+    name = lock_name(app, job, 1)
+    queued_elsewhere = rt.mutex_storage.try_acquire("queued:" + name, "q:the-first", 60)
+    assert queued_elsewhere >= 1
+    keys = KeySpace(prefix).lock(name)
+    try:
+        with worker(app, concurrency=2):
+            dup = app.send_task(job.name, args=(1,))
+            if on_locked == "raise":
+                with pytest.raises(TaskLocked, match="is a duplicate of task the-first"):
+                    dup.get(timeout=WAIT)
+            else:
+                assert dup.get(timeout=WAIT) is None and dup.state == "SUCCESS"
+            assert probe.runs == 0
+            assert not client.exists(keys.lock), "the duplicate kept the lock"
+            assert not client.exists(keys.fence), "the duplicate took the lock for a moment"
+            assert not client.exists(rt.claims.key(dup.id)), "the duplicate left a record"
+            info = rt.mutex_storage.get_lock_info("queued:" + name)
+            assert info.holder == "q:the-first", "the claim changed hands"
+    finally:
+        rt.mutex_storage.release("queued:" + name, "q:the-first")
 
 
 def test_send_task_runs_through_the_lock(app, worker, client, prefix, rediskit_no_leaks) -> None:

@@ -117,6 +117,12 @@ def test_without_a_stored_result_the_releases_go_on_their_own(
         if how == "Ignore":
             raise Ignore()
 
+    idle = threading.Event()
+
+    @app.task(shared=False, ignore_result=True)
+    def ping() -> None:
+        idle.set()
+
     def call() -> None:
         count = len(ran) + 1
         job.delay(count)
@@ -125,6 +131,10 @@ def test_without_a_stored_result_the_releases_go_on_their_own(
     try:
         with in_process_worker(app, concurrency=1):
             call()  # warm-up
+            # Its release's trip is recorded a moment after the lock is seen free: the one
+            # pool thread runs the next task only once that run (and its cleanup) is done.
+            ping.delay()
+            assert idle.wait(WAIT)
             trips.clear()
             call()
             # the release's trip is recorded just after it was sent, so a moment after the

@@ -24,7 +24,7 @@ from .conftest import in_process_worker, make_app
 
 WAIT = 20
 
-Trips = list[tuple[str, list[str]]]
+Trips = list[tuple[int, list[str]]]
 
 
 class Worker:
@@ -37,12 +37,12 @@ class Worker:
         record_round_trips(self.client, self.trips)
         self.app = make_app(url, prefix, client=self.client)
         self.ran: list[Any] = []
-        self.thread: list[str] = []  # the pool thread that runs the body
+        self.thread: list[int] = []  # the pool thread that runs the body
 
         @self.app.task(shared=False, bind=True, cache_ttl="5m", **options)
         def job(task: Any, x: Any) -> Any:
             if not self.thread:  # the first run: the backend's round trips recorded too
-                self.thread.append(threading.current_thread().name)
+                self.thread.append(threading.get_ident())
                 record_round_trips(task.backend.client, self.trips)
             self.ran.append(x)
             return x
