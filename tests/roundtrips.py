@@ -1,6 +1,7 @@
 """Counting round trips on a real connection: every command a client sends is recorded
 (:func:`counting_client`), or every write to the server with the commands it carried
-(:func:`round_trip_client`)."""
+(:func:`round_trip_client`; with the thread that sent each, :func:`thread_round_trip_client`,
+or :func:`record_round_trips` for a client made elsewhere)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,15 @@ def thread_round_trip_client(url: str) -> tuple[redis.Redis, list[tuple[int, lis
                             {"thread_trips": trips})
     pool = redis.ConnectionPool.from_url(url, connection_class=connection_class)
     return redis.Redis(connection_pool=pool), trips
+
+
+def record_round_trips(client: redis.Redis, trips: list[tuple[int, list[str]]]) -> None:
+    """From now on, append each round trip of ``client`` (a plain client: its pool) to
+    ``trips`` as (thread ident, command names), as :func:`thread_round_trip_client` does: its
+    pooled connections are closed and its new ones record. For a client made by another
+    library (a Celery result backend's), when no connection of its pool is in use."""
+    pool = client.connection_pool
+    pool.disconnect()
+    pool.reset()
+    pool.connection_class = type("ThreadTrips", (ThreadRoundTripConnection,),
+                                 {"thread_trips": trips})

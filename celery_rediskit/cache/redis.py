@@ -214,6 +214,31 @@ class RedisCacheProvider(CacheProvider):
         self._note_groups(entry, tag_list, ttl_ms)
         self._run(self._set, [entry], [payload, ttl_ms, self._tags_of(entry)])
 
+    def set_call(
+        self, key: str, value: Any, ttl: float | str | None = None, *, tags: Iterable[str] = ()
+    ) -> tuple[LuaScript, list[str], list[Any]]:
+        """The script :meth:`set` runs, with its KEYS and ARGV, to send along with other
+        commands in one round trip (its reply to :meth:`set_reply`). It may be sent again:
+        it writes the same entry. Raises as :meth:`set` would before sending (an open
+        breaker, a value it cannot serialize); on a cluster, the tags' directories are
+        written first, as :meth:`set` writes them."""
+        if self.breaker.is_open:
+            raise self._unavailable()
+        entry = self.entry_key(key)
+        tag_list = check_tags(tags)
+        payload = self.serializer.dumps(value, tag_list)
+        ttl_ms = self._lifetime_ms(optional_duration(ttl, "ttl"))
+        self._note_groups(entry, tag_list, ttl_ms)
+        return self._set, [entry], [payload, ttl_ms, self._tags_of(entry)]
+
+    def set_reply(self, reply: Any) -> None:
+        """Take the reply of a :meth:`set_call` sent elsewhere (an error in place of a
+        reply): raise as :meth:`set` would have (an outage opens the breaker)."""
+        if isinstance(reply, OUTAGE_ERRORS):
+            raise self._outage(reply) from reply
+        if isinstance(reply, Exception):
+            raise reply
+
     def delete(self, key: str) -> bool:
         entry = self.entry_key(key)
         return bool(self._run(self._delete, [entry], [self._tags_of(entry)]))

@@ -35,6 +35,7 @@ from .settings import Settings
 from .signals import lease_lost
 
 if TYPE_CHECKING:
+    from .._redis.batch import ScriptCall
     from ..cache import RedisCacheProvider
 
 __all__ = [
@@ -265,6 +266,32 @@ class Runtime:
 
         try:
             self.cache.set(name, value, ttl, tags=tags)
+        except CacheUnavailable:
+            pass
+        except Exception:
+            log.exception("rediskit: caching the result of %s failed", task_name)
+
+    def cache_store_call(self, task_name: str, name: str, value: Any, ttl: float | None,
+                         tags: list[str]) -> ScriptCall | None:
+        """The store of :meth:`cache_store` as a script call, to send with other commands
+        (its reply to :meth:`cache_stored`); None when there is nothing to send (an outage,
+        a value that cannot be cached: failures are logged as by :meth:`cache_store`)."""
+        from ..cache import CacheUnavailable
+
+        try:
+            return self.cache.set_call(name, value, ttl, tags=tags)
+        except CacheUnavailable:
+            return None
+        except Exception:
+            log.exception("rediskit: caching the result of %s failed", task_name)
+            return None
+
+    def cache_stored(self, task_name: str, reply: Any) -> None:
+        """Take the reply of a :meth:`cache_store_call` (an error in place of a reply)."""
+        from ..cache import CacheUnavailable
+
+        try:
+            self.cache.set_reply(reply)
         except CacheUnavailable:
             pass
         except Exception:

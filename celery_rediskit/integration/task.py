@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from typing import Any, ClassVar, NoReturn
 
 from celery import Task, states
@@ -24,7 +24,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.result import EagerResult
 from celery.utils import uuid
 
-from .._redis.batch import PreparedRelease, run_scripts
+from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
 from .._redis.scripts import call
 from .._validate import resource_key
 from ..errors import ConfigurationError, LockError, LockTimeout, RateLimited
@@ -293,6 +293,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_record = None  # the claims record this run wrote (a SET command)
         request.rediskit_rate_grants = []
         request.rediskit_held_since = None
+        request.rediskit_cache_write = None  # the cache entry's store, sent with the releases
         try:
             try:
                 # The rate first: a rate-limited run holds no lock or permit while it waits
@@ -319,8 +320,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 raise
             result = self.run(*args, **kwargs)
             if cache_name is not None:
-                rt.cache_store(self.name, cache_name, result, policy.cache_ttl,
-                               policy.tags(arguments))
+                self._rk_cache_result(rt, policy, request, cache_name, result, arguments)
             return result
         except _Skipped:
             return None
@@ -329,6 +329,28 @@ class RedisKitTask(Task):  # type: ignore[misc]
                 self._rk_finish(rt, request, keep_claim=getattr(request, "rediskit_keep", False))
             finally:
                 self._rk_forget_record(rt, request)
+
+    def _rk_cache_result(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
+                         result: Any, arguments: Mapping[str, Any]) -> None:
+        """Cache the run's result: where its store can take it (``with_result.py``), handed
+        to the end of the run (:meth:`_rk_release_all`) to be written in the store's
+        transaction, before the result; else now."""
+        tags = policy.tags(arguments)
+        if self._rk_store_backend(rt, request) is None:
+            rt.cache_store(self.name, name, result, policy.cache_ttl, tags)
+            return
+        request.rediskit_cache_write = rt.cache_store_call(self.name, name, result,
+                                                           policy.cache_ttl, tags)
+
+    def _rk_store_backend(self, rt: Runtime, request: Any) -> Any | None:
+        """The result backend whose store of this run's result can carry its releases and
+        its cache entry (``with_result.backend_for``), or None: they are sent on their own."""
+        if (request.is_eager or self._rk_policy.parks
+                or rt.settings.trace_commands  # every command through rt.client
+                or getattr(request, "rediskit_inline", False)
+                or _ignores_result(self, request)):
+            return None
+        return with_result.backend_for(self, rt.client)
 
     def _rk_acquire(self, rt: Runtime, policy: TaskPolicy, request: Any,
                     plan: list[tuple[LeaseKind, str, int]], claim: MutexLease | None,
@@ -738,19 +760,24 @@ class RedisKitTask(Task):  # type: ignore[misc]
                                       None if since is None else time.monotonic() - since)
 
         request.rediskit_record = None  # deleted with the releases (or apart: done)
+        write: ScriptCall | None = getattr(request, "rediskit_cache_write", None)
+        request.rediskit_cache_write = None
+        first = [] if write is None else [(write, partial(rt.cache_stored, self.name))]
         backend = None
-        if (prepared.calls and not request.is_eager and not self._rk_policy.parks
-                and not rt.settings.trace_commands  # every command through rt.client
-                and not getattr(request, "rediskit_inline", False)
-                and not _ignores_result(self, request)):
-            backend = with_result.backend_for(self, rt.client)
+        if prepared.calls or first:
+            backend = self._rk_store_backend(rt, request)
         if backend is None:
-            done(run_scripts(rt.client, prepared.calls) if prepared.calls else [])
+            calls = [call for call, _taker in first] + prepared.calls
+            replies = run_scripts(rt.client, calls) if calls else []
+            for (_call, taker), reply in zip(first, replies, strict=False):
+                taker(reply)
+            done(replies[len(first):])
             return
         held_until = prepared.held()  # the store must find these released
         if record is not None:
             held_until.append((record[1], "m", record[2]))  # and the record deleted
-        with_result.defer(backend, task_id, prepared, rt.client, done, held_until)
+        held_until.extend((call[1][0], "e", "") for call, _taker in first)  # and written
+        with_result.defer(backend, task_id, prepared, rt.client, done, held_until, first)
 
     def _rk_forget(self, rt: Runtime, task_id: str, record: tuple[Any, ...]) -> None:
         try:
@@ -766,11 +793,16 @@ class RedisKitTask(Task):  # type: ignore[misc]
         claim: MutexLease | None = getattr(request, "rediskit_claim", None)
         resend: tuple[Any, Any, str, dict[str, Any]] | None = getattr(
             request, "rediskit_resend", None)
-        if not getattr(request, "rediskit_leases", None) and claim is None and resend is None:
+        write: ScriptCall | None = getattr(request, "rediskit_cache_write", None)
+        if (not getattr(request, "rediskit_leases", None) and claim is None and resend is None
+                and write is None):
             return
         if resend is None:
             self._rk_release_all(rt, request, claim, keep_claim)
             return
+        if write is not None:  # a body that returned after retry(throw=False)
+            request.rediskit_cache_write = None
+            rt.cache_stored(self.name, run_scripts(rt.client, [write])[0])
         self._rk_release_leases(rt, request)
         failed: Exception | None = None
         if resend is not None:

@@ -5,7 +5,9 @@ result with ``SET`` and ``PUBLISH`` in one ``MULTI``/``EXEC``. When that backend
 same server and database as the library's client, the run's releases (its lock, its permits
 and the deletion of its claims record, which ``task.py`` would send in a round trip of their
 own) are added to that transaction instead: one round trip less per run in the worker, and
-the result and the releases become visible together.
+the result and the releases become visible together. Writes handed over with them
+(``first``: the cache entry of the run's result) go in the same transaction, before the
+releases and the store.
 
 The releases are handed over (:func:`defer`) when the body is done; a store of this run's
 result takes them (:func:`_install` wraps the backend's ``_set``). Whatever keeps Celery from
@@ -20,7 +22,8 @@ still held or its record still there. That happens when a release script is miss
 server (NOSCRIPT, which fails that command only, not the transaction: the first runs of a
 process after a restart, a failover or ``SCRIPT FLUSH``); the releases are then sent again
 on their own (each is idempotent: a release id, an owner-checked record deletion), loading
-the scripts, and only then is the result stored, as Celery stores it.
+the scripts, and only then is the result stored, as Celery stores it. A write of ``first``
+has a check of its own (its key must exist) and is sent again the same way.
 
 Before each store Celery reads the key in a round trip of its own, so as never to overwrite
 a result stored as SUCCESS (a redelivered copy of a task that ran, say). For the store that
@@ -39,7 +42,7 @@ from typing import Any
 from celery import states
 from redis.exceptions import NoScriptError
 
-from .._redis.batch import PreparedRelease, run_scripts
+from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
 from .._redis.scripts import load_script
 
 __all__ = ["backend_for", "defer", "flush"]
@@ -52,14 +55,18 @@ _local = threading.local()  # .deferred: the releases this thread's run handed o
 _WHERE = ("host", "port", "path", "db", "username")
 
 
+# A write sent before the releases, and what takes its reply (an error in place of it).
+First = tuple[ScriptCall, Callable[[Any], None]]
+
+
 class _Deferred:
-    __slots__ = ("client", "done", "held", "key", "prepared", "storing")
+    __slots__ = ("client", "done", "first", "held", "key", "prepared", "storing")
 
     def __init__(self, key: bytes, prepared: PreparedRelease, client: Any,
                  done: Callable[[list[Any]], None],
-                 held: Sequence[tuple[str, str, str]]) -> None:
+                 held: Sequence[tuple[str, str, str]], first: Sequence[First]) -> None:
         self.key, self.prepared, self.client, self.done = key, prepared, client, done
-        self.held = held
+        self.held, self.first = held, first
         self.storing = False  # inside Celery's _store_result of this run's result
 
 
@@ -139,24 +146,31 @@ def _install(backend: Any) -> None:
         for _k, kind, held_value in deferred.held:
             args += [kind, held_value]
         with backend.client.pipeline() as pipe:
+            for (script, skeys, sargs), _taker in deferred.first:
+                pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
             for script, skeys, sargs in deferred.prepared.calls:
                 pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
             pipe.execute_command("EVALSHA", store.sha, len(keys), *keys, *args)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
         _local.deferred = None
-        ours, stored = list(replies[:-1]), replies[-1]
+        firsts = len(deferred.first)
+        ours, stored = list(replies[firsts:-1]), replies[-1]
+        if firsts:
+            _send_first(deferred, replies[:firsts])  # a missing script's write: sent again
         if stored in (1, 2, 3):  # the releases ran (all but those missing their script)
             if any(isinstance(reply, NoScriptError) for reply in ours):
-                _send(deferred)  # a missing release of a lease no longer held: idempotent
+                # a missing release of a lease no longer held: idempotent
+                _send(deferred, first=False)
             else:
                 _finish(deferred, ours)
             if stored == 3:  # a result there the script cannot read: Celery reads it
                 return _store_unless_succeeded(key, value, *rest)
             return None  # stored, or a SUCCESS found there kept
-        # Nothing stored: a release did not run (its script missing), or the store's
-        # script is missing, or the store failed. Releases first, then Celery's own store
-        # (which raises as it would if the server refuses it).
-        _send(deferred)  # loads the missing release scripts; those that ran answer as before
+        # Nothing stored: a release or a write did not run (its script missing), or the
+        # store's script is missing, or the store failed. Writes (sent again above) and
+        # releases first, then Celery's own store (which raises as it would if the server
+        # refuses it).
+        _send(deferred, first=False)  # loads missing scripts; those that ran answer as before
         result = _store_unless_succeeded(key, value, *rest)
         if isinstance(stored, NoScriptError):
             try:
@@ -183,16 +197,17 @@ def _as_bytes(key: Any) -> bytes:
 
 def defer(backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
           done: Callable[[list[Any]], None],
-          held: Sequence[tuple[str, str, str]] = ()) -> None:
+          held: Sequence[tuple[str, str, str]] = (), first: Sequence[First] = ()) -> None:
     """Hand ``prepared`` over to the store of ``task_id``'s result by ``backend`` (from
     :func:`backend_for`); ``done`` gets the replies of its calls once sent (on ``client``,
     the library's, when the store does not take them). ``held``: what the releases end,
     (key, kind, value) as ``lua/result_store.lua`` checks it (``PreparedRelease.held``,
     and the claims record with kind ``"m"`` and its text): the result is stored only once
-    none of it is held any more."""
+    none of it is held any more. ``first``: writes sent before the releases (idempotent
+    scripts, each with what takes its reply), each key in ``held`` with kind ``"e"``."""
     flush()  # one left by a run whose store and cleanup never came (should not happen)
     _local.deferred = _Deferred(_as_bytes(backend.get_key_for_task(task_id)), prepared,
-                                client, done, held)
+                                client, done, held, first)
 
 
 def flush() -> None:
@@ -203,12 +218,39 @@ def flush() -> None:
         _send(deferred)
 
 
-def _send(deferred: _Deferred) -> None:
+def _send(deferred: _Deferred, *, first: bool = True) -> None:
+    """Send the releases (with ``first``, the writes before them) on the library's client."""
+    writes = deferred.first if first else ()
+    calls = [call for call, _taker in writes] + deferred.prepared.calls
     try:
-        replies = run_scripts(deferred.client, deferred.prepared.calls)
+        replies = run_scripts(deferred.client, calls)
     except Exception as exc:  # noqa: BLE001 - Redis unreachable: they end with their leases
-        replies = [exc] * len(deferred.prepared.calls)
-    _finish(deferred, replies)
+        replies = [exc] * len(calls)
+    _take_first(writes, replies[:len(writes)])
+    _finish(deferred, replies[len(writes):])
+
+
+def _send_first(deferred: _Deferred, replies: Sequence[Any]) -> None:
+    """Take the replies of ``first`` sent in the store's transaction; a write whose script
+    the server had lost is sent again (loading it), before anything else."""
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    replies = list(replies)
+    if missing:
+        try:
+            again = run_scripts(deferred.client, [deferred.first[i][0] for i in missing])
+        except Exception as exc:  # noqa: BLE001 - Redis unreachable: as the write's error
+            again = [exc] * len(missing)
+        for i, reply in zip(missing, again, strict=True):
+            replies[i] = reply
+    _take_first(deferred.first, replies)
+
+
+def _take_first(first: Sequence[First], replies: Sequence[Any]) -> None:
+    for (_call, taker), reply in zip(first, replies, strict=True):
+        try:
+            taker(reply)
+        except Exception:  # a bug in the bookkeeping must not fail Celery's store
+            log.exception("rediskit: finishing a write sent with a result failed")
 
 
 def _finish(deferred: _Deferred, replies: list[Any]) -> None:

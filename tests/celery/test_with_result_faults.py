@@ -2,8 +2,9 @@
 that transaction meets faults, on a real in-process worker.
 
 The standard: a Redis outage never leaves a lease held forever or a task silently dropped.
-Each test runs a task (``singleton=True``, or ``concurrency_limit`` with one permit) whose
-body waits on an event; the fault is put in force while it waits (or while its result's
+Each test runs a task (``singleton=True``, or ``concurrency_limit`` with one permit, or a
+singleton with ``cache_ttl``, whose cache entry rides in the same transaction) whose body
+waits on an event; the fault is put in force while it waits (or while its result's
 store is on its way), then the body is let go. Then:
 
 - its lock or permit can be taken again within one lease of the body's end, before the fault
@@ -18,7 +19,8 @@ store is on its way), then the body is let go. Then:
   that read, and, with Celery's default, stays PENDING when the partition outlasts the
   backend's socket timeout. With Celery's ``result_backend_always_retry`` the result is
   stored in every case;
-- its claims record is gone, and the task runs again (scripts reloaded after a restart).
+- its claims record is gone, and the task runs again (scripts reloaded after a restart);
+- a cached task's entry is there once its result is.
 
 The library's client and the result backend share one URL (so the releases are fused into the
 store; each test checks that the fused path ran), through a fault proxy (``tests/faults``) in
@@ -60,6 +62,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "single": {"singleton": True, "singleton_key": ()},
     "limited": {"concurrency_limit": "db:1"},
     "plain": {},  # none of the library's options: what Celery alone does
+    # a singleton whose miss writes its cache entry in the same transaction: the entry is
+    # there whenever the result is
+    "cached": {"singleton": True, "singleton_key": (), "cache_ttl": "5m"},
 }
 
 
@@ -96,7 +101,7 @@ class Env:
         owner = f"probe-{uuid.uuid4().hex[:8]}"
         if self.kind == "plain":
             return True
-        if self.kind == "single":
+        if self.kind in ("single", "cached"):
             mutexes = RedisMutexStorage(self.direct, prefix=self.prefix)
             policy = self.job._rk_policy
             name = policy.singleton_name(self.job.name, {}, (), {})
@@ -109,6 +114,11 @@ class Env:
             return False
         semaphores.release("db", owner)
         return True
+
+    def cached(self) -> list[bytes]:
+        """The values of the task's cache entries (the "warm" run's aside)."""
+        values = (self.direct.get(k) for k in self.direct.scan_iter(f"{self.prefix}:cache:e:*"))
+        return [v.rsplit(b"\n", 1)[1] for v in values if v and not v.endswith(b'"warm"')]
 
     def start(self, value: str) -> Any:
         """Send the run whose body waits for ``run.go``; return its result once it waits."""
@@ -153,6 +163,8 @@ class Env:
             while not self.direct.exists(meta):
                 assert time.monotonic() < deadline, "the outcome was never stored"
                 time.sleep(0.02)
+            if self.kind == "cached":
+                assert self.cached() == [b'"hold"'], "the result was stored before its entry"
         if expect == "stored":
             assert result.get(timeout=WAIT) == "hold"
         else:
@@ -228,7 +240,7 @@ def _end_run(env: Env) -> float:
 
 
 
-@pytest.mark.parametrize("kind", ["single", "limited"])
+@pytest.mark.parametrize("kind", ["single", "limited", "cached"])
 def test_a_partition_as_the_run_ends_shorter_than_the_store_timeout(
     redis_url: str, prefix: str, kind: str
 ) -> None:
@@ -293,7 +305,7 @@ def test_a_silently_dropped_store_connection(
         env.check(result, ended, lambda: None, "stored")
 
 
-@pytest.mark.parametrize("kind", ["single", "limited"])
+@pytest.mark.parametrize("kind", ["single", "limited", "cached"])
 def test_a_store_whose_reply_is_lost_is_sent_again_without_harm(
     redis_url: str, prefix: str, kind: str
 ) -> None:
@@ -310,7 +322,7 @@ def test_a_store_whose_reply_is_lost_is_sent_again_without_harm(
 
 @pytest.mark.parametrize("always_retry", [False, True], ids=["celery-default", "always-retry"])
 @pytest.mark.parametrize("data", ["lost", "kept"])
-@pytest.mark.parametrize("kind", ["single", "limited"])
+@pytest.mark.parametrize("kind", ["single", "limited", "cached"])
 def test_a_restart_between_the_body_and_the_store(
     redis_url: str, prefix: str, kind: str, data: str, always_retry: bool
 ) -> None:
@@ -335,7 +347,7 @@ def test_a_restart_between_the_body_and_the_store(
         env.check(result, ended, heal, "stored")
 
 
-@pytest.mark.parametrize("kind", ["single", "limited"])
+@pytest.mark.parametrize("kind", ["single", "limited", "cached"])
 def test_a_restart_without_persistence_during_the_run(
     redis_url: str, prefix: str, kind: str
 ) -> None:
