@@ -17,7 +17,8 @@ MIN_TESTS ?= tests/_redis tests/cache tests/mutex tests/semaphore tests/ratelimi
 	tests/celery/test_metrics.py tests/celery/test_tracing.py tests/contrib examples \
 	tests/celery/test_rate_limit.py tests/celery/test_cli_rates.py \
 	tests/parking tests/celery/test_park.py \
-	tests/celery/test_round_trips.py tests/celery/test_with_result.py
+	tests/celery/test_round_trips.py tests/celery/test_with_result.py \
+	tests/celery/test_with_result_cache.py
 
 .PHONY: test test-min chaos demo lint bench clean
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from celery.signals import task_postrun
 from celery_rediskit._redis.scripts import load_script
 from celery_rediskit.testing import PrivateServer
 from tests.interrupts import wait_until
+from tests.keyspace import keyspace_events
 from tests.roundtrips import round_trip_client
 
 from .conftest import in_process_worker, make_app
@@ -167,30 +167,6 @@ def test_a_backend_on_another_database_is_left_alone(
     assert sent == [["EVALSHA"], ["EVALSHA"]], "acquire, then release on their own"
 
 
-def _keyspace_events(client: redis.Redis, act: Callable[[], Any], until: bytes,
-                     timeout: float = WAIT) -> list[tuple[bytes, bytes]]:
-    """The (key, event) pairs the server publishes while ``act()`` runs, in the order it ran
-    them, up to the first ``until`` event of a result key (``celery-task-meta-*``)."""
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.psubscribe("__keyspace@*__:*")
-        pubsub.get_message(timeout=1.0)  # the subscription's confirmation
-        act()
-        events: list[tuple[bytes, bytes]] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            message = pubsub.get_message(timeout=left)
-            if message is None:
-                continue
-            key = message["channel"].split(b":", 1)[1]
-            events.append((key, message["data"]))
-            if key.startswith(b"celery-task-meta-") and message["data"] == until:
-                return events
-        raise AssertionError(f"no {until!r} of a result key in {events}")
-    finally:
-        pubsub.close()
-
-
 @pytest.mark.parametrize("loaded", ["none", "store only"])
 @pytest.mark.parametrize("task", ["single", "limited", "both"])
 def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
@@ -222,7 +198,7 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
             if loaded == "store only":  # reloaded meanwhile by another run's store
                 client.script_load(load_script("result_store").source)
             result: list[Any] = []
-            events = _keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
+            events = keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
             assert result[0].get(timeout=WAIT) == 2
             assert _locked(client, prefix) == []
     finally:

@@ -7,8 +7,7 @@ the result backend's (``tests/roundtrips.py``)."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +17,7 @@ import redis
 from celery_rediskit._redis.scripts import load_script
 from celery_rediskit.testing import PrivateServer
 from tests.interrupts import wait_until
+from tests.keyspace import keyspace_events
 from tests.roundtrips import record_round_trips
 
 from .conftest import in_process_worker, make_app
@@ -91,30 +91,6 @@ def test_a_cache_miss_stores_its_entry_in_the_round_trip_storing_its_result(
     assert w.ran == ["warm", "miss"]
 
 
-def _keyspace_events(client: redis.Redis, act: Callable[[], Any], until: bytes,
-                     timeout: float = WAIT) -> list[tuple[bytes, bytes]]:
-    """The (key, event) pairs the server publishes while ``act()`` runs, in the order it ran
-    them, up to the first ``until`` event of a result key (``celery-task-meta-*``)."""
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.psubscribe("__keyspace@*__:*")
-        pubsub.get_message(timeout=1.0)  # the subscription's confirmation
-        act()
-        events: list[tuple[bytes, bytes]] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            message = pubsub.get_message(timeout=left)
-            if message is None:
-                continue
-            key = message["channel"].split(b":", 1)[1]
-            events.append((key, message["data"]))
-            if key.startswith(b"celery-task-meta-") and message["data"] == until:
-                return events
-        raise AssertionError(f"no {until!r} of a result key in {events}")
-    finally:
-        pubsub.close()
-
-
 @pytest.mark.parametrize("loaded", ["none", "store only"])
 @pytest.mark.parametrize("task", ["cached", "single"])
 def test_a_cache_script_the_server_forgot_still_writes_the_entry_before_the_result(
@@ -136,7 +112,7 @@ def test_a_cache_script_the_server_forgot_still_writes_the_entry_before_the_resu
                 admin.script_load(load_script("result_store").source)
             w.trips.clear()
             result: list[Any] = []
-            events = _keyspace_events(admin, lambda: result.append(w.job.delay("miss")),
+            events = keyspace_events(admin, lambda: result.append(w.job.delay("miss")),
                                       b"set")
             assert result[0].get(timeout=WAIT) == "miss"
             sent = w.sent()
