@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -197,7 +198,13 @@ def test_worker_endpoint_sums_every_pool_process(served: Served) -> None:
     lock = {"name": "singleton:blocked", "kind": "lock"}
     before = served.scrape()
     results = [served.app.tasks["blocked"].delay(uuid.uuid4().hex) for _ in range(8)]
-    pids = {r.get(timeout=WAIT) for r in results}
+    try:
+        pids = {r.get(timeout=WAIT) for r in results}
+    except CeleryTimeoutError:  # seen twice under the parallel suite's load: say what it was
+        states = {r.id: (r.state, served.client.exists(f"celery-task-meta-{r.id}"))
+                  for r in results}
+        raise AssertionError(f"results: {states}\nworker log:\n"
+                             f"{served.worker.output()[-6000:]}") from None
     assert len(pids) == 8  # eight pool processes
     deadline = time.monotonic() + WAIT
     while any(Path(f"/proc/{pid}").exists() for pid in pids):  # each exits after its task
