@@ -63,7 +63,7 @@ class ClaimStore:
                        ttl: float | None = None, holder: str = "") -> tuple[Any, ...]:
         """The command :meth:`record` sends, to send it along with others in one round trip
         (``scripts.call_many``)."""
-        text = "\n".join(f"{kind}|{key}|{owner}" for kind, key, owner in records)
+        text = "\n".join([f"{kind}|{key}|{owner}" for kind, key, owner in records])
         if holder:
             text = holder + "\n" + text
         seconds = self.ttl if ttl is None else max(1, int(ttl + 0.999))

@@ -24,6 +24,7 @@ import string
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache, cached_property
 from typing import Any
 
 from .._validate import resource_key
@@ -57,6 +58,8 @@ def canonical(value: Any) -> Any:
     """``value`` as plain JSON data that is the same before and after a trip through a broker."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if type(value) is dict:  # the bound arguments: before the (slower) ABC check below
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, (list, tuple)):
@@ -81,15 +84,39 @@ def canonical(value: Any) -> Any:
     )
 
 
+# json.dumps with these options builds an encoder per call: one, made once, encodes the same.
+_KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+# Values that canonical() keeps as they are (exact types: a subclass takes the long way).
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def digest(value: Any) -> str:
     """A short stable hash of ``canonical(value)``."""
-    text = json.dumps(canonical(value), sort_keys=True, separators=(",", ":"))
+    if not _is_plain(value):
+        value = canonical(value)
+    text = _KEY_JSON.encode(value)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``canonical(value)`` is ``value`` itself, as JSON: arguments bound by name
+    whose values are text, integers, booleans or None (the common key), checked without
+    copying them."""
+    return type(value) is dict and all(
+        type(k) is str and type(v) in _PLAIN for k, v in value.items())
 
 
 def safe_name(text: str) -> str:
     """``text`` usable inside a lock key: braces (the Cluster hash tag) become parentheses."""
     return text.replace("{", "(").replace("}", ")") or "_"
+
+
+@cache
+def _singleton_prefix(task_name: str) -> str:
+    """The part of a singleton lock's name that is the same for every call of the task."""
+    return f"singleton:{safe_name(task_name)}:"
 
 
 def _template_fields(option: str, template: str) -> tuple[str, ...]:
@@ -204,12 +231,14 @@ class TaskPolicy:
             rates = _unique_rates((spec.template, spec.rate) for spec in self.rate_limits)
         setattr_(self, "_fixed_rates", rates)
 
-    @property
+    # Read several times per run: worked out on first use, then an attribute of the instance
+    # (the fields they read are frozen).
+    @cached_property
     def parks(self) -> bool:
         """True when a held lock or a full limit parks the task (``"park"``)."""
         return self.on_locked == "park" or self.on_limited == "park"
 
-    @property
+    @cached_property
     def active(self) -> bool:
         return (self.singleton or bool(self.limits) or bool(self.rate_limits)
                 or self.cache_ttl is not None)
@@ -240,7 +269,7 @@ class TaskPolicy:
     def singleton_name(self, task_name: str, arguments: Mapping[str, Any],
                        args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         data = self._key_data(self.singleton_key, arguments, args, kwargs)
-        return f"singleton:{safe_name(task_name)}:{digest(data)}"
+        return f"{_singleton_prefix(task_name)}{digest(data)}"
 
     def cache_name(self, task_name: str, arguments: Mapping[str, Any],
                    args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:

@@ -393,7 +393,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         queued = claim is not None or claim_name is not None
         record = rt.claims.record_command(task_id, records, 2 * seconds,
                                           holder_line(self.name, request.hostname))
-        companions = (rt.claims.key(task_id),)
+        companions = (record[1],)  # the record's key (SET key text EX seconds)
         pending: tuple[Any, ...] | None = record if not queued or rt.one_server else None
         if not queued:
             request.rediskit_record = record
@@ -730,17 +730,17 @@ class RedisKitTask(Task):  # type: ignore[misc]
         result (``with_result.py``). What fails is logged and ends with its lease; the
         record is then deleted apart."""
         held: list[Lease] = getattr(request, "rediskit_leases", None) or []
-        leases = held[::-1]
+        released = held[::-1]
+        leases = released
         if claim is not None:
             if keep_claim:
                 renewer().unregister(claim)
             else:
-                leases.append(claim)
+                leases = [*released, claim]
         record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
         then = [rt.claims.forget_call(record)] if record is not None else []
         fuse = with_forget(record) if record is not None and rt.one_server else None
         prepared = PreparedRelease(leases, then, fuse)
-        released = held[::-1]
         held.clear()
         request.rediskit_claim = None
         for lease in released:
@@ -776,7 +776,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
         held_until = prepared.held()  # the store must find these released
         if record is not None:
             held_until.append((record[1], "m", record[2]))  # and the record deleted
-        held_until.extend((call[1][0], "e", "") for call, _taker in first)  # and written
+        if write is not None:
+            held_until.append((write[1][0], "e", ""))  # and the cache entry written
         with_result.defer(backend, task_id, prepared, rt.client, done, held_until, first)
 
     def _rk_forget(self, rt: Runtime, task_id: str, record: tuple[Any, ...]) -> None:

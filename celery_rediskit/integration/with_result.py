@@ -60,14 +60,26 @@ First = tuple[ScriptCall, Callable[[Any], None]]
 
 
 class _Deferred:
-    __slots__ = ("client", "done", "first", "held", "key", "prepared", "storing")
+    __slots__ = ("backend", "client", "done", "first", "held", "key", "prepared", "storing",
+                 "task_id")
 
-    def __init__(self, key: bytes, prepared: PreparedRelease, client: Any,
+    def __init__(self, backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
                  done: Callable[[list[Any]], None],
                  held: Sequence[tuple[str, str, str]], first: Sequence[First]) -> None:
-        self.key, self.prepared, self.client, self.done = key, prepared, client, done
+        self.backend, self.task_id = backend, task_id
+        self.key = _as_bytes(backend.get_key_for_task(task_id))
+        self.prepared, self.client, self.done = prepared, client, done
         self.held, self.first = held, first
         self.storing = False  # inside Celery's _store_result of this run's result
+
+    def is_for(self, backend: Any, task_id: Any) -> bool:
+        """Whether ``backend`` stores ``task_id``'s result under :attr:`key`. The backend
+        that made the key (the usual case) makes it of the task id in a fixed frame: the ids
+        are compared, without making the key again."""
+        if (backend is self.backend and isinstance(task_id, str)
+                and isinstance(self.task_id, str)):
+            return task_id == self.task_id
+        return _as_bytes(backend.get_key_for_task(task_id)) == self.key
 
 
 def backend_for(task: Any, client: Any) -> Any | None:
@@ -110,7 +122,7 @@ def _install(backend: Any) -> None:
 
     def _store_result(task_id: Any, *args: Any, **kwargs: Any) -> Any:
         deferred: _Deferred | None = getattr(_local, "deferred", None)
-        if deferred is None or _as_bytes(backend.get_key_for_task(task_id)) != deferred.key:
+        if deferred is None or not deferred.is_for(backend, task_id):
             return original_store_result(task_id, *args, **kwargs)
         deferred.storing = True
         try:
@@ -122,8 +134,7 @@ def _install(backend: Any) -> None:
         # Celery's check before a store: a result stored as SUCCESS is never overwritten.
         # For the store carrying a run's releases, the store's script checks that itself.
         deferred: _Deferred | None = getattr(_local, "deferred", None)
-        if (deferred is not None and deferred.storing
-                and _as_bytes(backend.get_key_for_task(task_id)) == deferred.key):
+        if deferred is not None and deferred.storing and deferred.is_for(backend, task_id):
             return {"status": states.PENDING, "result": None}
         return original_meta_for(task_id)
 
@@ -206,8 +217,7 @@ def defer(backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
     none of it is held any more. ``first``: writes sent before the releases (idempotent
     scripts, each with what takes its reply), each key in ``held`` with kind ``"e"``."""
     flush()  # one left by a run whose store and cleanup never came (should not happen)
-    _local.deferred = _Deferred(_as_bytes(backend.get_key_for_task(task_id)), prepared,
-                                client, done, held, first)
+    _local.deferred = _Deferred(backend, task_id, prepared, client, done, held, first)
 
 
 def flush() -> None:
