@@ -35,6 +35,7 @@ SERIAL = (
     "tests/celery/test_with_result_faults.py",
     "tests/ratelimit/test_accuracy.py",
     "tests/cache/test_cache_fork.py",
+    "tests/celery/test_fork_safety.py",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from importlib import import_module
 from importlib.util import find_spec
 from typing import Any
+from weakref import WeakSet
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery import Task, signals
@@ -39,6 +40,20 @@ log = logging.getLogger("celery_rediskit")
 
 # Failures the main process reports once the child running the task is gone.
 _GONE = (Terminated, WorkerLostError)
+
+# Every extension, for the fork handler below.
+_KITS: WeakSet[RedisKit] = WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    # A thread of the parent (the worker's park sweeper, building the runtime at startup)
+    # may hold a kit's lock as the pool forks: the child would wait on it forever at its
+    # first runtime(). The child has only the forking thread: a new lock is safe.
+    for kit in list(_KITS):
+        kit._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class RedisKit:
@@ -67,7 +82,8 @@ class RedisKit:
             check_client_options(self.settings)
         self._runtime: Runtime | None = None
         self._pid = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # made anew in a forked child (_new_locks_in_child)
+        _KITS.add(self)
         self.child_watch = ChildWatch(self._release_after_child)
         self.sweeper = parking.Sweeper(self)  # re-sends parked tasks (worker main process)
         self._metrics: Any = None  # the worker's metrics endpoint (worker_metrics.py)
