@@ -262,40 +262,33 @@ class Runtime:
     def cache_store(self, task_name: str, name: str, value: Any, ttl: float | None,
                     tags: list[str]) -> None:
         """Store ``value`` as entry ``name`` for ``ttl`` seconds; failures are logged."""
-        from ..cache import CacheUnavailable
-
-        try:
-            self.cache.set(name, value, ttl, tags=tags)
-        except CacheUnavailable:
-            pass
-        except Exception:
-            log.exception("rediskit: caching the result of %s failed", task_name)
+        self._caching(task_name, lambda: self.cache.set(name, value, ttl, tags=tags))
 
     def cache_store_call(self, task_name: str, name: str, value: Any, ttl: float | None,
                          tags: list[str]) -> ScriptCall | None:
         """The store of :meth:`cache_store` as a script call, to send with other commands
         (its reply to :meth:`cache_stored`); None when there is nothing to send (an outage,
         a value that cannot be cached: failures are logged as by :meth:`cache_store`)."""
-        from ..cache import CacheUnavailable
-
-        try:
-            return self.cache.set_call(name, value, ttl, tags=tags)
-        except CacheUnavailable:
-            return None
-        except Exception:
-            log.exception("rediskit: caching the result of %s failed", task_name)
-            return None
+        call: ScriptCall | None = self._caching(
+            task_name, lambda: self.cache.set_call(name, value, ttl, tags=tags))
+        return call
 
     def cache_stored(self, task_name: str, reply: Any) -> None:
         """Take the reply of a :meth:`cache_store_call` (an error in place of a reply)."""
+        self._caching(task_name, lambda: self.cache.set_reply(reply))
+
+    def _caching(self, task_name: str, step: Callable[[], Any]) -> Any:
+        """``step()`` of caching a task's result; None when it failed: an outage silently
+        (the breaker has it), anything else logged."""
         from ..cache import CacheUnavailable
 
         try:
-            self.cache.set_reply(reply)
+            return step()
         except CacheUnavailable:
-            pass
+            return None
         except Exception:
             log.exception("rediskit: caching the result of %s failed", task_name)
+            return None
 
     def release_task(self, task_id: str, pid: int | None = None) -> int:
         """Release everything ``task_id`` holds, from any process (owner-checked); with

@@ -767,11 +767,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if prepared.calls or first:
             backend = self._rk_store_backend(rt, request)
         if backend is None:
-            calls = [call for call, _taker in first] + prepared.calls
-            replies = run_scripts(rt.client, calls) if calls else []
-            for (_call, taker), reply in zip(first, replies, strict=False):
-                taker(reply)
-            done(replies[len(first):])
+            with_result.send_now(rt.client, prepared, done, first)
             return
         held_until = prepared.held()  # the store must find these released
         if record is not None:

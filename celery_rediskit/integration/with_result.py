@@ -45,7 +45,7 @@ from redis.exceptions import NoScriptError
 from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
 from .._redis.scripts import load_script
 
-__all__ = ["backend_for", "defer", "flush"]
+__all__ = ["backend_for", "defer", "flush", "send_now"]
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +228,24 @@ def flush() -> None:
         _send(deferred)
 
 
-def _send(deferred: _Deferred, *, first: bool = True) -> None:
-    """Send the releases (with ``first``, the writes before them) on the library's client."""
-    writes = deferred.first if first else ()
-    calls = [call for call, _taker in writes] + deferred.prepared.calls
+def send_now(client: Any, prepared: PreparedRelease, done: Callable[[list[Any]], None],
+             first: Sequence[First] = ()) -> None:
+    """Send the writes ``first`` and then ``prepared``'s releases on ``client`` (the
+    library's), in one round trip, now: each write's taker and ``done`` get their replies
+    (an error in place of a reply). For a run whose releases no store takes."""
+    calls = [call for call, _taker in first] + prepared.calls
     try:
-        replies = run_scripts(deferred.client, calls)
+        replies = run_scripts(client, calls) if calls else []
     except Exception as exc:  # noqa: BLE001 - Redis unreachable: they end with their leases
         replies = [exc] * len(calls)
-    _take_first(writes, replies[:len(writes)])
-    _finish(deferred, replies[len(writes):])
+    _take_first(first, replies[:len(first)])
+    _call_done(done, replies[len(first):])
+
+
+def _send(deferred: _Deferred, *, first: bool = True) -> None:
+    """Send the releases (with ``first``, the writes before them) on the library's client."""
+    send_now(deferred.client, deferred.prepared, deferred.done,
+             deferred.first if first else ())
 
 
 def _send_first(deferred: _Deferred, replies: Sequence[Any]) -> None:
@@ -264,7 +272,11 @@ def _take_first(first: Sequence[First], replies: Sequence[Any]) -> None:
 
 
 def _finish(deferred: _Deferred, replies: list[Any]) -> None:
+    _call_done(deferred.done, replies)
+
+
+def _call_done(done: Callable[[list[Any]], None], replies: list[Any]) -> None:
     try:
-        deferred.done(replies)
+        done(replies)
     except Exception:  # a bug in the bookkeeping must not fail Celery's store
         log.exception("rediskit: finishing the releases of a run failed")
