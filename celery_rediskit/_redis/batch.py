@@ -30,7 +30,7 @@ ScriptCall = tuple[LuaScript, list[str], list[Any]]
 class _BatchReleaser(Protocol):
     """What a Redis storage offers for a release sent with others."""
 
-    def release_call(self, key: str, owner: str) -> ScriptCall: ...
+    def release_call(self, key: str, owner: str, *, witness: bool = True) -> ScriptCall: ...
 
     def release_reply(self, reply: Any) -> bool: ...
 
@@ -69,7 +69,7 @@ class PreparedRelease:
     the scripts, in order; :meth:`finish` takes their replies (errors in place). The leases
     stop being renewed when it is made (their holder is done with them)."""
 
-    __slots__ = ("_fused", "_leases", "_storages", "calls")
+    __slots__ = ("_fuse", "_fused", "_leases", "_storages", "calls")
 
     def __init__(self, leases: Sequence[Lease], then: Sequence[ScriptCall] = (),
                  fuse: Callable[[ScriptCall], ScriptCall] | None = None) -> None:
@@ -80,6 +80,7 @@ class PreparedRelease:
         storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
         calls = [storage.release_call(lease.key, lease.owner)
                  for storage, lease in zip(storages, pending, strict=True)]
+        self._fuse = fuse
         self._fused = fuse is not None and bool(calls)
         if self._fused:
             assert fuse is not None
@@ -87,6 +88,15 @@ class PreparedRelease:
         else:
             calls.extend(then)
         self._leases, self._storages, self.calls = pending, storages, calls
+
+    def last_in_store(self) -> ScriptCall:
+        """The last of :attr:`calls` (there is one) as sent inside the script that also
+        stores a task's result (``integration/with_result.py``): the same release, but
+        without a release record (the stored result tells a re-send apart) and waking a
+        waiter of this process by message (``release_call(witness=False)``)."""
+        storage, lease = self._storages[-1], self._leases[-1]
+        last = storage.release_call(lease.key, lease.owner, witness=False)
+        return self._fuse(last) if self._fused and self._fuse is not None else last
 
     def held(self) -> list[tuple[str, str, str]]:
         """What each lease to release holds until its release runs: (its Redis key, its

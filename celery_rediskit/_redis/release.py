@@ -40,11 +40,18 @@ from threading import get_ident
 
 from ..lease import process_id
 
-__all__ = ["RECORD_MS", "record_key", "release_id"]
+__all__ = ["NO_PROCESS", "RECORD_MS", "record_key", "release_id"]
 
 RECORD_MS = 15_000
 """How long a release record is kept, ms: covers a 5 s socket timeout plus redis-py's default
 retry backoff (10 retries, at most about 5.3 s in all) with room to spare."""
+
+NO_PROCESS = "-"
+"""The process id a release without a record names (its record lifetime is 0): no owner id
+starts with it, so a waiter the release hands over to is woken by message, even one of the
+calling process. Such a release is sent where a re-send is told apart otherwise: inside the
+script storing a task's result (``integration/with_result.py``), whose re-send finds the result
+stored. It spares the record's write: one ``SET`` of a new key per run, and its expiry."""
 
 _ids = itertools.count(1)
 

@@ -43,12 +43,14 @@ __all__ = [
     "is_traced",
     "load_script",
     "trace_commands",
+    "wrapped_script",
 ]
 
 _NEEDS = re.compile(r"^-- needs: (\w+)\s*$", re.MULTILINE)
 _THEN = re.compile(r"^-- then: (\w+)\s*$", re.MULTILINE)
 _EARLY = re.compile(r"^-- early:", re.MULTILINE)
 _PLACE = re.compile(r"^-- libraries here\s*$", re.MULTILINE)
+_WRAPPED = re.compile(r"^-- the wrapped script here\s*$", re.MULTILINE)
 
 
 def _get_connection_needs_name() -> bool:
@@ -377,6 +379,22 @@ def compose(name: str) -> str:
 def load_script(name: str) -> LuaScript:
     """The script ``lua/<name>.lua`` as :func:`compose` puts it together (cached)."""
     return LuaScript(name, compose(name))
+
+
+@cache
+def wrapped_script(outer: str, inner: str) -> LuaScript:
+    """Script ``outer`` with script ``inner`` inside it (cached): ``inner``, composed, becomes
+    the body of a local function ``released()`` where ``outer`` has a line ``-- the wrapped
+    script here``. ``inner`` sees the same KEYS and ARGV (it reads only its own first ones);
+    its ``return`` ends the function, not the script, so ``outer`` goes on after it (see
+    ``lua/release_then_store.lua``)."""
+    body = compose(outer)
+    marker = _WRAPPED.search(body)
+    if marker is None:
+        raise ValueError(f"lua/{outer}.lua has no line '-- the wrapped script here'")
+    before, _, after = body.partition(marker.group(0))
+    function = f"local function released()\n{compose(inner)}\nend"
+    return LuaScript(f"{outer}({inner})", before + function + after)
 
 
 def call_many(client: Any, *commands: tuple[Any, ...]) -> list[Any]:

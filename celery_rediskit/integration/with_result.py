@@ -16,14 +16,19 @@ failed) leaves them to the backend's ``process_cleanup``, which Celery's tracer 
 every run in a worker: they are sent there, on the library's client, as before.
 
 A caller that has the result finds the run's leases released and its claims record gone,
-always. Inside the transaction the result is stored by a script (``lua/result_store.lua``,
-the SET and PUBLISH of Celery's own store) that writes nothing while a lease of the run is
-still held or its record still there. That happens when a release script is missing on the
-server (NOSCRIPT, which fails that command only, not the transaction: the first runs of a
-process after a restart, a failover or ``SCRIPT FLUSH``); the releases are then sent again
-on their own (each is idempotent: a release id, an owner-checked record deletion), loading
-the scripts, and only then is the result stored, as Celery stores it. A write of ``first``
-has a check of its own (its key must exist) and is sent again the same way.
+always. The last release (with the record's deletion) and the store (the SET and PUBLISH of
+Celery's own store) are one script (``lua/release_then_store.lua``): both run, or neither (a
+server that lost the script). That release writes no release record (a re-send of the
+transaction after a lost reply finds the result stored; ``PreparedRelease.last_in_store``),
+which spares a key per run. The releases before it, if any, are scripts of their own in the
+transaction, and the store writes nothing while a lease they end is still held; with no
+release, the result is stored by ``lua/result_store.lua`` with the same checks. A check
+fails when a release script is missing on the server (NOSCRIPT, which fails that command
+only, not the transaction: the first runs of a process after a restart, a failover or
+``SCRIPT FLUSH``); the releases are then sent again on their own (each is idempotent: a
+release id, an owner-checked record deletion), loading the scripts, and only then is the
+result stored, as Celery stores it. A write of ``first`` has a check of its own (its key
+must exist) and is sent again the same way.
 
 Before each store Celery reads the key in a round trip of its own, so as never to overwrite
 a result stored as SUCCESS (a redelivered copy of a task that ran, say). For the store that
@@ -43,7 +48,7 @@ from celery import states
 from redis.exceptions import NoScriptError
 
 from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
-from .._redis.scripts import load_script
+from .._redis.scripts import LuaScript, load_script, wrapped_script
 
 __all__ = ["backend_for", "defer", "flush", "send_now"]
 
@@ -151,21 +156,25 @@ def _install(backend: Any) -> None:
             return original_set(key, value, *rest)
         expires = rest[0] if rest and rest[0] is not None else backend.expires
         ms = round(float(expires) * 1000) if expires else 0
-        store = load_script("result_store")
-        keys = [key, *(k for k, _kind, _value in deferred.held)]
-        args: list[Any] = [value, ms]
-        for _k, kind, held_value in deferred.held:
-            args += [kind, held_value]
+        store, keys, args = _store_call(deferred, key, value, ms)
+        fused = bool(deferred.prepared.calls)  # the last release and the store: one script
+        apart = deferred.prepared.calls[:-1] if fused else []
         with backend.client.pipeline() as pipe:
             for (script, skeys, sargs), _taker in deferred.first:
                 pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
-            for script, skeys, sargs in deferred.prepared.calls:
+            for script, skeys, sargs in apart:
                 pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
             pipe.execute_command("EVALSHA", store.sha, len(keys), *keys, *args)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
         _local.deferred = None
         firsts = len(deferred.first)
         ours, stored = list(replies[firsts:-1]), replies[-1]
+        if fused:
+            if isinstance(stored, list):
+                ours.append(stored[0])
+                stored = stored[1]
+            else:  # an error: neither ran
+                ours.append(stored)
         if firsts:
             _send_first(deferred, replies[:firsts])  # a missing script's write: sent again
         if stored in (1, 2, 3):  # the releases ran (all but those missing their script)
@@ -200,6 +209,32 @@ def _install(backend: Any) -> None:
     backend.process_cleanup = process_cleanup
     backend._store_result = _store_result
     backend._get_task_meta_for = _get_task_meta_for
+
+
+def _store_call(deferred: _Deferred, key: Any, value: Any, ms: int,
+                ) -> tuple[LuaScript, list[Any], list[Any]]:
+    """The script storing the result, with its keys and arguments. With releases to send,
+    the last of them and the store are one script (``lua/release_then_store.lua``): what
+    that release ends (its lease, the claims record deleted in it) needs no check, the
+    script runs both or neither. Else ``lua/result_store.lua``, after the releases."""
+    checks = deferred.held
+    calls = deferred.prepared.calls
+    if not calls:
+        script = load_script("result_store")
+        keys: list[Any] = [key]
+        args: list[Any] = [value, ms]
+    else:
+        last, lkeys, largs = deferred.prepared.last_in_store()
+        ends = set(lkeys), {str(a) for a in largs}
+        checks = [c for c in checks if not (c[0] in ends[0] and c[2] in ends[1])]
+        script = wrapped_script("release_then_store", last.name)
+        keys, args = [*lkeys, key], [*largs, value, ms]
+    keys += [k for k, _kind, _value in checks]
+    for _k, kind, held_value in checks:
+        args += [kind, held_value]
+    if calls:
+        args += [len(lkeys), len(largs)]
+    return script, keys, args
 
 
 def _as_bytes(key: Any) -> bytes:

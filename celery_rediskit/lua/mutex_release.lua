@@ -6,11 +6,12 @@
 --         the id of its latest release of this lock (see _redis/release.py)
 -- ARGV[1] owner id; ignored when ARGV[4] is "1"
 -- ARGV[2] wake channel prefix
--- ARGV[3] the calling process's id (a waiter of this process is woken locally)
+-- ARGV[3] the calling process's id (a waiter of this process is woken locally); "-" (no
+--         process: _redis/release.py NO_PROCESS) to wake every waiter by message
 -- ARGV[4] "1" to force: release whoever holds it (admin), "0" to check the owner
 -- ARGV[5] idle lifetime, ms (as ARGV[6] of mutex_acquire.lua: the fence key of a handoff)
 -- ARGV[6] release id: the same for every send of one release call, new for each call
--- ARGV[7] how long the record is kept, ms
+-- ARGV[7] how long the record is kept, ms; "0": write none (a re-send then answers 0)
 -- Returns: 0 when the caller did not hold the lock (nothing changes but leaving the queue);
 --          1 when released and nobody waits; 2 when handed to a waiter of another process;
 --          "<waiter> <token>" when handed to a waiter of the calling process.
@@ -24,7 +25,7 @@ local holder = redis.call('GET', lock)
 -- Fast path: the caller holds the lock and nobody queues.
 if holder == owner and redis.call('LLEN', queue) == 0 then
   redis.call('DEL', lock)
-  redis.call('SET', record, ARGV[6], 'PX', ARGV[7])
+  if ARGV[7] ~= '0' then redis.call('SET', record, ARGV[6], 'PX', ARGV[7]) end
   return 1
 end
 
@@ -42,7 +43,7 @@ if not holder or (ARGV[4] ~= '1' and holder ~= owner) then
   if ARGV[4] ~= '1' then wq_leave(queue, waiters, owner) end
   return 0
 end
-redis.call('SET', record, ARGV[6], 'PX', ARGV[7])
+if ARGV[7] ~= '0' then redis.call('SET', record, ARGV[6], 'PX', ARGV[7]) end
 local w, lease = wq_head(queue, waiters, now_ms())
 if w then
   wq_pop(queue, waiters, w)

@@ -6,10 +6,11 @@
 --         the id of its latest release of this semaphore (see _redis/release.py)
 -- ARGV[1] owner id
 -- ARGV[2] wake channel prefix
--- ARGV[3] the calling process's id (its waiters are woken locally)
+-- ARGV[3] the calling process's id (its waiters are woken locally); "-" (no process:
+--         _redis/release.py NO_PROCESS) to wake every waiter by message
 -- ARGV[4] "keep": a waiter giving up keeps a permit granted meanwhile (returns 2), "drop"
 -- ARGV[5] release id: the same for every send of one release call, new for each call
--- ARGV[6] how long the record is kept, ms
+-- ARGV[6] how long the record is kept, ms; "0": write none (a re-send then answers 0)
 -- Returns 1 when the caller held a permit and gave it back, 0 when it held none, 2 when it
 --   holds one and ARGV[4] is "keep"; followed by "<waiter> 1" strings for local waiters to
 --   wake, when there are any (then the reply is a list).
@@ -25,7 +26,7 @@ redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)  -- expired holders give th
 if redis.call('LLEN', queue) == 0 then
   if ARGV[4] == 'keep' and redis.call('ZSCORE', holders, owner) then return 2 end
   if redis.call('ZREM', holders, owner) == 1 then
-    redis.call('SET', record, ARGV[5], 'PX', ARGV[6])
+    if ARGV[6] ~= '0' then redis.call('SET', record, ARGV[5], 'PX', ARGV[6]) end
     return 1
   end
   if redis.call('GET', record) ~= ARGV[5] then return 0 end
@@ -38,7 +39,7 @@ if ARGV[4] == 'keep' and redis.call('ZSCORE', holders, owner) then return 2 end
 local released = redis.call('ZREM', holders, owner)
 local locals = sem_serve(holders, total, queue, waiters, now, ARGV[2], ARGV[3])
 if released == 1 then
-  redis.call('SET', record, ARGV[5], 'PX', ARGV[6])
+  if ARGV[6] ~= '0' then redis.call('SET', record, ARGV[5], 'PX', ARGV[6]) end
 elseif redis.call('GET', record) == ARGV[5] then
   -- A re-send: this release ran already and its reply was lost.
   released, locals = 1, {}

@@ -21,7 +21,7 @@ from typing import Any
 from .._redis.batch import ScriptCall
 from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
-from .._redis.release import RECORD_MS, record_key, release_id
+from .._redis.release import NO_PROCESS, RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.slots import is_cluster, key_slot
@@ -93,10 +93,15 @@ class RedisMutexStorage(MutexStorage):
         return [owner, to_ms(lease), "0", WAITER_GRACE_MS, self.wake_prefix(key),
                 self._idle_ms]
 
-    def release_argv(self, owner: str, key: str, *, force: bool = False) -> list[Any]:
+    def release_argv(self, owner: str, key: str, *, force: bool = False,
+                     witness: bool = True) -> list[Any]:
         """ARGV of ``mutex_release.lua`` for one release call of lock ``key``, with a new
         release id (also reused by the cache's fill script): every send of one call must use
-        the same list."""
+        the same list. ``witness=False``: no release record, and a waiter of this process
+        is woken by message like any other (see :meth:`release_call`)."""
+        if not witness:
+            return [owner, self.wake_prefix(key), NO_PROCESS, "1" if force else "0",
+                    self._idle_ms, release_id(), 0]
         return [owner, self.wake_prefix(key), process_id(), "1" if force else "0",
                 self._idle_ms, release_id(), RECORD_MS]
 
@@ -142,11 +147,16 @@ class RedisMutexStorage(MutexStorage):
             return 0
         return int(self._cancel.run(self.client, self._key_list(key), [owner]))
 
-    def release_call(self, key: str, owner: str, *, force: bool = False) -> ScriptCall:
+    def release_call(self, key: str, owner: str, *, force: bool = False,
+                     witness: bool = True) -> ScriptCall:
         """The release script of ``owner``'s lock ``key``, with its KEYS and ARGV (a new
         release id), to send along with others (``batch.release_together``); its reply goes
-        to :meth:`release_reply`."""
-        return self._release, self.release_keys(key), self.release_argv(owner, key, force=force)
+        to :meth:`release_reply`. ``witness=False`` (a release whose re-send something else
+        tells apart, ``PreparedRelease.last_in_store``): it writes no release record, so a
+        re-send answers "not held", and it hands the lock to a waiter of this process by
+        message, which no lost reply can lose."""
+        argv = self.release_argv(owner, key, force=force, witness=witness)
+        return self._release, self.release_keys(key), argv
 
     @staticmethod
     def release_reply(result: Any) -> bool:

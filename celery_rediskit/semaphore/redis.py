@@ -24,7 +24,7 @@ from typing import Any
 from .._redis.batch import ScriptCall
 from .._redis.clients import check_client
 from .._redis.keys import IDLE_TTL, KeySpace
-from .._redis.release import RECORD_MS, record_key, release_id
+from .._redis.release import NO_PROCESS, RECORD_MS, record_key, release_id
 from .._redis.renew_batch import RedisRenewal, renewal_target
 from .._redis.scripts import as_text, load_script
 from .._redis.slots import is_cluster, key_slot
@@ -146,14 +146,16 @@ class RedisSemaphoreStorage(SemaphoreStorage):
         held = self._run_release(key, owner, keep=keep)
         return 1 if keep and held == 2 else 0
 
-    def release_call(self, key: str, owner: str, *, keep: bool = False) -> ScriptCall:
+    def release_call(self, key: str, owner: str, *, keep: bool = False,
+                     witness: bool = True) -> ScriptCall:
         """The release script of ``owner``'s permit of ``key``, with its KEYS and ARGV, to send
         along with others (``batch.release_together``); its reply goes to
-        :meth:`release_reply`."""
+        :meth:`release_reply`. ``witness=False``: no release record, waiters of this process
+        woken by message (as ``RedisMutexStorage.release_call``)."""
         # A new release id per call: a re-send of this call after a lost reply finds it
         # recorded and answers as the first send did (see _redis/release.py).
-        args = [owner, self.wake_prefix(key), process_id(), "keep" if keep else "drop",
-                release_id(), RECORD_MS]
+        args = [owner, self.wake_prefix(key), process_id() if witness else NO_PROCESS,
+                "keep" if keep else "drop", release_id(), RECORD_MS if witness else 0]
         keys = self._key_list(key)
         record = record_key(keys[0].removesuffix(":holders"))
         return self._release, [*keys, record], args

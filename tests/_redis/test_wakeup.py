@@ -275,3 +275,43 @@ def test_a_lost_grant_is_learned_within_the_recheck_interval(
         assert lease.ttl() > 4.0
     finally:
         lease.release()
+
+
+@pytest.mark.parametrize("kind", ["mutex", "semaphore"])
+def test_a_release_without_a_record_wakes_a_waiter_of_its_own_process_by_message(
+    kind: str, client: redis.Redis, prefix: str
+) -> None:
+    """``release_call(witness=False)`` (the last release of a worker run, sent inside the
+    script storing its result) writes no release record and hands over to a waiter of the
+    very process that releases by message, not in its reply: a lost reply cannot lose that
+    grant. The waiter gets it at once, well before its bounded wait (the holder's 30 s
+    lease) would end; a re-send of the call changes nothing."""
+    storage: Any
+    if kind == "mutex":
+        storage = RedisMutexStorage(client, prefix=prefix)
+        granter: Any = create_mutex(timeout=10, lease=30, storage=storage)
+    else:
+        storage = RedisSemaphoreStorage(client, prefix=prefix)
+        granter = create_semaphore(permits=1, timeout=10, lease=30, storage=storage)
+    held = granter.acquire("res", auto_renew=False)
+    got: dict[str, Any] = {}
+
+    def waiter() -> None:
+        lease = granter.acquire("res", auto_renew=False)
+        got["at"], got["owner"] = time.monotonic(), lease.owner
+        lease.release()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    keys = storage.keys.lock("res") if kind == "mutex" else storage.keys.semaphore("res")
+    wait_until(lambda: client.llen(keys.queue) == 1)  # queued in Redis
+    script, call_keys, args = storage.release_call(held.key, held.owner, witness=False)
+    released_at = time.monotonic()
+    reply = script.run(client, call_keys, args)
+    thread.join(5)
+    assert "at" in got and got["at"] - released_at < 1.0, "the waiter was not woken at once"
+    assert reply == (2 if kind == "mutex" else 1), "handed over by message, not in the reply"
+    record = call_keys[4 if kind == "mutex" else 5]  # this thread's (the waiter wrote its own)
+    assert record.endswith(f"/{threading.get_ident()}") and not client.exists(record), \
+        "no release record"
+    assert script.run(client, call_keys, args) == 0, "a re-send: not held, nothing changed"

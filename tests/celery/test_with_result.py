@@ -18,7 +18,7 @@ from celery import Celery
 from celery.exceptions import Ignore
 from celery.signals import task_postrun
 
-from celery_rediskit._redis.scripts import load_script
+from celery_rediskit._redis.scripts import wrapped_script
 from celery_rediskit.testing import PrivateServer
 from tests.interrupts import wait_until
 from tests.keyspace import keyspace_events
@@ -196,7 +196,8 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
             assert job.delay(1).get(timeout=WAIT) == 1  # warm-up: scripts loaded, backend
             client.script_flush()
             if loaded == "store only":  # reloaded meanwhile by another run's store
-                client.script_load(load_script("result_store").source)
+                last = "claims_sem_release" if task == "limited" else "claims_mutex_release"
+                client.script_load(wrapped_script("release_then_store", last).source)
             result: list[Any] = []
             events = keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
             assert result[0].get(timeout=WAIT) == 2
@@ -214,12 +215,11 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
 
 
 @contextmanager
-def _result_reads(url: str, task_id: str) -> Iterator[list[str]]:
-    """Every GET of ``task_id``'s result key sent by a client (not from inside a script)
-    while the block runs, from a MONITOR of the server."""
-    key = f"celery-task-meta-{task_id}"
+def _client_commands(url: str) -> Iterator[list[str]]:
+    """Every command sent by a client (not from inside a script) while the block runs, from
+    a MONITOR of the server."""
     stop = f"rediskit-test-stop-{uuid.uuid4().hex}"
-    reads: list[str] = []
+    commands: list[str] = []
     ready = threading.Event()
     monitor_client = redis.Redis.from_url(url)
 
@@ -230,14 +230,14 @@ def _result_reads(url: str, task_id: str) -> Iterator[list[str]]:
                 text = command["command"]
                 if stop in text:
                     return
-                if command.get("client_type") != "lua" and text == f"GET {key}":
-                    reads.append(text)
+                if command.get("client_type") != "lua":
+                    commands.append(text)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     assert ready.wait(WAIT)
     try:
-        yield reads
+        yield commands
     finally:
         redis.Redis.from_url(url).echo(stop)
         thread.join(WAIT)
@@ -268,12 +268,12 @@ def test_the_store_carrying_the_releases_skips_celerys_read_before_it(
         with in_process_worker(app, concurrency=1):
             assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
             task_id = str(uuid.uuid4())
-            with _result_reads(url, task_id) as reads:
+            with _client_commands(url) as sent:
                 # no AsyncResult.get(): it would read the key itself
                 job.apply_async((2,), task_id=task_id)
                 wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
                            and _locked(client, prefix) == [])
-            assert reads == []
+            assert f"GET celery-task-meta-{task_id}" not in sent
             meta = _meta(client, task_id)
             assert meta is not None and (meta["status"], meta["result"]) == ("SUCCESS", 2)
             assert job.AsyncResult(task_id).get(timeout=WAIT) == 2  # published as before
@@ -281,6 +281,50 @@ def test_the_store_carrying_the_releases_skips_celerys_read_before_it(
         app.close()
         c.close()
         client.close()
+
+
+@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"},
+                                     {"singleton": True, "concurrency_limit": "db:2"}],
+                         ids=["singleton", "limit", "both"])
+def test_the_last_release_and_the_store_are_one_script(
+    private_server: PrivateServer, prefix: str, options: dict[str, Any]
+) -> None:
+    """The run's last release (with its claims record's deletion) and the store of its
+    result are one script (``lua/release_then_store.lua``): one script call less per run on
+    the server, and no check of what that script releases itself. Scripts sent for the run:
+    its acquires, the releases before the last, and that one (on main: the last release and
+    the store, two). The release inside the store writes no release record (a re-send is
+    told apart by the stored result); one before it does."""
+    url = private_server.url
+    client = redis.Redis.from_url(url)
+    app, c, _trips = _app(url, prefix)
+
+    @app.task(shared=False, **options)
+    def job(x: int) -> int:
+        return x
+
+    leases = len(options)
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
+            task_id = str(uuid.uuid4())
+            before = set(client.scan_iter(match=f"{prefix}:*:released:*"))  # warm-up's
+            with _client_commands(url) as sent:
+                job.apply_async((2,), task_id=task_id)
+                wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
+                           and _locked(client, prefix) == [])
+            assert job.AsyncResult(task_id).get(timeout=WAIT) == 2
+            records = set(client.scan_iter(match=f"{prefix}:*:released:*")) - before
+    finally:
+        app.close()
+        c.close()
+        client.close()
+    assert records == set(), "the release inside the store writes no release record"
+    scripts = [t for t in sent if t.startswith("EVALSHA") and (
+        prefix in t or task_id in t)]
+    assert len(scripts) == 2 * leases, scripts  # acquires, releases: the store in the last
+    store = [t for t in scripts if f"celery-task-meta-{task_id}" in t]
+    assert len(store) == 1 and f"{prefix}:claims:{task_id}" in store[0], store
 
 
 @pytest.mark.parametrize("readable", [True, False], ids=["json", "unreadable-by-lua"])
