@@ -67,10 +67,10 @@ def with_claim(record: tuple[Any, ...], claim_key: str, claim_owner: str) -> Wra
 def with_forget(record: tuple[Any, ...]) -> Wrap:
     """A wrapper turning a release script call into one that first deletes ``record`` (as
     ``ClaimStore.forget``: only if it still holds the text this run wrote)."""
-    _set, key, text = record[:3]
+    _set, key, text, _ex, seconds = record
 
     def wrap(call: ScriptCall) -> ScriptCall:
         script, keys, args = call
-        return load_script(_RELEASE[script.name]), [*keys, key], [*args, text]
+        return load_script(_RELEASE[script.name]), [*keys, key], [*args, text, seconds]
 
     return wrap

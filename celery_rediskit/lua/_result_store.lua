@@ -8,7 +8,8 @@
 -- hold the value (as a lock holds its owner and a claims record the text its run wrote), "s"
 -- the zset must not have the value as a member (a semaphore's holders and a permit's owner),
 -- "e" the key must exist (a cache entry written before the store; the value unused).
--- Celery's own check before a store is made here too: a result stored as SUCCESS is kept.
+-- Celery's own check before a store is made here too: a result stored as SUCCESS is kept
+-- (its lifetime is then the new result's: it is put back after the SET that read it).
 -- Returns 1 when stored; 0 when a check failed (nothing written); 2 when a result with the
 -- status SUCCESS is there already (kept: nothing written); 3 when a result is there that this
 -- code cannot read (not a JSON object: another serializer, or compressed): nothing written,
@@ -25,18 +26,36 @@ local function store_result(k, a)
       return 0
     end
   end
-  local current = redis.call('GET', KEYS[k])
-  if current then
-    if string.sub(current, 1, 1) ~= '{' then return 3 end
-    local ok, meta = pcall(cjson.decode, current)
-    if not ok or type(meta) ~= 'table' then return 3 end
-    if meta['status'] == 'SUCCESS' then return 2 end
-  end
+  -- Stored, reading what was there in the same call: usually nothing (a task's first store)
+  -- or a state stored before the result (STARTED, RETRY). A SUCCESS there, or a value this
+  -- code cannot read, is put back (with the result's lifetime), unseen: the script is atomic.
   local ms = tonumber(ARGV[a + 1])
+  local current
   if ms > 0 then
-    redis.call('SET', KEYS[k], ARGV[a], 'PX', ms)
+    current = redis.call('SET', KEYS[k], ARGV[a], 'PX', ms, 'GET')
   else
-    redis.call('SET', KEYS[k], ARGV[a])
+    current = redis.call('SET', KEYS[k], ARGV[a], 'GET')
+  end
+  if current then
+    local kept = 0
+    if string.sub(current, 1, 1) ~= '{' then
+      kept = 3
+    else
+      local ok, meta = pcall(cjson.decode, current)
+      if not ok or type(meta) ~= 'table' then
+        kept = 3
+      elseif meta['status'] == 'SUCCESS' then
+        kept = 2
+      end
+    end
+    if kept ~= 0 then
+      if ms > 0 then
+        redis.call('SET', KEYS[k], current, 'PX', ms)
+      else
+        redis.call('SET', KEYS[k], current)
+      end
+      return kept
+    end
   end
   redis.call('PUBLISH', KEYS[k], ARGV[a])
   return 1

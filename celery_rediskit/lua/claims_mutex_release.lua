@@ -7,5 +7,9 @@
 -- KEYS[6]    the claims record (see claims_forget.lua)
 -- ARGV[1..7] as mutex_release.lua
 -- ARGV[8]    the text the run wrote in the record
+-- ARGV[9]    the record's lifetime, s: a record rewritten since by another run of the task
+--            id is put back with it (that run's renewals keep it from there)
 -- Returns: what mutex_release.lua returns.
-if redis.call('GET', KEYS[6]) == ARGV[8] then redis.call('DEL', KEYS[6]) end
+-- One call in the usual case: read and delete; another run's record is put back.
+local claims = redis.call('GETDEL', KEYS[6])
+if claims and claims ~= ARGV[8] then redis.call('SET', KEYS[6], claims, 'EX', ARGV[9]) end

@@ -7,5 +7,9 @@
 -- KEYS[7]    the claims record (see claims_forget.lua)
 -- ARGV[1..6] as sem_release.lua
 -- ARGV[7]    the text the run wrote in the record
+-- ARGV[8]    the record's lifetime, s: a record rewritten since by another run of the task
+--            id is put back with it (that run's renewals keep it from there)
 -- Returns: what sem_release.lua returns.
-if redis.call('GET', KEYS[7]) == ARGV[7] then redis.call('DEL', KEYS[7]) end
+-- One call in the usual case: read and delete; another run's record is put back.
+local claims = redis.call('GETDEL', KEYS[7])
+if claims and claims ~= ARGV[7] then redis.call('SET', KEYS[7], claims, 'EX', ARGV[8]) end

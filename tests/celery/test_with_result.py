@@ -215,9 +215,9 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
 
 
 @contextmanager
-def _client_commands(url: str) -> Iterator[list[str]]:
-    """Every command sent by a client (not from inside a script) while the block runs, from
-    a MONITOR of the server."""
+def _client_commands(url: str, scripts: bool = False) -> Iterator[list[str]]:
+    """Every command sent by a client (not from inside a script; with ``scripts``, only
+    those run from inside a script) while the block runs, from a MONITOR of the server."""
     stop = f"rediskit-test-stop-{uuid.uuid4().hex}"
     commands: list[str] = []
     ready = threading.Event()
@@ -230,7 +230,7 @@ def _client_commands(url: str) -> Iterator[list[str]]:
                 text = command["command"]
                 if stop in text:
                     return
-                if command.get("client_type") != "lua":
+                if (command.get("client_type") == "lua") == scripts:
                     commands.append(text)
 
     thread = threading.Thread(target=listen, daemon=True)
@@ -325,6 +325,84 @@ def test_the_last_release_and_the_store_are_one_script(
     assert len(scripts) == 2 * leases, scripts  # acquires, releases: the store in the last
     store = [t for t in scripts if f"celery-task-meta-{task_id}" in t]
     assert len(store) == 1 and f"{prefix}:claims:{task_id}" in store[0], store
+
+
+@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"}],
+                         ids=["singleton", "limit"])
+def test_the_commands_a_run_makes_inside_its_scripts(
+    private_server: PrivateServer, prefix: str, options: dict[str, Any]
+) -> None:
+    """What the server runs for a run's lease, inside the two scripts: the acquire (the
+    claims record written, the queue checked, the lease taken, its fencing token) and the
+    release with the store (the record read and deleted in one GETDEL, the queue checked,
+    the lease given back, the result written reading what was there in the same SET, and
+    published). No release record, no separate check of the lease or record before the
+    store, no GET of the result key (on main: 16 commands for a singleton run, 11 now)."""
+    url = private_server.url
+    client = redis.Redis.from_url(url)
+    app, c, _trips = _app(url, prefix)
+
+    @app.task(shared=False, **options)
+    def job(x: int) -> int:
+        return x
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
+            task_id = str(uuid.uuid4())
+            with _client_commands(url, scripts=True) as run:
+                job.apply_async((2,), task_id=task_id)
+                wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
+                           and _locked(client, prefix) == [])
+    finally:
+        app.close()
+        c.close()
+        client.close()
+    names = [text.split(" ", 1)[0].strip('"').upper() for text in run]
+    if "singleton" in options:
+        assert names == ["SET", "LLEN", "SET", "TIME", "SET",  # record, queue, lock, token
+                         "GETDEL", "GET", "LLEN", "DEL",  # record, lock (owner), queue
+                         "SET", "PUBLISH"], run  # the result
+    else:  # the release and the store (the acquire: the semaphore's own bookkeeping)
+        assert names[names.index("GETDEL"):] == [
+            "GETDEL", "TIME", "ZREMRANGEBYSCORE", "LLEN", "ZREM",  # record, permit
+            "SET", "PUBLISH"], run
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "apply"])
+@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"}],
+                         ids=["singleton", "limit"])
+def test_a_claims_record_another_run_rewrote_is_left_to_it(
+    redis_url: str, prefix: str, client: redis.Redis, options: dict[str, Any], worker: bool
+) -> None:
+    """Another delivery of the same task id rewrote the run's claims record while the body
+    ran: the run's end (its last release reads and deletes the record in one step) puts that
+    record back, with a lifetime, for the other run's renewals to keep; the run's own lease
+    is released and its result stored."""
+    app, c, _trips = _app(redis_url, prefix)
+    other = "another run's record"
+
+    @app.task(shared=False, bind=True, **options)
+    def job(self: Any, x: int) -> int:
+        client.set(f"{prefix}:claims:{self.request.id}", other, ex=600)
+        return x
+
+    task_id = str(uuid.uuid4())
+    try:
+        if worker:
+            with in_process_worker(app, concurrency=1):
+                assert job.apply_async((2,), task_id=task_id).get(timeout=WAIT) == 2
+                wait_until(lambda: _locked(client, prefix) == [
+                    f"{prefix}:claims:{task_id}".encode()])
+        else:
+            assert job.apply((2,), task_id=task_id).get() == 2
+        record = f"{prefix}:claims:{task_id}"
+        assert client.get(record) == other.encode()
+        assert client.ttl(record) > 0
+        assert _locked(client, prefix) == [record.encode()], "only the other run's record"
+    finally:
+        app.close()
+        c.close()
 
 
 @pytest.mark.parametrize("readable", [True, False], ids=["json", "unreadable-by-lua"])
