@@ -89,14 +89,16 @@ class PreparedRelease:
             calls.extend(then)
         self._leases, self._storages, self.calls = pending, storages, calls
 
-    def last_in_store(self) -> ScriptCall:
-        """The last of :attr:`calls` (there is one) as sent inside the script that also
-        stores a task's result (``integration/with_result.py``): the same release, but
-        without a release record (the stored result tells a re-send apart) and waking a
-        waiter of this process by message (``release_call(witness=False)``)."""
-        storage, lease = self._storages[-1], self._leases[-1]
-        last = storage.release_call(lease.key, lease.owner, witness=False)
-        return self._fuse(last) if self._fused and self._fuse is not None else last
+    def in_store(self) -> list[ScriptCall]:
+        """:attr:`calls` as sent in the transaction that stores a task's result
+        (``integration/with_result.py``): the same releases, but without release records
+        (the result, stored in the same transaction, tells a re-send apart) and waking
+        waiters of this process by message (``release_call(witness=False)``)."""
+        calls = [storage.release_call(lease.key, lease.owner, witness=False)
+                 for storage, lease in zip(self._storages, self._leases, strict=True)]
+        if self._fused and self._fuse is not None:
+            calls[-1] = self._fuse(calls[-1])
+        return calls
 
     def held(self) -> list[tuple[str, str, str]]:
         """What each lease to release holds until its release runs: (its Redis key, its

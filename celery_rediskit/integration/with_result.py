@@ -19,9 +19,9 @@ A caller that has the result finds the run's leases released and its claims reco
 always. The last release (with the record's deletion) and the store (the SET and PUBLISH of
 Celery's own store) are one script (``lua/release_then_store.lua``): both run, or neither (a
 server that lost the script). That release writes no release record (a re-send of the
-transaction after a lost reply finds the result stored; ``PreparedRelease.last_in_store``),
-which spares a key per run. The releases before it, if any, are scripts of their own in the
-transaction, and the store writes nothing while a lease they end is still held; with no
+transaction after a lost reply finds the result stored; ``PreparedRelease.in_store``), nor
+do the releases before it: that spares a key per lease and run. Those are scripts of their
+own in the transaction, and the store writes nothing while a lease they end is still held; with no
 release, the result is stored by ``lua/result_store.lua`` with the same checks. A check
 fails when a release script is missing on the server (NOSCRIPT, which fails that command
 only, not the transaction: the first runs of a process after a restart, a failover or
@@ -156,9 +156,10 @@ def _install(backend: Any) -> None:
             return original_set(key, value, *rest)
         expires = rest[0] if rest and rest[0] is not None else backend.expires
         ms = round(float(expires) * 1000) if expires else 0
-        store, keys, args = _store_call(deferred, key, value, ms)
-        fused = bool(deferred.prepared.calls)  # the last release and the store: one script
-        apart = deferred.prepared.calls[:-1] if fused else []
+        releases = deferred.prepared.in_store()
+        store, keys, args = _store_call(deferred, releases, key, value, ms)
+        fused = bool(releases)  # the last release and the store: one script
+        apart = releases[:-1]
         with backend.client.pipeline() as pipe:
             for (script, skeys, sargs), _taker in deferred.first:
                 pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
@@ -211,20 +212,19 @@ def _install(backend: Any) -> None:
     backend._get_task_meta_for = _get_task_meta_for
 
 
-def _store_call(deferred: _Deferred, key: Any, value: Any, ms: int,
+def _store_call(deferred: _Deferred, calls: list[ScriptCall], key: Any, value: Any, ms: int,
                 ) -> tuple[LuaScript, list[Any], list[Any]]:
     """The script storing the result, with its keys and arguments. With releases to send,
     the last of them and the store are one script (``lua/release_then_store.lua``): what
     that release ends (its lease, the claims record deleted in it) needs no check, the
     script runs both or neither. Else ``lua/result_store.lua``, after the releases."""
     checks = deferred.held
-    calls = deferred.prepared.calls
     if not calls:
         script = load_script("result_store")
         keys: list[Any] = [key]
         args: list[Any] = [value, ms]
     else:
-        last, lkeys, largs = deferred.prepared.last_in_store()
+        last, lkeys, largs = calls[-1]
         ends = set(lkeys), {str(a) for a in largs}
         checks = [c for c in checks if not (c[0] in ends[0] and c[2] in ends[1])]
         script = wrapped_script("release_then_store", last.name)

@@ -152,7 +152,7 @@ class RedisMutexStorage(MutexStorage):
         """The release script of ``owner``'s lock ``key``, with its KEYS and ARGV (a new
         release id), to send along with others (``batch.release_together``); its reply goes
         to :meth:`release_reply`. ``witness=False`` (a release whose re-send something else
-        tells apart, ``PreparedRelease.last_in_store``): it writes no release record, so a
+        tells apart, ``PreparedRelease.in_store``): it writes no release record, so a
         re-send answers "not held", and it hands the lock to a waiter of this process by
         message, which no lost reply can lose."""
         argv = self.release_argv(owner, key, force=force, witness=witness)
