@@ -384,16 +384,16 @@ def load_script(name: str) -> LuaScript:
 @cache
 def wrapped_script(outer: str, inner: str) -> LuaScript:
     """Script ``outer`` with script ``inner`` inside it (cached): ``inner``, composed, becomes
-    the body of a local function ``released()`` where ``outer`` has a line ``-- the wrapped
+    the body of a local function ``wrapped()`` where ``outer`` has a line ``-- the wrapped
     script here``. ``inner`` sees the same KEYS and ARGV (it reads only its own first ones);
     its ``return`` ends the function, not the script, so ``outer`` goes on after it (see
-    ``lua/release_then_store.lua``)."""
+    ``lua/store_after.lua``)."""
     body = compose(outer)
     marker = _WRAPPED.search(body)
     if marker is None:
         raise ValueError(f"lua/{outer}.lua has no line '-- the wrapped script here'")
     before, _, after = body.partition(marker.group(0))
-    function = f"local function released()\n{compose(inner)}\nend"
+    function = f"local function wrapped()\n{compose(inner)}\nend"
     return LuaScript(f"{outer}({inner})", before + function + after)
 
 

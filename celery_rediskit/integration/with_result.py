@@ -17,7 +17,7 @@ every run in a worker: they are sent there, on the library's client, as before.
 
 A caller that has the result finds the run's leases released and its claims record gone,
 always. The last release (with the record's deletion) and the store (the SET and PUBLISH of
-Celery's own store) are one script (``lua/release_then_store.lua``): both run, or neither (a
+Celery's own store) are one script (``lua/store_after.lua``): both run, or neither (a
 server that lost the script). That release writes no release record (a re-send of the
 transaction after a lost reply finds the result stored; ``PreparedRelease.in_store``), nor
 do the releases before it: that spares a key per lease and run. Those are scripts of their
@@ -157,25 +157,27 @@ def _install(backend: Any) -> None:
         expires = rest[0] if rest and rest[0] is not None else backend.expires
         ms = round(float(expires) * 1000) if expires else 0
         releases = deferred.prepared.in_store()
-        store, keys, args = _store_call(deferred, releases, key, value, ms)
-        fused = bool(releases)  # the last release and the store: one script
-        apart = releases[:-1]
+        writes = [call for call, _taker in deferred.first]
+        # The store runs inside the last script sent before it: the last release, or with
+        # none the last write (see _store_call).
+        wrapped = releases[-1] if releases else writes[-1] if writes else None
+        store, keys, args = _store_call(deferred.held, wrapped, key, value, ms)
+        if releases:
+            releases = releases[:-1]
+        elif writes:
+            writes = writes[:-1]
         with backend.client.pipeline() as pipe:
-            for (script, skeys, sargs), _taker in deferred.first:
-                pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
-            for script, skeys, sargs in apart:
+            for script, skeys, sargs in (*writes, *releases):
                 pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
             pipe.execute_command("EVALSHA", store.sha, len(keys), *keys, *args)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
         _local.deferred = None
+        stored = replies.pop()
+        if wrapped is not None:  # its reply, and the store's; or an error: neither ran
+            inner, stored = stored if isinstance(stored, list) else (stored, stored)
+            replies.append(inner)  # in its place: it was the last of the writes and releases
         firsts = len(deferred.first)
-        ours, stored = list(replies[firsts:-1]), replies[-1]
-        if fused:
-            if isinstance(stored, list):
-                ours.append(stored[0])
-                stored = stored[1]
-            else:  # an error: neither ran
-                ours.append(stored)
+        ours = list(replies[firsts:])
         if firsts:
             _send_first(deferred, replies[:firsts])  # a missing script's write: sent again
         if stored in (1, 2, 3):  # the releases ran (all but those missing their script)
@@ -192,13 +194,12 @@ def _install(backend: Any) -> None:
         # releases first, then Celery's own store (which raises as it would if the server
         # refuses it).
         _send(deferred, first=False)  # loads missing scripts; those that ran answer as before
-        result = _store_unless_succeeded(key, value, *rest)
         if isinstance(stored, NoScriptError):
             try:
                 store.load(backend.client)  # for the next run's store
             except Exception:  # noqa: BLE001 - the next store falls back the same way
                 log.debug("rediskit: loading the result store script failed", exc_info=True)
-        return result
+        return _store_unless_succeeded(key, value, *rest)
 
     def process_cleanup() -> None:
         try:
@@ -212,28 +213,28 @@ def _install(backend: Any) -> None:
     backend._get_task_meta_for = _get_task_meta_for
 
 
-def _store_call(deferred: _Deferred, calls: list[ScriptCall], key: Any, value: Any, ms: int,
-                ) -> tuple[LuaScript, list[Any], list[Any]]:
-    """The script storing the result, with its keys and arguments. With releases to send,
-    the last of them and the store are one script (``lua/release_then_store.lua``): what
-    that release ends (its lease, the claims record deleted in it) needs no check, the
-    script runs both or neither. Else ``lua/result_store.lua``, after the releases."""
-    checks = deferred.held
-    if not calls:
+def _store_call(checks: Sequence[tuple[str, str, str]], wrapped: ScriptCall | None, key: Any,
+                value: Any, ms: int) -> tuple[LuaScript, list[Any], list[Any]]:
+    """The script storing the result, with its keys and arguments. With a script to run
+    before it (``wrapped``: the run's last release, or its last write), the two are one
+    script (``lua/store_after.lua``), which runs both or neither: what that script writes
+    or ends itself (its lease, the claims record it deletes, its cache entry) needs no
+    check. Else ``lua/result_store.lua``, with every check of ``checks``."""
+    if wrapped is None:
         script = load_script("result_store")
         keys: list[Any] = [key]
         args: list[Any] = [value, ms]
     else:
-        last, lkeys, largs = calls[-1]
-        ends = set(lkeys), {str(a) for a in largs}
-        checks = [c for c in checks if not (c[0] in ends[0] and c[2] in ends[1])]
-        script = wrapped_script("release_then_store", last.name)
-        keys, args = [*lkeys, key], [*largs, value, ms]
+        inner, wkeys, wargs = wrapped
+        own, given = set(wkeys), {str(a) for a in wargs}
+        checks = [c for c in checks if not (c[0] in own and (c[1] == "e" or c[2] in given))]
+        script = wrapped_script("store_after", inner.name)
+        keys, args = [*wkeys, key], [*wargs, value, ms]
     keys += [k for k, _kind, _value in checks]
     for _k, kind, held_value in checks:
         args += [kind, held_value]
-    if calls:
-        args += [len(lkeys), len(largs)]
+    if wrapped is not None:
+        args += [len(wkeys), len(wargs)]
     return script, keys, args
 
 

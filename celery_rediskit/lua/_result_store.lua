@@ -1,6 +1,6 @@
 -- Shared library: store a task's result as Celery's Redis backend does (SET with its
 -- lifetime, then PUBLISH on the key's channel), after checks (result_store.lua,
--- release_then_store.lua; integration/with_result.py).
+-- store_after.lua; integration/with_result.py).
 --
 -- store_result(k, a): KEYS[k] is the result key (celery-task-meta-<task id>) and KEYS[k+1..]
 -- one key per check; ARGV[a] is the result as Celery encoded it, ARGV[a+1] its lifetime in ms

@@ -1,7 +1,7 @@
 -- Store a task's result as Celery's Redis backend does, but only once the run holds nothing
 -- any more: the last command of the transaction that sends a worker run's releases
 -- (integration/with_result.py) when they cannot go in the same script as the store
--- (release_then_store.lua). A release the server could not run there (NOSCRIPT: its scripts
+-- (store_after.lua). A release the server could not run there (NOSCRIPT: its scripts
 -- were lost to a restart, a failover or SCRIPT FLUSH) leaves its key as it was, and the
 -- result is then not stored: no caller sees the result before the releases. The worker sends
 -- them again on their own, then stores.

@@ -197,7 +197,7 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
             client.script_flush()
             if loaded == "store only":  # reloaded meanwhile by another run's store
                 last = "claims_sem_release" if task == "limited" else "claims_mutex_release"
-                client.script_load(wrapped_script("release_then_store", last).source)
+                client.script_load(wrapped_script("store_after", last).source)
             result: list[Any] = []
             events = keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
             assert result[0].get(timeout=WAIT) == 2
@@ -290,7 +290,7 @@ def test_the_last_release_and_the_store_are_one_script(
     private_server: PrivateServer, prefix: str, options: dict[str, Any]
 ) -> None:
     """The run's last release (with its claims record's deletion) and the store of its
-    result are one script (``lua/release_then_store.lua``): one script call less per run on
+    result are one script (``lua/store_after.lua``): one script call less per run on
     the server, and no check of what that script releases itself. Scripts sent for the run:
     its acquires, the releases before the last, and that one (on main: the last release and
     the store, two). The releases in the store's transaction write no release record (a

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_rediskit._redis.scripts import LuaScript, load_script, wrapped_script
+from celery_rediskit._redis.scripts import LuaScript, wrapped_script
 from celery_rediskit.testing import PrivateServer
 from tests.interrupts import wait_until
 from tests.keyspace import keyspace_events
@@ -72,19 +72,18 @@ def _entries(client: redis.Redis, prefix: str) -> dict[bytes, bytes]:
 def test_a_cache_miss_stores_its_entry_in_the_round_trip_storing_its_result(
     redis_url: str, prefix: str, client: redis.Redis
 ) -> None:
-    """A miss: the lookup, then the entry and the result written in one transaction (the
-    entry first). Before, the entry's store was a round trip of its own, between the body
-    and the result's store."""
+    """A miss: the lookup, then the entry and the result written in one script (the entry
+    first). Before, the entry's store was a round trip of its own, between the body and the
+    result's store; then a script of its own in the store's transaction."""
     with _worker(redis_url, prefix) as w:
         assert w.job.delay("warm").get(timeout=WAIT) == "warm"  # scripts loaded, backend
         w.trips.clear()
         assert w.job.delay("miss").get(timeout=WAIT) == "miss"
         sent = w.sent()
         entries = _entries(client, prefix)  # a caller with the result finds the entry
-    # the lookup, then one round trip: the entry's script, then the result's store (the
-    # entry checked first; Celery's read of the stored state before it skipped, as for a
-    # store carrying releases)
-    assert sent == [["GET"], ["MULTI", "EVALSHA", "EVALSHA", "EXEC"]]
+    # the lookup, then one round trip: one script writing the entry, then the result
+    # (Celery's read of the stored state before it skipped, as for a store carrying releases)
+    assert sent == [["GET"], ["MULTI", "EVALSHA", "EXEC"]]
     assert sorted(v.rsplit(b"\n", 1)[1] for v in entries.values()) == [b'"miss"', b'"warm"']
     assert w.ran == ["warm", "miss"]
     assert w.job.delay("miss").get(timeout=WAIT) == "miss"  # served from the cache
@@ -94,8 +93,8 @@ def test_a_cache_miss_stores_its_entry_in_the_round_trip_storing_its_result(
 def _store_script(task: str) -> LuaScript:
     """The script that stores the result of a run of ``task`` (with_result.py)."""
     if task == "single":  # the lock's release and the store
-        return wrapped_script("release_then_store", "claims_mutex_release")
-    return load_script("result_store")
+        return wrapped_script("store_after", "claims_mutex_release")
+    return wrapped_script("store_after", "cache_set")  # the entry's write and the store
 
 
 @pytest.mark.parametrize("loaded", ["none", "store only"])
@@ -127,7 +126,8 @@ def test_a_cache_script_the_server_forgot_still_writes_the_entry_before_the_resu
             locks = [k for k in admin.scan_iter(match=f"{prefix}:lock:*") if k.endswith(b"}")]
     finally:
         admin.close()
-    scripts = ["EVALSHA"] * 2  # the entry's, then the store (with the release: one script)
+    # the entry's write, then the store with the release; with no release, one script
+    scripts = ["EVALSHA"] * (2 if task == "single" else 1)
     assert ["MULTI", *scripts, "EXEC"] in sent, f"the store did not take the write: {sent}"
     entry = [k for k in entries if entries[k].endswith(b'"miss"')]
     assert len(entry) == 1, entries

@@ -316,7 +316,7 @@ def test_a_store_whose_reply_is_lost_is_sent_again_without_harm(
         result = env.start("hold")
         # the script storing the result is in no other call: the last release's with the store
         last = "claims_sem_release" if kind == "limited" else "claims_mutex_release"
-        env.proxy.swallow_reply(wrapped_script("release_then_store", last).sha.encode())
+        env.proxy.swallow_reply(wrapped_script("store_after", last).sha.encode())
         ended = _end_run(env)
         env.check(result, ended, lambda: None, "stored")
         assert env.proxy.swallowed == 1
