@@ -26,7 +26,9 @@ local owner, lease, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local now = now_ms()
 
 local idle = tonumber(ARGV[7])
-local cap = tonumber(redis.call('GET', total))
+-- The total, and whether an operator pinned it (KEYS[6], below), in one call.
+local stored = KEYS[6] and redis.call('MGET', total, KEYS[6]) or {redis.call('GET', total)}
+local cap = tonumber(stored[1])
 if not cap then
   cap = tonumber(ARGV[6])  -- new, or expired while idle: the permits the caller declares
   redis.call('SET', total, cap, 'PX', idle)
@@ -41,7 +43,7 @@ local swept = false
 
 if KEYS[6] then  -- declared permits (see KEYS[6] above)
   local declared, pin = tonumber(ARGV[6]), KEYS[6]
-  local pinned = redis.call('EXISTS', pin)
+  local pinned = stored[2] and 1 or 0
   if pinned == 1 then
     -- the mark lives no longer than the total: the same deadline, copied as an absolute
     -- time (a PTTL copied with PEXPIRE could land a millisecond later)
