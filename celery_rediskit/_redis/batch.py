@@ -69,7 +69,7 @@ class PreparedRelease:
     the scripts, in order; :meth:`finish` takes their replies (errors in place). The leases
     stop being renewed when it is made (their holder is done with them)."""
 
-    __slots__ = ("_fuse", "_fused", "_leases", "_storages", "calls")
+    __slots__ = ("_calls", "_fuse", "_fused", "_leases", "_storages", "_then")
 
     def __init__(self, leases: Sequence[Lease], then: Sequence[ScriptCall] = (),
                  fuse: Callable[[ScriptCall], ScriptCall] | None = None) -> None:
@@ -77,27 +77,37 @@ class PreparedRelease:
         for lease in pending:
             if lease.auto_renew:
                 renewer().unregister(lease)
-        storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
-        calls = [storage.release_call(lease.key, lease.owner)
-                 for storage, lease in zip(storages, pending, strict=True)]
-        self._fuse = fuse
-        self._fused = fuse is not None and bool(calls)
-        if self._fused:
-            assert fuse is not None
-            calls[-1] = fuse(calls[-1])
-        else:
-            calls.extend(then)
-        self._leases, self._storages, self.calls = pending, storages, calls
+        self._leases = pending
+        self._storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
+        self._then, self._fuse = list(then), fuse
+        self._fused = fuse is not None and bool(pending)
+        self._calls: list[ScriptCall] | None = None  # made when first asked for
+
+    @property
+    def calls(self) -> list[ScriptCall]:
+        """The release scripts, in order (the last one ``fuse``-d, else ``then`` after them)."""
+        if self._calls is None:
+            self._calls = self._made(witness=True)
+        return self._calls
+
+    def __bool__(self) -> bool:
+        """Whether there is anything to send."""
+        return bool(self._leases or self._then)
 
     def in_store(self) -> list[ScriptCall]:
         """:attr:`calls` as sent in the transaction that stores a task's result
         (``integration/with_result.py``): the same releases, but without release records
         (the result, stored in the same transaction, tells a re-send apart) and waking
         waiters of this process by message (``release_call(witness=False)``)."""
-        calls = [storage.release_call(lease.key, lease.owner, witness=False)
+        return self._made(witness=False)
+
+    def _made(self, *, witness: bool) -> list[ScriptCall]:
+        calls = [storage.release_call(lease.key, lease.owner, witness=witness)
                  for storage, lease in zip(self._storages, self._leases, strict=True)]
         if self._fused and self._fuse is not None:
             calls[-1] = self._fuse(calls[-1])
+        else:
+            calls.extend(self._then)
         return calls
 
     def held(self) -> list[tuple[str, str, str]]:

@@ -764,7 +764,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         request.rediskit_cache_write = None
         first = [] if write is None else [(write, partial(rt.cache_stored, self.name))]
         backend = None
-        if prepared.calls or first:
+        if prepared or first:
             backend = self._rk_store_backend(rt, request)
         if backend is None:
             with_result.send_now(rt.client, prepared, done, first)
