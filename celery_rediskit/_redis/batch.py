@@ -78,7 +78,8 @@ class PreparedRelease:
             if lease.auto_renew:
                 renewer().unregister(lease)
         self._leases = pending
-        self._storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
+        storages: list[_BatchReleaser] = [lease.storage for lease in pending]  # type: ignore[misc]
+        self._storages = storages
         self._then, self._fuse = list(then), fuse
         self._fused = fuse is not None and bool(pending)
         self._calls: list[ScriptCall] | None = None  # made when first asked for
