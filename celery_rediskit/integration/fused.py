@@ -8,9 +8,9 @@ primitive's own script with the record's step in front (``-- then:``), with the 
 On a Redis Cluster the record lives in another slot than the lock or semaphore, so it is sent
 as a command of its own beside the script, in the same round trip (``call_many``).
 
-A queued-scope run tries its claim and its lock in one round trip: its lock's script
-(``claims_queued_acquire.lua``, :func:`with_claim`) does anything only while the claim, tried
-just before it, is the run's.
+A queued-scope run renews its claim and tries its lock in one script
+(``claims_queued_try.lua``, :func:`with_claim`), which does nothing unless the claim is the
+run's (or free).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._redis.batch import ScriptCall
-from .._redis.scripts import load_script
+from .._redis.scripts import load_script, wrapped_script
 
 __all__ = ["with_claim", "with_forget", "with_record"]
 
@@ -47,19 +47,23 @@ def with_record(record: tuple[Any, ...], *, only_if_free: bool = False) -> Wrap:
     return wrap
 
 
-def with_claim(record: tuple[Any, ...], claim_key: str, claim_owner: str) -> Wrap:
-    """A wrapper turning a lock's try (``mutex_acquire``) into one that does nothing and
-    replies 0 unless ``claim_key`` (a queued-scope claim's lock key) holds ``claim_owner``;
-    else it goes on as :func:`with_record` with ``only_if_free``: one server only (the claim
-    is in another slot than the lock)."""
+def with_claim(record: tuple[Any, ...], claim_keys: list[str], claim_owner: str,
+               claim_lease_ms: int) -> Wrap:
+    """A wrapper turning a lock's try (``mutex_acquire``) into one script that first renews
+    the queued-scope claim (``claim_keys``: its lock and fence keys) held by ``claim_owner``
+    (or takes it, free) for ``claim_lease_ms``, replying ``[0, 0]`` when the claim is another
+    task's; else it goes on as :func:`with_record` with ``only_if_free``, replying
+    ``[claim token, the lock's reply]`` (``claims_queued_try.lua``). One server only (the
+    claim is in another slot than the lock)."""
     _set, key, text, _ex, seconds = record
 
     def wrap(call: ScriptCall) -> ScriptCall:
         script, keys, args = call
         if script.name != "mutex_acquire":
             raise ValueError("a claim goes with a lock's try only")
-        return (load_script("claims_queued_acquire"), [*keys, key, claim_key],
-                [*args, text, seconds, "free", claim_owner])
+        return (wrapped_script("claims_queued_try", "claims_mutex_acquire"),
+                [*keys, key, *claim_keys[:2]],
+                [*args, text, seconds, "free", claim_owner, claim_lease_ms])
 
     return wrap
 

@@ -26,7 +26,7 @@ from celery.utils import uuid
 
 from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
 from .._redis.scripts import call
-from .._validate import resource_key
+from .._validate import resource_key, to_ms
 from ..errors import ConfigurationError, LockError, LockTimeout, RateLimited
 from ..lease import Grant, Lease, LeaseKind, new_owner_id
 from ..mutex import MutexLease
@@ -586,39 +586,26 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
     def _rk_claim_and_try(self, rt: Runtime, request: Any, qname: str, record: tuple[Any, ...],
                           name: str, owner: str, seconds: float) -> tuple[MutexLease, int]:
-        """Queued scope on one server: take the claim ``qname`` and try the lock ``name`` in one
-        round trip; the claim held (``request.rediskit_claim``) and the lock's try (a token, as
-        :func:`_try_acquire` with ``if_free``). A duplicate (the claim another task's) is
-        skipped or raised as by :meth:`_rk_take_claim`, with the lock left alone: its script
-        does nothing unless the claim tried just before it is this run's (``with_claim``)."""
+        """Queued scope on one server: renew the claim ``qname`` (or take it, free) and try
+        the lock ``name``, in one script; the claim held (``request.rediskit_claim``) and the
+        lock's try (a token, as :func:`_try_acquire` with ``if_free``). A duplicate (the
+        claim another task's) is skipped or raised as by :meth:`_rk_take_claim`, with the
+        lock left alone: the script does nothing then (``with_claim``)."""
         storage = rt.mutex_storage
         task_id: str = request.id
         claim_owner = "q:" + task_id
-        wrap = with_claim(record, storage.renewal_key(qname), claim_owner)
-        calls = [storage.try_call(qname, claim_owner, rt.settings.lease),
-                 wrap(storage.try_call(name, owner, seconds))]
+        wrap = with_claim(record, storage.keys.lock_list(qname), claim_owner,
+                          to_ms(rt.settings.lease))
         sent = time.monotonic()  # both leases count from here (lease.Grant)
-        claimed, tried = run_scripts(rt.client, calls)
-        if isinstance(claimed, Exception) or int(claimed) < 1:
-            if not isinstance(tried, Exception) and int(tried) >= 1:
-                # The claim became this task id's (another delivery) between the two scripts:
-                # this run is not it, so gives back the lock and the record (owner-checked).
-                released, _ = run_scripts(rt.client, [storage.release_call(name, owner),
-                                                      rt.claims.forget_call(record)])
-                if not isinstance(released, Exception):
-                    storage.release_reply(released)
-            if isinstance(claimed, Exception):
-                raise claimed
+        reply = run_scripts(rt.client, [wrap(storage.try_call(name, owner, seconds))])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        claimed, tried = int(reply[0]), int(reply[1])
+        if claimed < 1:
             self._rk_duplicate(rt, qname, task_id)
-        claim = self._rk_hold_claim(rt, qname, task_id, Grant(int(claimed), sent))
+        claim = self._rk_hold_claim(rt, qname, task_id, Grant(claimed, sent))
         request.rediskit_claim = claim
-        if isinstance(tried, Exception):
-            raise tried
-        token = int(tried)
-        if token == 0:  # the claim changed hands between the two scripts: try as after a take
-            return claim, _try_acquire(rt, record, LeaseKind.MUTEX, name, owner, 0, seconds,
-                                       if_free=True)
-        return claim, Grant(token, sent) if token >= 1 else token
+        return claim, Grant(tried, sent) if tried >= 1 else tried
 
     def _rk_locked(self, rt: Runtime, policy: TaskPolicy, request: Any, name: str,
                    claim: MutexLease | None) -> NoReturn:

@@ -109,9 +109,10 @@ def test_every_release_of_a_run_goes_in_one_round_trip(
 def test_a_queued_scope_run_takes_its_claim_and_lock_in_one_round_trip(
     counted: tuple[Celery, list[list[str]]], client: redis.Redis, prefix: str
 ) -> None:
-    """Before the body: the claim's try and the lock's (with the record, the lock being free)
-    in one round trip (before: the claim, then the lock, two); at the end both released and
-    the record deleted in one."""
+    """Before the body: the claim renewed and the lock tried (with the record, the lock being
+    free) in one script (before: the claim's try, then the lock's, two scripts in one round
+    trip; earlier two round trips); at the end both released and the record deleted in one
+    round trip."""
     app, trips = counted
     seen: dict[str, Any] = {}
     before_body: dict[str, list[list[str]]] = {}
@@ -125,8 +126,8 @@ def test_a_queued_scope_run_takes_its_claim_and_lock_in_one_round_trip(
              singleton_scope="queued")(body)
     result, sent = _run(app, trips, "queued", "a")
     assert result.get() == "a"
-    assert before_body["a"] == [["EVALSHA", "EVALSHA"]], "the claim + the record and the lock"
-    assert sent == [["EVALSHA", "EVALSHA"], ["EVALSHA", "EVALSHA"]]
+    assert before_body["a"] == [["EVALSHA"]], "the claim, the record and the lock: one script"
+    assert sent == [["EVALSHA"], ["EVALSHA", "EVALSHA"]]
     assert sorted(key.split(":")[0] for _k, key, _o in seen["a"]) == ["queued", "singleton"]
     assert not _records(client, prefix) and not _locked(client, prefix)
 
@@ -135,8 +136,9 @@ def test_a_queued_scope_run_on_a_worker_makes_one_round_trip_before_its_body(
     redis_url: str, prefix: str, worker: WorkerFactory
 ) -> None:
     """On a real (in-process) worker: from the moment the task is handed to its thread
-    (``task_prerun``) until its body starts, that thread makes one round trip, the claim's try
-    and the lock's together (before: two)."""
+    (``task_prerun``) until its body starts, that thread makes one round trip of one script,
+    the claim's renewal and the lock's try together (before: two scripts; earlier two round
+    trips)."""
     c, trips = thread_round_trip_client(redis_url)
     app = make_app(redis_url, prefix, client=c)
     marks: dict[str, int] = {}
@@ -162,7 +164,7 @@ def test_a_queued_scope_run_on_a_worker_makes_one_round_trip_before_its_body(
         signals.task_prerun.disconnect(mark)
         app.close()
         c.close()
-    assert before_body[1] == [["EVALSHA", "EVALSHA"]], "the claim and the lock, together"
+    assert before_body[1] == [["EVALSHA"]], "the claim and the lock, one script"
 
 
 def test_a_queued_run_meeting_its_lock_held_keeps_the_other_runs_record(
@@ -191,3 +193,36 @@ def test_a_queued_run_meeting_its_lock_held_keeps_the_other_runs_record(
         assert rt.mutex_storage.get_lock_info(lock).holder == running.owner
     finally:
         running.release()
+
+
+def test_a_queued_run_whose_claim_another_task_holds_is_a_duplicate_that_touches_nothing(
+    counted: tuple[Celery, list[list[str]]], client: redis.Redis, prefix: str
+) -> None:
+    """The claim is another task id's (sent since this message's claim expired): the run is
+    dropped as its duplicate, in the one script, which takes neither the lock nor the claim
+    and writes no claims record."""
+    app, trips = counted
+
+    ran: list[str] = []
+
+    @app.task(shared=False, name="queued", singleton=True, singleton_scope="queued")
+    def queued(x: str) -> str:
+        ran.append(x)
+        return x
+
+    rt = RedisKit.of(app).runtime()
+    policy = queued._rk_policy
+    lock = policy.singleton_name("queued", policy.bind(("a",), {}), ("a",), {})
+    qname = f"queued:{lock}"
+    other = rt.mutex.acquire(qname, owner="q:the-other-task")
+    try:
+        queued.apply(("warm-up",))
+        trips.clear()
+        result = queued.apply(("a",), task_id="this-task")
+        assert ran == ["warm-up"] and result.get() is None, "skipped: the body did not run"
+        assert trips[0] == ["EVALSHA"], "one script (then the report of who holds the claim)"
+        assert rt.mutex_storage.get_lock_info(qname).holder == "q:the-other-task"
+        assert rt.mutex_storage.get_lock_info(lock).holder is None
+        assert not _records(client, prefix)
+    finally:
+        other.release()
