@@ -249,14 +249,15 @@ def _meta(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"}])
-def test_the_store_carrying_the_releases_skips_celerys_read_before_it(
-    private_server: PrivateServer, prefix: str, options: dict[str, Any]
-) -> None:
-    """Celery reads a task's result key before storing (never to overwrite a SUCCESS); with
-    the releases in the store, the store's script checks that itself: no GET of the key in a
-    round trip of its own (one on main), and the result still stored and published."""
-    url = private_server.url
+@contextmanager
+def _watched_run(url: str, prefix: str, options: dict[str, Any], *, scripts: bool = False,
+                 after_warm_up: Callable[[redis.Redis], None] | None = None,
+                 ) -> Iterator[tuple[Any, str, list[str], redis.Redis]]:
+    """One run of a task with ``options`` (its body returns its argument) on an in-process
+    worker, after a warm-up run, under a MONITOR (:func:`_client_commands`): yields, while
+    the worker still runs, the task, the run's id, the commands seen and a client, once the
+    result is stored and nothing is held. The result is not fetched (``AsyncResult.get()``
+    would read the key itself)."""
     client = redis.Redis.from_url(url)
     app, c, _trips = _app(url, prefix)
 
@@ -266,21 +267,33 @@ def test_the_store_carrying_the_releases_skips_celerys_read_before_it(
 
     try:
         with in_process_worker(app, concurrency=1):
-            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
+            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up: scripts loaded, backend
+            if after_warm_up is not None:
+                after_warm_up(client)
             task_id = str(uuid.uuid4())
-            with _client_commands(url) as sent:
-                # no AsyncResult.get(): it would read the key itself
+            with _client_commands(url, scripts=scripts) as seen:
                 job.apply_async((2,), task_id=task_id)
                 wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
                            and _locked(client, prefix) == [])
-            assert f"GET celery-task-meta-{task_id}" not in sent
-            meta = _meta(client, task_id)
-            assert meta is not None and (meta["status"], meta["result"]) == ("SUCCESS", 2)
-            assert job.AsyncResult(task_id).get(timeout=WAIT) == 2  # published as before
+            yield job, task_id, seen, client
     finally:
         app.close()
         c.close()
         client.close()
+
+
+@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"}])
+def test_the_store_carrying_the_releases_skips_celerys_read_before_it(
+    private_server: PrivateServer, prefix: str, options: dict[str, Any]
+) -> None:
+    """Celery reads a task's result key before storing (never to overwrite a SUCCESS); with
+    the releases in the store, the store's script checks that itself: no GET of the key in a
+    round trip of its own (one on main), and the result still stored and published."""
+    with _watched_run(private_server.url, prefix, options) as (job, task_id, sent, client):
+        assert f"GET celery-task-meta-{task_id}" not in sent
+        meta = _meta(client, task_id)
+        assert meta is not None and (meta["status"], meta["result"]) == ("SUCCESS", 2)
+        assert job.AsyncResult(task_id).get(timeout=WAIT) == 2  # published as before
 
 
 @pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"},
@@ -295,35 +308,19 @@ def test_the_last_release_and_the_store_are_one_script(
     its acquires, the releases before the last, and that one (on main: the last release and
     the store, two). The releases in the store's transaction write no release record (a
     re-send is told apart by the stored result)."""
-    url = private_server.url
-    client = redis.Redis.from_url(url)
-    app, c, _trips = _app(url, prefix)
 
-    @app.task(shared=False, **options)
-    def job(x: int) -> int:
-        return x
+    def forget_release_records(client: redis.Redis) -> None:
+        for warm in client.scan_iter(match=f"{prefix}:*:released:*"):
+            client.delete(warm)  # the warm-up's (its releases went on their own)
 
-    leases = len(options)
-    try:
-        with in_process_worker(app, concurrency=1):
-            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
-            task_id = str(uuid.uuid4())
-            for warm in client.scan_iter(match=f"{prefix}:*:released:*"):
-                client.delete(warm)  # the warm-up's (its releases went on their own)
-            with _client_commands(url) as sent:
-                job.apply_async((2,), task_id=task_id)
-                wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
-                           and _locked(client, prefix) == [])
-            assert job.AsyncResult(task_id).get(timeout=WAIT) == 2
-            records = set(client.scan_iter(match=f"{prefix}:*:released:*"))
-    finally:
-        app.close()
-        c.close()
-        client.close()
+    with _watched_run(private_server.url, prefix, options,
+                      after_warm_up=forget_release_records) as (job, task_id, sent, client):
+        assert job.AsyncResult(task_id).get(timeout=WAIT) == 2
+        records = set(client.scan_iter(match=f"{prefix}:*:released:*"))
     assert records == set(), "the releases with the store write no release record"
     scripts = [t for t in sent if t.startswith("EVALSHA") and (
         prefix in t or task_id in t)]
-    assert len(scripts) == 2 * leases, scripts  # acquires, releases: the store in the last
+    assert len(scripts) == 2 * len(options), scripts  # acquires, releases: the store in the last
     store = [t for t in scripts if f"celery-task-meta-{task_id}" in t]
     assert len(store) == 1 and f"{prefix}:claims:{task_id}" in store[0], store
 
@@ -340,26 +337,8 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     published). No release record, no separate check of the lease or record before the
     store, no GET of the result key (on main: 16 commands for a singleton run, 11 now; 22
     for a limited one, 16 now: its total and pin are read in one MGET)."""
-    url = private_server.url
-    client = redis.Redis.from_url(url)
-    app, c, _trips = _app(url, prefix)
-
-    @app.task(shared=False, **options)
-    def job(x: int) -> int:
-        return x
-
-    try:
-        with in_process_worker(app, concurrency=1):
-            assert job.delay(1).get(timeout=WAIT) == 1  # warm-up
-            task_id = str(uuid.uuid4())
-            with _client_commands(url, scripts=True) as run:
-                job.apply_async((2,), task_id=task_id)
-                wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
-                           and _locked(client, prefix) == [])
-    finally:
-        app.close()
-        c.close()
-        client.close()
+    with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
+        pass
     names = [text.split(" ", 1)[0].strip('"').upper() for text in run]
     if "singleton" in options:
         assert names == ["SET", "LLEN", "SET", "TIME", "SET",  # record, queue, lock, token
