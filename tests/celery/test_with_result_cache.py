@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.signals import task_postrun
 
 from celery_rediskit._redis.scripts import LuaScript, wrapped_script
 from celery_rediskit.testing import PrivateServer
@@ -48,10 +49,28 @@ class Worker:
             return x
 
         self.job = job
+        self.ended: dict[str, threading.Event] = {}  # task id: its task_postrun was sent
+
+        def ended(task_id: str = "", **_: Any) -> None:  # after the result's store
+            self.ended.setdefault(task_id, threading.Event()).set()
+
+        self._ended = ended
+        task_postrun.connect(ended, weak=False)
+
+    def close(self) -> None:
+        task_postrun.disconnect(self._ended)
+        self.app.close()
+        self.client.close()
 
     def sent(self) -> list[list[str]]:
         """The round trips of the worker's pool thread, both clients, in order."""
         return [names for thread, names in self.trips if thread == self.thread[0]]
+
+    def sent_by(self, result: Any) -> list[list[str]]:
+        """:meth:`sent` once the run of ``result`` is over in the worker: a caller can get
+        the result before the worker has read the reply of the transaction storing it."""
+        assert self.ended.setdefault(result.id, threading.Event()).wait(WAIT)
+        return self.sent()
 
 
 @contextmanager
@@ -61,8 +80,7 @@ def _worker(url: str, prefix: str, **options: Any) -> Iterator[Worker]:
         with in_process_worker(w.app, concurrency=1):
             yield w
     finally:
-        w.app.close()
-        w.client.close()
+        w.close()
 
 
 def _entries(client: redis.Redis, prefix: str) -> dict[bytes, bytes]:
@@ -76,10 +94,13 @@ def test_a_cache_miss_stores_its_entry_in_the_round_trip_storing_its_result(
     first). Before, the entry's store was a round trip of its own, between the body and the
     result's store; then a script of its own in the store's transaction."""
     with _worker(redis_url, prefix) as w:
-        assert w.job.delay("warm").get(timeout=WAIT) == "warm"  # scripts loaded, backend
+        warm = w.job.delay("warm")  # scripts loaded, backend
+        assert warm.get(timeout=WAIT) == "warm"
+        w.sent_by(warm)
         w.trips.clear()
-        assert w.job.delay("miss").get(timeout=WAIT) == "miss"
-        sent = w.sent()
+        miss = w.job.delay("miss")
+        assert miss.get(timeout=WAIT) == "miss"
+        sent = w.sent_by(miss)
         entries = _entries(client, prefix)  # a caller with the result finds the entry
     # the lookup, then one round trip: one script writing the entry, then the result
     # (Celery's read of the stored state before it skipped, as for a store carrying releases)
@@ -112,7 +133,9 @@ def test_a_cache_script_the_server_forgot_still_writes_the_entry_before_the_resu
     options = {"singleton": True} if task == "single" else {}
     try:
         with _worker(url, prefix, **options) as w:
-            assert w.job.delay("warm").get(timeout=WAIT) == "warm"
+            warm = w.job.delay("warm")
+            assert warm.get(timeout=WAIT) == "warm"
+            w.sent_by(warm)
             admin.script_flush()
             if loaded == "store only":  # reloaded meanwhile by another run's store
                 admin.script_load(_store_script(task).source)
@@ -121,7 +144,7 @@ def test_a_cache_script_the_server_forgot_still_writes_the_entry_before_the_resu
             events = keyspace_events(admin, lambda: result.append(w.job.delay("miss")),
                                       b"set")
             assert result[0].get(timeout=WAIT) == "miss"
-            sent = w.sent()
+            sent = w.sent_by(result[0])
             entries = _entries(admin, prefix)
             locks = [k for k in admin.scan_iter(match=f"{prefix}:lock:*") if k.endswith(b"}")]
     finally:
