@@ -756,12 +756,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         if backend is None:
             with_result.send_now(rt.client, prepared, done, first)
             return
-        held_until = prepared.held()  # the store must find these released
-        if record is not None:
-            held_until.append((record[1], "m", record[2]))  # and the record deleted
-        if write is not None:
-            held_until.append((write[1][0], "e", ""))  # and the cache entry written
-        with_result.defer(backend, task_id, prepared, rt.client, done, held_until, first)
+        with_result.defer(backend, task_id, prepared, rt.client, done, first)
 
     def _rk_forget(self, rt: Runtime, task_id: str, record: tuple[Any, ...]) -> None:
         try:

@@ -65,16 +65,14 @@ First = tuple[ScriptCall, Callable[[Any], None]]
 
 
 class _Deferred:
-    __slots__ = ("backend", "client", "done", "first", "held", "key", "prepared", "storing",
-                 "task_id")
+    __slots__ = ("backend", "client", "done", "first", "key", "prepared", "storing", "task_id")
 
     def __init__(self, backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
-                 done: Callable[[list[Any]], None],
-                 held: Sequence[tuple[str, str, str]], first: Sequence[First]) -> None:
+                 done: Callable[[list[Any]], None], first: Sequence[First]) -> None:
         self.backend, self.task_id = backend, task_id
         self.key = _as_bytes(backend.get_key_for_task(task_id))
         self.prepared, self.client, self.done = prepared, client, done
-        self.held, self.first = held, first
+        self.first = first
         self.storing = False  # inside Celery's _store_result of this run's result
 
     def is_for(self, backend: Any, task_id: Any) -> bool:
@@ -159,13 +157,15 @@ def _install(backend: Any) -> None:
         releases = deferred.prepared.in_store()
         writes = [call for call, _taker in deferred.first]
         # The store runs inside the last script sent before it: the last release, or with
-        # none the last write (see _store_call).
+        # none the last write; it checks what the scripts sent apart before it end or write.
         wrapped = releases[-1] if releases else writes[-1] if writes else None
-        store, keys, args = _store_call(deferred.held, wrapped, key, value, ms)
         if releases:
             releases = releases[:-1]
         elif writes:
             writes = writes[:-1]
+        checks = [*deferred.prepared.held()[:len(releases)],
+                  *((call[1][0], "e", "") for call in writes)]
+        store, keys, args = _store_call(checks, wrapped, key, value, ms)
         with backend.client.pipeline() as pipe:
             for script, skeys, sargs in (*writes, *releases):
                 pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
@@ -217,17 +217,17 @@ def _store_call(checks: Sequence[tuple[str, str, str]], wrapped: ScriptCall | No
                 value: Any, ms: int) -> tuple[LuaScript, list[Any], list[Any]]:
     """The script storing the result, with its keys and arguments. With a script to run
     before it (``wrapped``: the run's last release, or its last write), the two are one
-    script (``lua/store_after.lua``), which runs both or neither: what that script writes
-    or ends itself (its lease, the claims record it deletes, its cache entry) needs no
-    check. Else ``lua/result_store.lua``, with every check of ``checks``."""
+    script (``lua/store_after.lua``), which runs both or neither: what that script ends or
+    writes itself (its lease, the claims record it deletes, its cache entry) needs no check.
+    Else ``lua/result_store.lua``. ``checks`` (key, kind, value), as
+    ``lua/_result_store.lua`` checks them: what the scripts sent apart before it end (a
+    lease's key, ``PreparedRelease.held``) or write (a cache entry's key, kind ``"e"``)."""
     if wrapped is None:
         script = load_script("result_store")
         keys: list[Any] = [key]
         args: list[Any] = [value, ms]
     else:
         inner, wkeys, wargs = wrapped
-        own, given = set(wkeys), {str(a) for a in wargs}
-        checks = [c for c in checks if not (c[0] in own and (c[1] == "e" or c[2] in given))]
         script = wrapped_script("store_after", inner.name)
         keys, args = [*wkeys, key], [*wargs, value, ms]
     keys += [k for k, _kind, _value in checks]
@@ -243,17 +243,14 @@ def _as_bytes(key: Any) -> bytes:
 
 
 def defer(backend: Any, task_id: str, prepared: PreparedRelease, client: Any,
-          done: Callable[[list[Any]], None],
-          held: Sequence[tuple[str, str, str]] = (), first: Sequence[First] = ()) -> None:
+          done: Callable[[list[Any]], None], first: Sequence[First] = ()) -> None:
     """Hand ``prepared`` over to the store of ``task_id``'s result by ``backend`` (from
     :func:`backend_for`); ``done`` gets the replies of its calls once sent (on ``client``,
-    the library's, when the store does not take them). ``held``: what the releases end,
-    (key, kind, value) as ``lua/result_store.lua`` checks it (``PreparedRelease.held``,
-    and the claims record with kind ``"m"`` and its text): the result is stored only once
-    none of it is held any more. ``first``: writes sent before the releases (idempotent
-    scripts, each with what takes its reply), each key in ``held`` with kind ``"e"``."""
+    the library's, when the store does not take them). ``first``: writes sent before the
+    releases (idempotent scripts, each with what takes its reply). The result is stored
+    only once every release ran and every write is there (see :func:`_store_call`)."""
     flush()  # one left by a run whose store and cleanup never came (should not happen)
-    _local.deferred = _Deferred(backend, task_id, prepared, client, done, held, first)
+    _local.deferred = _Deferred(backend, task_id, prepared, client, done, first)
 
 
 def flush() -> None:

@@ -99,11 +99,8 @@ class RedisMutexStorage(MutexStorage):
         release id (also reused by the cache's fill script): every send of one call must use
         the same list. ``witness=False``: no release record, and a waiter of this process
         is woken by message like any other (see :meth:`release_call`)."""
-        if not witness:
-            return [owner, self.wake_prefix(key), NO_PROCESS, "1" if force else "0",
-                    self._idle_ms, release_id(), 0]
-        return [owner, self.wake_prefix(key), process_id(), "1" if force else "0",
-                self._idle_ms, release_id(), RECORD_MS]
+        return [owner, self.wake_prefix(key), process_id() if witness else NO_PROCESS,
+                "1" if force else "0", self._idle_ms, release_id(), RECORD_MS if witness else 0]
 
     def release_keys(self, key: str) -> list[str]:
         """KEYS of ``mutex_release.lua``: the lock's keys and the calling thread's release
