@@ -45,10 +45,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import states
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis.batch import PreparedRelease, ScriptCall, run_scripts
-from .._redis.scripts import LuaScript, load_script, wrapped_script
+from .._redis.scripts import (
+    LuaScript,
+    call,
+    call_many,
+    is_traced,
+    load_script,
+    wrapped_script,
+)
 
 __all__ = ["backend_for", "defer", "flush", "send_now"]
 
@@ -164,13 +171,12 @@ def _install(backend: Any) -> None:
         elif writes:
             writes = writes[:-1]
         checks = [*deferred.prepared.held()[:len(releases)],
-                  *((call[1][0], "e", "") for call in writes)]
+                  *((write[1][0], "e", "") for write in writes)]
         store, keys, args = _store_call(checks, wrapped, key, value, ms)
-        with backend.client.pipeline() as pipe:
-            for script, skeys, sargs in (*writes, *releases):
-                pipe.execute_command("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
-            pipe.execute_command("EVALSHA", store.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)  # a lost connection raises: retried
+        commands = [("EVALSHA", script.sha, len(skeys), *skeys, *sargs)
+                    for script, skeys, sargs in (*writes, *releases)]
+        commands.append(("EVALSHA", store.sha, len(keys), *keys, *args))
+        replies = _send_store(deferred.client, commands)  # a lost connection raises: retried
         _local.deferred = None
         stored = replies.pop()
         if wrapped is not None:  # its reply, and the store's; or an error: neither ran
@@ -196,7 +202,7 @@ def _install(backend: Any) -> None:
         _send(deferred, first=False)  # loads missing scripts; those that ran answer as before
         if isinstance(stored, NoScriptError):
             try:
-                store.load(backend.client)  # for the next run's store
+                store.load(deferred.client)  # for the next run's store
             except Exception:  # noqa: BLE001 - the next store falls back the same way
                 log.debug("rediskit: loading the result store script failed", exc_info=True)
         return _store_unless_succeeded(key, value, *rest)
@@ -211,6 +217,29 @@ def _install(backend: Any) -> None:
     backend.process_cleanup = process_cleanup
     backend._store_result = _store_result
     backend._get_task_meta_for = _get_task_meta_for
+
+
+def _send_store(client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send the store's ``commands`` on ``client`` (the library's, on the backend's server and
+    database) through its lean path (``scripts.call``): no checkout of a connection of
+    the backend's pool, no transaction for the store alone. Several commands go in one
+    ``MULTI``/``EXEC``, the releases and writes visible with the result. Replies in order, an
+    error reply in place of its reply; a lost connection raises (Celery retries the store)."""
+    if len(commands) == 1:
+        try:
+            return [call(client, *commands[0])]
+        except ResponseError as exc:  # NOSCRIPT, or the server refused it: nothing ran
+            return [exc]
+    if is_traced(client):  # redis-py's public path, as trace_commands() promises
+        with client.pipeline() as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(pipe.execute(raise_on_error=False))
+    replies = call_many(client, ("MULTI",), *commands, ("EXEC",))
+    done = replies[-1]
+    if isinstance(done, Exception):  # EXECABORT: none of them ran
+        return [done] * len(commands)
+    return list(done)
 
 
 def _store_call(checks: Sequence[tuple[str, str, str]], wrapped: ScriptCall | None, key: Any,

@@ -59,8 +59,9 @@ def _run(app: Celery, trips: list[list[str]], call: Callable[[], Any]) -> list[l
 def test_a_run_releases_in_the_round_trip_storing_its_result(
     redis_url: str, prefix: str, client: redis.Redis
 ) -> None:
-    """A singleton + limited task: the library's client sends only the two acquires; the
-    releases and the claims record's deletion are done when the result can be read."""
+    """A singleton + limited task: the library's client sends the two acquires and the
+    result's store, which carries the releases and the claims record's deletion (done when
+    the result can be read): no round trip of their own."""
     app, c, trips = _app(redis_url, prefix)
 
     @app.task(shared=False, singleton=True, concurrency_limit="db:2")
@@ -76,7 +77,8 @@ def test_a_run_releases_in_the_round_trip_storing_its_result(
     finally:
         app.close()
         c.close()
-    assert sent == [["EVALSHA"], ["EVALSHA"]], "the two acquires only"
+    assert sent == [["EVALSHA"], ["EVALSHA"], ["MULTI", "EVALSHA", "EVALSHA", "EXEC"]], (
+        "the two acquires, then the store: the first release, the last with the store")
 
 
 def test_a_failed_run_releases_with_its_stored_failure(
@@ -98,7 +100,7 @@ def test_a_failed_run_releases_with_its_stored_failure(
     finally:
         app.close()
         c.close()
-    assert sent == [["EVALSHA"]]
+    assert sent == [["EVALSHA"], ["EVALSHA"]], "the acquire, the release with the store"
 
 
 @pytest.mark.parametrize("how", ["ignore_result", "Ignore"])
