@@ -10,7 +10,8 @@ as a command of its own beside the script, in the same round trip (``call_many``
 
 A queued-scope run renews its claim and tries its lock in one script
 (``claims_queued_try.lua``, :func:`with_claim`), which does nothing unless the claim is the
-run's (or free).
+run's (or free); its last release gives back the claim, the record and the lock in one
+script (``claims_queued_release.lua``, :func:`with_forget` with ``claim``).
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ def with_claim(record: tuple[Any, ...], claim_keys: list[str], claim_owner: str,
     return wrap
 
 
-def with_forget(record: tuple[Any, ...]) -> Wrap:
+def with_forget(record: tuple[Any, ...], claim: tuple[str, str] | None = None) -> Wrap:
     """A wrapper turning a release script call into one that first deletes ``record`` (as
-    ``ClaimStore.forget``: only if it still holds the text this run wrote)."""
+    ``ClaimStore.forget``: only if it still holds the text this run wrote). ``claim`` (a
+    lock's release only): the queued-scope claim's lock key and owner, released in the same
+    script (``claims_queued_release.lua``)."""
     _set, key, text, _ex, seconds = record
 
     def wrap(call: ScriptCall) -> ScriptCall:
         script, keys, args = call
-        return load_script(_RELEASE[script.name]), [*keys, key], [*args, text, seconds]
+        if claim is None:
+            return load_script(_RELEASE[script.name]), [*keys, key], [*args, text, seconds]
+        if script.name != "mutex_release":
+            raise ValueError("a claim goes with a lock's release only")
+        claim_key, claim_owner = claim
+        return (load_script("claims_queued_release"), [*keys, key, claim_key],
+                [*args, text, seconds, claim_owner])
 
     return wrap

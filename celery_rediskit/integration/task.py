@@ -719,14 +719,24 @@ class RedisKitTask(Task):  # type: ignore[misc]
         held: list[Lease] = getattr(request, "rediskit_leases", None) or []
         released = held[::-1]
         leases = released
+        record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
+        then = [rt.claims.forget_call(record)] if record is not None else []
+        fused = record is not None and rt.one_server
+        folded: MutexLease | None = None  # the claim, released in the lock's release script
         if claim is not None:
             if keep_claim:
                 renewer().unregister(claim)
+            elif fused and released and released[-1].kind is LeaseKind.MUTEX \
+                    and not claim.released:
+                folded = claim
+                renewer().unregister(claim)
             else:
                 leases = [*released, claim]
-        record: tuple[Any, ...] | None = getattr(request, "rediskit_record", None)
-        then = [rt.claims.forget_call(record)] if record is not None else []
-        fuse = with_forget(record) if record is not None and rt.one_server else None
+        fuse = None
+        if fused:
+            assert record is not None
+            fuse = with_forget(record, None if folded is None else (
+                rt.mutex_storage.renewal_key(folded.key), folded.owner))
         prepared = PreparedRelease(leases, then, fuse)
         held.clear()
         request.rediskit_claim = None
@@ -737,6 +747,8 @@ class RedisKitTask(Task):  # type: ignore[misc]
 
         def done(replies: list[Any]) -> None:
             forgotten = prepared.finish(replies)
+            if folded is not None and forgotten and not isinstance(forgotten[0], Exception):
+                folded.released = True  # with the lock, in its script
             if record is not None and (not forgotten or isinstance(forgotten[0], Exception)):
                 self._rk_forget(rt, task_id, record)
             if lease_released.receivers:

@@ -170,7 +170,7 @@ def test_a_backend_on_another_database_is_left_alone(
 
 
 @pytest.mark.parametrize("loaded", ["none", "store only"])
-@pytest.mark.parametrize("task", ["single", "limited", "both"])
+@pytest.mark.parametrize("task", ["single", "limited", "both", "queued"])
 def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
     private_server: PrivateServer, prefix: str, task: str, loaded: str
 ) -> None:
@@ -187,6 +187,7 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
         "single": {"singleton": True},
         "limited": {"concurrency_limit": "db:2"},
         "both": {"singleton": True, "concurrency_limit": "db:2"},
+        "queued": {"singleton": True, "singleton_scope": "queued"},
     }[task]
 
     @app.task(shared=False, **options)
@@ -198,7 +199,8 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
             assert job.delay(1).get(timeout=WAIT) == 1  # warm-up: scripts loaded, backend
             client.script_flush()
             if loaded == "store only":  # reloaded meanwhile by another run's store
-                last = "claims_sem_release" if task == "limited" else "claims_mutex_release"
+                last = {"limited": "claims_sem_release", "queued": "claims_queued_release",
+                        }.get(task, "claims_mutex_release")
                 client.script_load(wrapped_script("store_after", last).source)
             result: list[Any] = []
             events = keyspace_events(client, lambda: result.append(job.delay(2)), b"set")
@@ -327,8 +329,9 @@ def test_the_last_release_and_the_store_are_one_script(
     assert len(store) == 1 and f"{prefix}:claims:{task_id}" in store[0], store
 
 
-@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"}],
-                         ids=["singleton", "limit"])
+@pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"},
+                                     {"singleton": True, "singleton_scope": "queued"}],
+                         ids=["singleton", "limit", "queued"])
 def test_the_commands_a_run_makes_inside_its_scripts(
     private_server: PrivateServer, prefix: str, options: dict[str, Any]
 ) -> None:
@@ -338,11 +341,24 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     the lease given back, the result written reading what was there in the same SET, and
     published). No release record, no separate check of the lease or record before the
     store, no GET of the result key (on main: 16 commands for a singleton run, 11 now; 22
-    for a limited one, 16 now: its total and pin are read in one MGET)."""
+    for a limited one, 16 now: its total and pin are read in one MGET). A queued-scope run
+    gives back its claim (never waited for: an owner-checked DEL), its record and its lock
+    in the storing script (before: the lock's release a script of its own, checked by the
+    store, and the claim's a full release with its queue's LLEN: 11 commands and 2 scripts
+    where there are 8 and 1)."""
     with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
         pass
     names = [text.split(" ", 1)[0].strip('"').upper() for text in run]
-    if "singleton" in options:
+    if options.get("singleton_scope") == "queued":
+        assert names == [
+            "GET", "SET", "LLEN", "SET", "TIME", "SET",  # apply_async: record, the claim
+            "GET", "PEXPIRE",  # its send with a task_id chosen by the caller: a re-send's
+            "GET", "PEXPIRE", "GET",  # the run: the claim renewed to its lease, its token
+            "GET", "SET", "LLEN", "SET", "TIME", "SET",  # the run's record, the lock
+            "GET", "DEL", "GETDEL",  # the end: the claim given back, the record
+            "GET", "LLEN", "DEL",  # the lock
+            "SET", "PUBLISH"], run  # the result
+    elif "singleton" in options:
         assert names == ["SET", "LLEN", "SET", "TIME", "SET",  # record, queue, lock, token
                          "GETDEL", "GET", "LLEN", "DEL",  # record, lock (owner), queue
                          "SET", "PUBLISH"], run  # the result
@@ -352,6 +368,35 @@ def test_the_commands_a_run_makes_inside_its_scripts(
             "LLEN", "ZCARD", "ZADD", "PTTL", "PEXPIRE",  # queue, holders (a new zset here)
             "GETDEL", "TIME", "ZREMRANGEBYSCORE", "LLEN", "ZREM",  # record, permit
             "SET", "PUBLISH"], run  # the result
+
+
+def test_a_queued_claim_another_task_took_meanwhile_is_left_to_it(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    """The queued scope's claim is given back in the run's last release script by an
+    owner-checked deletion: a claim that another task holds by then (the run's expired and
+    was taken again) is left as it is, while the run's lock and record go."""
+    app, c, _trips = _app(redis_url, prefix)
+    other = b"q:another-task"
+
+    @app.task(shared=False, bind=True, singleton=True, singleton_scope="queued")
+    def job(self: Any, x: int) -> int:
+        claims = [k for k in client.scan_iter(match=f"{prefix}:lock:{{queued:*")
+                  if k.endswith(b"}")]
+        assert len(claims) == 1, claims
+        client.set(claims[0], other, px=60_000)  # as if expired and taken by another task
+        return x
+
+    try:
+        with in_process_worker(app, concurrency=1):
+            assert job.delay(2).get(timeout=WAIT) == 2
+            wait_until(lambda: len(_locked(client, prefix)) == 1)
+            left = _locked(client, prefix)
+            assert len(left) == 1 and b"{queued:" in left[0], left
+            assert client.get(left[0]) == other
+    finally:
+        app.close()
+        c.close()
 
 
 @pytest.mark.parametrize("worker", [True, False], ids=["worker", "apply"])

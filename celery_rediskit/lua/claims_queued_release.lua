@@ -1,0 +1,17 @@
+-- Release a queued-scope run's claim, then, as claims_mutex_release.lua, delete the run's
+-- claims record and release its lock: one script (Celery layer, one server), the last
+-- release of the run's end.
+-- then: claims_mutex_release
+-- This file is a prefix: the loader appends claims_mutex_release.lua (itself a prefix of
+-- mutex_release.lua; same keys and arguments first, same result). The script is atomic, so
+-- the claim goes with the lock as if released after it.
+-- A claim is only ever tried (at apply_async, or by its run), never waited for: no queue,
+-- no waiter to hand it to, so its release is its owner-checked deletion, and it writes no
+-- release record (like every release in the store of a result: the stored result tells a
+-- re-send apart).
+-- KEYS[1..6] as claims_mutex_release.lua (the lock's keys, release record, claims record)
+-- KEYS[7]    the claim's lock key (it holds the claim's owner id; see mutex_acquire.lua)
+-- ARGV[1..9] as claims_mutex_release.lua
+-- ARGV[10]   the claim's owner id, "q:<task id>"
+-- Returns: what mutex_release.lua returns for the lock.
+if redis.call('GET', KEYS[7]) == ARGV[10] then redis.call('DEL', KEYS[7]) end
