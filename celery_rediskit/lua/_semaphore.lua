@@ -21,9 +21,8 @@ local function sem_serve(holders, total, queue, waiters, now, chan_prefix, local
   local locals = {}
   local free = (tonumber(redis.call('GET', total)) or 0) - redis.call('ZCARD', holders)
   while free > 0 do
-    local w, lease = wq_head(queue, waiters, now)
+    local w, lease = wq_take(queue, waiters, now)
     if not w then break end
-    wq_pop(queue, waiters, w)
     redis.call('ZADD', holders, now + lease, w)
     keep_until(holders, now + lease)
     free = free - 1

@@ -18,13 +18,14 @@
 
 local wq_since = {}  -- waiter id -> "<ms from its last check-in to now> <check-in no.>"
 
--- The first live waiter and the lease it asked for; dead ones met on the way are dropped.
--- The returned waiter stays in the queue: wq_pop removes it once it is served.
-local function wq_head(queue, waiters, now)
+-- The first live waiter and the lease it asked for, taken out of the queue (to be served
+-- now); dead ones met on the way are dropped.
+local function wq_take(queue, waiters, now)
   while true do
-    local w = redis.call('LINDEX', queue, 0)
+    local w = redis.call('LPOP', queue)
     if not w then return nil, nil end
     local v = redis.call('HGET', waiters, w)
+    redis.call('HDEL', waiters, w)
     if v then
       local deadline, lease, joined, n = string.match(v, '^(%d+):(%d+):?(%d*):?(%d*)$')
       if deadline and tonumber(deadline) > now then
@@ -32,14 +33,7 @@ local function wq_head(queue, waiters, now)
         return w, tonumber(lease)
       end
     end
-    redis.call('LPOP', queue)
-    redis.call('HDEL', waiters, w)
   end
-end
-
-local function wq_pop(queue, waiters, w)
-  redis.call('LPOP', queue)
-  redis.call('HDEL', waiters, w)
 end
 
 -- Add a waiter at the tail, or refresh its entry if it is queued already (now: its check-in,
@@ -58,7 +52,7 @@ local function wq_leave(queue, waiters, w)
   end
 end
 
--- Tell a waiter (just returned by wq_head) it was granted. Returns the message instead of
+-- Tell a waiter (just returned by wq_take) it was granted. Returns the message instead of
 -- publishing it when the waiter lives in the calling process (local_proc), which then wakes it
 -- without a network hop. A channel prefix carrying a hash tag is a Redis Cluster slot's
 -- ("<prefix>:wake:{<slot tag>}:", the slot of the script's keys): the message goes out with

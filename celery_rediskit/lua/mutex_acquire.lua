@@ -38,13 +38,11 @@ local now = nil
 if not holder then
   -- Free, but others queue (e.g. the holder's lease just ended): serve the queue first.
   now = now_ms()
-  local head, head_lease = wq_head(queue, waiters, now)
+  local head, head_lease = wq_take(queue, waiters, now)
   if head == nil or head == owner then
-    if head then wq_pop(queue, waiters, head) end
     redis.call('SET', lock, owner, 'PX', lease)
     return fence_next(fence, lease, tonumber(ARGV[6]))
   end
-  wq_pop(queue, waiters, head)
   redis.call('SET', lock, head, 'PX', head_lease)
   -- No local shortcut here: the caller is a waiter itself, so always publish.
   wq_notify(ARGV[5], '', head, fence_next(fence, head_lease, tonumber(ARGV[6])))

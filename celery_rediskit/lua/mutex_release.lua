@@ -44,9 +44,8 @@ if not holder or (ARGV[4] ~= '1' and holder ~= owner) then
   return 0
 end
 if ARGV[7] ~= '0' then redis.call('SET', record, ARGV[6], 'PX', ARGV[7]) end
-local w, lease = wq_head(queue, waiters, now_ms())
+local w, lease = wq_take(queue, waiters, now_ms())
 if w then
-  wq_pop(queue, waiters, w)
   redis.call('SET', lock, w, 'PX', lease)
   local token = fence_next(fence, lease, tonumber(ARGV[5]))
   local handed = wq_notify(ARGV[2], ARGV[3], w, token)

@@ -34,9 +34,10 @@ end
 
 -- libraries here
 
-wq_leave(queue, waiters, owner)
 if ARGV[4] == 'keep' and redis.call('ZSCORE', holders, owner) then return 2 end
 local released = redis.call('ZREM', holders, owner)
+-- A holder is never queued (popped when served): only a waiter giving up leaves the queue.
+if released == 0 then wq_leave(queue, waiters, owner) end
 local locals = sem_serve(holders, total, queue, waiters, now, ARGV[2], ARGV[3])
 if released == 1 then
   if ARGV[6] ~= '0' then redis.call('SET', record, ARGV[5], 'PX', ARGV[6]) end

@@ -31,14 +31,14 @@ def test_a_prefix_script_continues_into_the_script_it_names() -> None:
     body = acquire.split("-- Fast path", 1)[1]
     assert body in claim
     assert claim.index("local cached = redis.call('GET', KEYS[5])") < claim.index("-- Fast path")
-    for library in ("local function wq_head", "local function cache_store"):
+    for library in ("local function wq_take", "local function cache_store"):
         assert claim.count(library) == 1, library
 
 
 def test_early_libraries_sit_above_the_fast_path_and_others_below_it() -> None:
     source = compose("mutex_acquire")
     fast = source.index("-- Fast path")
-    assert source.index("local function now_ms()") < fast < source.index("local function wq_head")
+    assert source.index("local function now_ms()") < fast < source.index("local function wq_take")
 
 
 def test_composed_scripts_run_on_the_server(client: redis.Redis) -> None:

@@ -22,6 +22,7 @@ from celery_rediskit._redis.scripts import wrapped_script
 from celery_rediskit.testing import PrivateServer
 from tests.interrupts import wait_until
 from tests.keyspace import keyspace_events
+from tests.monitor import client_commands, command_names
 from tests.roundtrips import round_trip_client
 
 from .conftest import in_process_worker, make_app
@@ -218,36 +219,6 @@ def test_scripts_the_server_forgot_still_release_before_the_result_is_stored(
     assert released and released[-1] in (b"del", b"zrem"), events
 
 
-@contextmanager
-def _client_commands(url: str, scripts: bool = False) -> Iterator[list[str]]:
-    """Every command sent by a client (not from inside a script; with ``scripts``, only
-    those run from inside a script) while the block runs, from a MONITOR of the server."""
-    stop = f"rediskit-test-stop-{uuid.uuid4().hex}"
-    commands: list[str] = []
-    ready = threading.Event()
-    monitor_client = redis.Redis.from_url(url)
-
-    def listen() -> None:
-        with monitor_client.monitor() as m:
-            ready.set()
-            for command in m.listen():
-                text = command["command"]
-                if stop in text:
-                    return
-                if (command.get("client_type") == "lua") == scripts:
-                    commands.append(text)
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    assert ready.wait(WAIT)
-    try:
-        yield commands
-    finally:
-        redis.Redis.from_url(url).echo(stop)
-        thread.join(WAIT)
-        monitor_client.close()
-
-
 def _meta(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
     raw = client.get(f"celery-task-meta-{task_id}")
     return None if raw is None else json.loads(raw)
@@ -258,7 +229,7 @@ def _watched_run(url: str, prefix: str, options: dict[str, Any], *, scripts: boo
                  after_warm_up: Callable[[redis.Redis], None] | None = None,
                  ) -> Iterator[tuple[Any, str, list[str], redis.Redis]]:
     """One run of a task with ``options`` (its body returns its argument) on an in-process
-    worker, after a warm-up run, under a MONITOR (:func:`_client_commands`): yields, while
+    worker, after a warm-up run, under a MONITOR (``tests.monitor.client_commands``): yields, while
     the worker still runs, the task, the run's id, the commands seen and a client, once the
     result is stored and nothing is held. The result is not fetched (``AsyncResult.get()``
     would read the key itself)."""
@@ -275,7 +246,7 @@ def _watched_run(url: str, prefix: str, options: dict[str, Any], *, scripts: boo
             if after_warm_up is not None:
                 after_warm_up(client)
             task_id = str(uuid.uuid4())
-            with _client_commands(url, scripts=scripts) as seen:
+            with client_commands(url, scripts=scripts) as seen:
                 job.apply_async((2,), task_id=task_id)
                 wait_until(lambda: client.exists(f"celery-task-meta-{task_id}") == 1
                            and _locked(client, prefix) == [])
@@ -348,7 +319,7 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     where there are 8 and 1)."""
     with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
         pass
-    names = [text.split(" ", 1)[0].strip('"').upper() for text in run]
+    names = command_names(run)
     if options.get("singleton_scope") == "queued":
         assert names == [
             "GET", "SET", "LLEN", "SET", "TIME", "SET",  # apply_async: record, the claim
