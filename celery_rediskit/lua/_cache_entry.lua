@@ -71,13 +71,15 @@ local function cache_index(entry, value, ttl, prefix)
   end
 end
 
--- Store `payload` (a full entry) under `entry` for `ttl` ms (0: no expiry), re-indexing tags.
+-- Store `payload` (a full entry) under `entry` for `ttl` ms (0: no expiry), re-indexing tags
+-- (the entry it replaces is read by the SET that writes it: its tags are dropped after).
 local function cache_store(entry, payload, ttl, prefix)
-  cache_untag(entry, redis.call('GET', entry), prefix, nil)
+  local old
   if ttl > 0 then
-    redis.call('SET', entry, payload, 'PX', ttl)
+    old = redis.call('SET', entry, payload, 'PX', ttl, 'GET')
   else
-    redis.call('SET', entry, payload)
+    old = redis.call('SET', entry, payload, 'GET')
   end
+  cache_untag(entry, old, prefix, nil)
   cache_index(entry, payload, ttl, prefix)
 end

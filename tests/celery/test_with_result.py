@@ -32,8 +32,8 @@ WAIT = 20
 
 def _locked(client: redis.Redis, prefix: str) -> list[Any]:
     """Lock owner keys and semaphore holders left (a lock's fence and release records stay)."""
-    return [k for k in client.scan_iter(match=f"{prefix}:*")
-            if k.endswith(b"}") or k.endswith(b":holders") or b":claims:" in k]
+    return [k for k in client.scan_iter(match=f"{prefix}:*") if b":cache:" not in k and (
+            k.endswith(b"}") or k.endswith(b":holders") or b":claims:" in k)]
 
 
 def _scripts(trips: list[list[str]]) -> list[list[str]]:
@@ -301,8 +301,9 @@ def test_the_last_release_and_the_store_are_one_script(
 
 
 @pytest.mark.parametrize("options", [{"singleton": True}, {"concurrency_limit": "db:2"},
-                                     {"singleton": True, "singleton_scope": "queued"}],
-                         ids=["singleton", "limit", "queued"])
+                                     {"singleton": True, "singleton_scope": "queued"},
+                                     {"cache_ttl": 60}],
+                         ids=["singleton", "limit", "queued", "cached"])
 def test_the_commands_a_run_makes_inside_its_scripts(
     private_server: PrivateServer, prefix: str, options: dict[str, Any]
 ) -> None:
@@ -316,7 +317,8 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     gives back its claim (never waited for: an owner-checked DEL), its record and its lock
     in the storing script (before: the lock's release a script of its own, checked by the
     store, and the claim's a full release with its queue's LLEN: 11 commands and 2 scripts
-    where there are 8 and 1)."""
+    where there are 8 and 1). A cache miss writes its entry reading the entry it replaces
+    in the same SET (for that one's tags; before: a GET first), then stores the result."""
     with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
         pass
     names = command_names(run)
@@ -329,6 +331,9 @@ def test_the_commands_a_run_makes_inside_its_scripts(
             "GET", "DEL", "GETDEL",  # the end: the claim given back, the record
             "GET", "LLEN", "DEL",  # the lock
             "SET", "PUBLISH"], run  # the result
+    elif "cache_ttl" in options:
+        assert names == ["SET",  # the entry, reading the one it replaces
+                         "SET", "PUBLISH"], run  # the result
     elif "singleton" in options:
         assert names == ["SET", "LLEN", "SET", "TIME", "SET",  # record, queue, lock, token
                          "GETDEL", "GET", "LLEN", "DEL",  # record, lock (owner), queue
