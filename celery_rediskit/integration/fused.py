@@ -8,7 +8,9 @@ primitive's own script with the record's step in front (``-- then:``), with the 
 On a Redis Cluster the record lives in another slot than the lock or semaphore, so it is sent
 as a command of its own beside the script, in the same round trip (``call_many``).
 
-A queued-scope run renews its claim and tries its lock in one script
+A queued-scope task takes its claim at ``apply_async`` with its record in one script
+(``claims_queued_claim.lua``, :func:`with_claim_record`). Its run renews the claim and tries
+its lock in one script
 (``claims_queued_try.lua``, :func:`with_claim`), which does nothing unless the claim is the
 run's (or free); its last release gives back the claim, the record and the lock in one
 script (``claims_queued_release.lua``, :func:`with_forget` with ``claim``).
@@ -22,7 +24,7 @@ from typing import Any
 from .._redis.batch import ScriptCall
 from .._redis.scripts import load_script, wrapped_script
 
-__all__ = ["with_claim", "with_forget", "with_record"]
+__all__ = ["with_claim", "with_claim_record", "with_forget", "with_record"]
 
 _ACQUIRE = {"mutex_acquire": "claims_mutex_acquire", "sem_acquire": "claims_sem_acquire"}
 _RELEASE = {"mutex_release": "claims_mutex_release", "sem_release": "claims_sem_release"}
@@ -44,6 +46,21 @@ def with_record(record: tuple[Any, ...], *, only_if_free: bool = False) -> Wrap:
             return load_script(_ACQUIRE[script.name]), [*keys, key], [*args, text, seconds]
         mode = "free" if only_if_free else "always"
         return load_script(_ACQUIRE[script.name]), [*keys, key], [*args, text, seconds, mode]
+
+    return wrap
+
+
+def with_claim_record(record: tuple[Any, ...]) -> Wrap:
+    """A wrapper turning a queued-scope claim's try at ``apply_async`` (``mutex_acquire``,
+    timeout 0) into ``claims_queued_claim.lua``: the claim tried without the queue's check
+    (a claim is never waited for), and ``record`` written once the claim is the caller's."""
+    _set, key, text, _ex, seconds = record
+
+    def wrap(call: ScriptCall) -> ScriptCall:
+        script, keys, args = call
+        if script.name != "mutex_acquire":
+            raise ValueError("a claim's record goes with a lock's try only")
+        return load_script("claims_queued_claim"), [*keys, key], [*args, text, seconds]
 
     return wrap
 

@@ -37,7 +37,7 @@ from . import observe, parking, with_result
 from .backoff import requeue_countdown
 from .claims import holder_line
 from .events import REQUEUED_EVENT, SKIPPED_EVENT, send_task_event
-from .fused import with_claim, with_forget, with_record
+from .fused import with_claim, with_claim_record, with_forget, with_record
 from .naming import declared_name
 from .options import OPTION_NAMES, TaskPolicy, parse_policy
 from .runtime import Kit, Runtime, kit_of
@@ -903,7 +903,7 @@ class RedisKitTask(Task):  # type: ignore[misc]
         record = rt.claims.record_command(task_id, [(LeaseKind.MUTEX, qname, owner)], ttl)
         # On one server the claim's try writes the task's claims record in its script, while
         # the claim is free or the task's (one round trip); on a cluster it is sent after.
-        wrap = with_record(record, only_if_free=True) if rt.one_server else None
+        wrap = with_claim_record(record) if rt.one_server else None
         # Taking the claim and reading its holder are two round trips: between them the
         # holder may finish ("released meanwhile"), and others may take it again. Try again
         # until the claim is ours or a holder is seen; never publish without the claim.

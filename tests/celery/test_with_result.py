@@ -317,14 +317,16 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     gives back its claim (never waited for: an owner-checked DEL), its record and its lock
     in the storing script (before: the lock's release a script of its own, checked by the
     store, and the claim's a full release with its queue's LLEN: 11 commands and 2 scripts
-    where there are 8 and 1). A cache miss writes its entry reading the entry it replaces
+    where there are 8 and 1); its claim at apply_async is tried without a queue check
+    and its record written once the claim is its own (before: a GET of the claim, then the
+    record, then the claim's queue, then the claim: 6 calls, 4 now). A cache miss writes its entry reading the entry it replaces
     in the same SET (for that one's tags; before: a GET first), then stores the result."""
     with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
         pass
     names = command_names(run)
     if options.get("singleton_scope") == "queued":
         assert names == [
-            "GET", "SET", "LLEN", "SET", "TIME", "SET",  # apply_async: record, the claim
+            "SET", "SET", "TIME", "SET",  # apply_async: the claim, its record, its token
             "GET", "PEXPIRE",  # its send with a task_id chosen by the caller: a re-send's
             "GET", "PEXPIRE", "GET",  # the run: the claim renewed to its lease, its token
             "GET", "SET", "LLEN", "SET", "TIME", "SET",  # the run's record, the lock
