@@ -319,8 +319,9 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     store, and the claim's a full release with its queue's LLEN: 11 commands and 2 scripts
     where there are 8 and 1); its claim at apply_async is tried without a queue check
     and its record written once the claim is its own (before: a GET of the claim, then the
-    record, then the claim's queue, then the claim: 6 calls, 4 now). A cache miss writes its entry reading the entry it replaces
-    in the same SET (for that one's tags; before: a GET first), then stores the result."""
+    record, then the claim's queue, then the claim: 6 calls, 4 now). A cache miss writes its
+    entry reading the entry it replaces in the same SET (for that one's tags; before: a GET
+    first), then stores the result."""
     with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
         pass
     names = command_names(run)
