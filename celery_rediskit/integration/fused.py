@@ -70,7 +70,7 @@ def with_claim(record: tuple[Any, ...], claim_keys: list[str], claim_owner: str,
     """A wrapper turning a lock's try (``mutex_acquire``) into one script that first renews
     the queued-scope claim (``claim_keys``: its lock and fence keys) held by ``claim_owner``
     (or takes it, free) for ``claim_lease_ms``, replying ``[0, 0]`` when the claim is another
-    task's; else it goes on as :func:`with_record` with ``only_if_free``, replying
+    task's; else it tries the lock and, granted, writes ``record``, replying
     ``[claim token, the lock's reply]`` (``claims_queued_try.lua``). One server only (the
     claim is in another slot than the lock)."""
     _set, key, text, _ex, seconds = record
@@ -79,9 +79,9 @@ def with_claim(record: tuple[Any, ...], claim_keys: list[str], claim_owner: str,
         script, keys, args = call
         if script.name != "mutex_acquire":
             raise ValueError("a claim goes with a lock's try only")
-        return (wrapped_script("claims_queued_try", "claims_mutex_acquire"),
+        return (wrapped_script("claims_queued_try", "mutex_acquire"),
                 [*keys, key, *claim_keys[:2]],
-                [*args, text, seconds, "free", claim_owner, claim_lease_ms])
+                [*args, text, seconds, claim_owner, claim_lease_ms])
 
     return wrap
 

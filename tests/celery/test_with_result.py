@@ -319,7 +319,8 @@ def test_the_commands_a_run_makes_inside_its_scripts(
     store, and the claim's a full release with its queue's LLEN: 11 commands and 2 scripts
     where there are 8 and 1); its claim at apply_async is tried without a queue check
     and its record written once the claim is its own (before: a GET of the claim, then the
-    record, then the claim's queue, then the claim: 6 calls, 4 now). A cache miss writes its
+    record, then the claim's queue, then the claim: 6 calls, 4 now); its run writes its
+    record once its lock is its own (before: a GET of the lock first). A cache miss writes its
     entry reading the entry it replaces in the same SET (for that one's tags; before: a GET
     first), then stores the result."""
     with _watched_run(private_server.url, prefix, options, scripts=True) as (_job, _id, run, _c):
@@ -330,7 +331,8 @@ def test_the_commands_a_run_makes_inside_its_scripts(
             "SET", "SET", "TIME", "SET",  # apply_async: the claim, its record, its token
             "GET", "PEXPIRE",  # its send with a task_id chosen by the caller: a re-send's
             "GET", "PEXPIRE", "GET",  # the run: the claim renewed to its lease, its token
-            "GET", "SET", "LLEN", "SET", "TIME", "SET",  # the run's record, the lock
+            "LLEN", "SET", "TIME", "SET",  # the lock tried,
+            "SET",  # and the run's record written once the lock is its own
             "GET", "DEL", "GETDEL",  # the end: the claim given back, the record
             "GET", "LLEN", "DEL",  # the lock
             "SET", "PUBLISH"], run  # the result
