@@ -596,10 +596,9 @@ class RedisKitTask(Task):  # type: ignore[misc]
         claim_owner = "q:" + task_id
         wrap = with_claim(record, storage.keys.lock_list(qname), claim_owner,
                           to_ms(rt.settings.lease))
+        script, keys, args = wrap(storage.try_call(name, owner, seconds))
         sent = time.monotonic()  # both leases count from here (lease.Grant)
-        reply = run_scripts(rt.client, [wrap(storage.try_call(name, owner, seconds))])[0]
-        if isinstance(reply, Exception):
-            raise reply
+        reply = script.run(rt.client, keys, args)
         claimed, tried = int(reply[0]), int(reply[1])
         if claimed < 1:
             self._rk_duplicate(rt, qname, task_id)
@@ -729,14 +728,12 @@ class RedisKitTask(Task):  # type: ignore[misc]
             elif fused and released and released[-1].kind is LeaseKind.MUTEX \
                     and not claim.released:
                 folded = claim
-                renewer().unregister(claim)
+                renewer().unregister(claim)  # PreparedRelease does it for the leases it ends
             else:
                 leases = [*released, claim]
-        fuse = None
-        if fused:
-            assert record is not None
-            fuse = with_forget(record, None if folded is None else (
-                rt.mutex_storage.renewal_key(folded.key), folded.owner))
+        claim_at = None if folded is None else (
+            rt.mutex_storage.renewal_key(folded.key), folded.owner)
+        fuse = with_forget(record, claim_at) if fused and record is not None else None
         prepared = PreparedRelease(leases, then, fuse)
         held.clear()
         request.rediskit_claim = None
